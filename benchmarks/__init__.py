@@ -1,0 +1,1 @@
+"""Benchmarks: one script per question; results as JSON + Markdown (+ PNG) in benchmarks/results/."""

@@ -1,0 +1,134 @@
+"""A Python client of the VisualSearch service that speaks plain types (engine.types).
+
+Every call carries a deadline (`timeout_s`); UNAVAILABLE (server loading, restarting or briefly
+unreachable) is retried a few times with exponential backoff. Other errors surface as
+`grpc.RpcError` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine import convert
+from engine.types import IndexInfo, SearchFilter, SearchOptions, SearchQuery, SearchRequest, SearchResult
+from protos.vitrine.v1 import search_pb2, search_pb2_grpc
+
+SERVICE_NAME = "vitrine.v1.VisualSearch"
+_T = TypeVar("_T")
+
+
+class VisualSearchClient:
+    """Client of one VisualSearch server (`target` like "127.0.0.1:50051"); use as a context manager."""
+
+    def __init__(self, target: str, timeout_s: float = 5.0, *, retries: int = 2, backoff_s: float = 0.2,
+                 max_message_bytes: int = 16 << 20) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 (every call has a deadline), got {timeout_s}")
+        self.target = target
+        self.timeout_s = timeout_s
+        self.retries = retries  # extra attempts after an UNAVAILABLE answer
+        self.backoff_s = backoff_s  # wait before the first retry; doubles each time
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = search_pb2_grpc.VisualSearchStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _call(self, rpc: Callable[[], _T]) -> _T:
+        """Run `rpc`, retrying UNAVAILABLE with exponential backoff; other errors raise at once."""
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return rpc()
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:  # type: ignore[attr-defined]
+                    raise
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def search(self, request: SearchRequest) -> SearchResult:
+        """Run one SearchRequest."""
+        message = convert.request_to_proto(request)
+        response = self._call(lambda: self._stub.Search(message, timeout=self.timeout_s))
+        return convert.result_from_proto(response)
+
+    def search_image(self, data: bytes, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
+                     options: SearchOptions | None = None) -> SearchResult:
+        """Products visually similar to an encoded image (JPEG/PNG/WebP bytes)."""
+        return self.search(_request(SearchQuery(image=data), top_k, filter, options))
+
+    def search_vector(self, vector: np.ndarray, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
+                      options: SearchOptions | None = None) -> SearchResult:
+        """Products nearest to an embedding vector of the index dimension."""
+        return self.search(_request(SearchQuery(vector=np.asarray(vector, np.float32)), top_k, filter, options))
+
+    def search_product(self, product_id: str, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
+                       options: SearchOptions | None = None) -> SearchResult:
+        """Products similar to a catalog product (itself left out unless options say otherwise)."""
+        return self.search(_request(SearchQuery(product_id=product_id), top_k, filter, options))
+
+    def index_info(self) -> IndexInfo:
+        """Description of the served index version."""
+        response = self._call(lambda: self._stub.GetIndexInfo(search_pb2.GetIndexInfoRequest(),
+                                                              timeout=self.timeout_s))
+        return convert.index_info_from_proto(response)
+
+    def health(self, service: str = SERVICE_NAME) -> str:
+        """The health status name of `service` ("SERVING", "NOT_SERVING", ...); raises grpc.RpcError."""
+        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout_s: float = 30.0, poll_s: float = 0.2) -> None:
+        """Block until the server reports SERVING; TimeoutError (with the last status seen) after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while True:
+            try:
+                last = self.health()
+                if last == "SERVING":
+                    return
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"  # type: ignore[attr-defined]
+            if time.monotonic() + poll_s > deadline:
+                raise TimeoutError(f"{self.target} not SERVING after {timeout_s:.1f}s (last status: {last})")
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> VisualSearchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _request(query: SearchQuery, top_k: int, search_filter: SearchFilter | None,
+             options: SearchOptions | None) -> SearchRequest:
+    return SearchRequest(query=query, top_k=top_k, filter=search_filter or SearchFilter(),
+                         options=options or SearchOptions())
+
+
+def format_results_table(result: SearchResult, title_width: int = 60) -> str:
+    """A plain-text table of the hits (rank, score, product id, category, title) for terminals."""
+    rows = [(str(rank), f"{hit.score:.4f}", hit.product_id, hit.product.category, hit.product.title[:title_width])
+            for rank, hit in enumerate(result.hits, 1)]
+    header = ("rank", "score", "product_id", "category", "title")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {0, 1}  # numbers align right
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                                                                                                    strict=True))).rstrip()
+
+    lines = [line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
+    lines.append(f"{len(result.hits)} hits from index version {result.index_version} in {result.took_us / 1e3:.1f} ms")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Conversions between the protobuf messages of vitrine.v1 and the plain types of engine.types.
+
+Protobuf types stop here: the servicer converts requests on the way in and results on the way
+out, and the client does the reverse. Every pair round-trips (tests/test_engine_convert.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+
+from engine.types import IndexInfo, SearchFilter, SearchHit, SearchOptions, SearchQuery, SearchRequest, SearchResult
+from model.catalog import Product
+from protos.vitrine.v1 import search_pb2 as pb
+
+_METRICS = {"inner_product": pb.METRIC_INNER_PRODUCT, "l2": pb.METRIC_L2}
+_METRIC_NAMES = {code: name for name, code in _METRICS.items()}
+
+
+def product_to_proto(product: Product) -> pb.Product:
+    """A catalog Product as a protobuf Product (the `split` field is internal and not sent)."""
+    message = pb.Product(product_id=product.product_id, title=product.title, category=product.category,
+                         brand=product.brand, currency=product.currency, image_url=product.image_url,
+                         in_stock=product.in_stock, attributes=dict(product.attributes))
+    if product.price is not None:
+        message.price = float(product.price)
+    return message
+
+
+def product_from_proto(message: pb.Product) -> Product:
+    """A protobuf Product as a catalog Product (split None: it is not part of the API)."""
+    return Product(product_id=message.product_id, title=message.title, category=message.category,
+                   brand=message.brand, price=message.price if message.HasField("price") else None,
+                   currency=message.currency, in_stock=message.in_stock, image_url=message.image_url,
+                   attributes=dict(message.attributes), split=None)
+
+
+def filter_to_proto(search_filter: SearchFilter) -> pb.Filter:
+    """A SearchFilter as a protobuf Filter; the price range is set only when a bound is."""
+    message = pb.Filter(categories=list(search_filter.categories), in_stock_only=search_filter.in_stock_only)
+    if search_filter.min_price is not None:
+        message.price.min = float(search_filter.min_price)
+    if search_filter.max_price is not None:
+        message.price.max = float(search_filter.max_price)
+    return message
+
+
+def filter_from_proto(message: pb.Filter) -> SearchFilter:
+    """A protobuf Filter as a SearchFilter (unset price bounds are open)."""
+    price = message.price
+    return SearchFilter(categories=tuple(message.categories),
+                        min_price=price.min if price.HasField("min") else None,
+                        max_price=price.max if price.HasField("max") else None,
+                        in_stock_only=message.in_stock_only)
+
+
+def options_to_proto(options: SearchOptions) -> pb.SearchOptions:
+    """SearchOptions as protobuf (nprobe None -> 0, the wire's "version default")."""
+    message = pb.SearchOptions(nprobe=options.nprobe or 0)
+    if options.exclude_query_product is not None:
+        message.exclude_query_product = options.exclude_query_product
+    return message
+
+
+def options_from_proto(message: pb.SearchOptions) -> SearchOptions:
+    """Protobuf SearchOptions as SearchOptions (nprobe 0 -> None; unset exclusion -> None)."""
+    exclude = message.exclude_query_product if message.HasField("exclude_query_product") else None
+    return SearchOptions(nprobe=message.nprobe or None, exclude_query_product=exclude)
+
+
+def query_to_proto(query: SearchQuery, message: pb.SearchRequest) -> None:
+    """Set the `query` oneof of `message` from a SearchQuery (nothing set for an empty query)."""
+    if query.image is not None:
+        message.image = query.image
+    elif query.vector is not None:
+        message.vector.values.extend(np.asarray(query.vector, dtype=np.float32).ravel().tolist())
+    elif query.product_id is not None:
+        message.product_id = query.product_id
+
+
+def query_from_proto(message: pb.SearchRequest) -> SearchQuery:
+    """The query of a protobuf SearchRequest (an empty SearchQuery when the oneof is unset)."""
+    which = message.WhichOneof("query")
+    if which == "image":
+        return SearchQuery(image=message.image)
+    if which == "vector":
+        return SearchQuery(vector=np.asarray(message.vector.values, dtype=np.float32))
+    if which == "product_id":
+        return SearchQuery(product_id=message.product_id)
+    return SearchQuery()
+
+
+def request_to_proto(request: SearchRequest) -> pb.SearchRequest:
+    """A SearchRequest as protobuf (top_k None -> 0, the wire's "default")."""
+    message = pb.SearchRequest(top_k=request.top_k or 0, filter=filter_to_proto(request.filter),
+                               options=options_to_proto(request.options))
+    query_to_proto(request.query, message)
+    return message
+
+
+def request_from_proto(message: pb.SearchRequest) -> SearchRequest:
+    """A protobuf SearchRequest as a SearchRequest; validation is the Searcher's job."""
+    return SearchRequest(query=query_from_proto(message), top_k=message.top_k or None,
+                         filter=filter_from_proto(message.filter), options=options_from_proto(message.options))
+
+
+def hit_to_proto(hit: SearchHit) -> pb.Hit:
+    """A SearchHit as a protobuf Hit."""
+    return pb.Hit(product_id=hit.product_id, score=hit.score, product=product_to_proto(hit.product))
+
+
+def hit_from_proto(message: pb.Hit) -> SearchHit:
+    """A protobuf Hit as a SearchHit."""
+    return SearchHit(product_id=message.product_id, score=message.score, product=product_from_proto(message.product))
+
+
+def result_to_proto(result: SearchResult) -> pb.SearchResponse:
+    """A SearchResult as a protobuf SearchResponse."""
+    return pb.SearchResponse(hits=[hit_to_proto(h) for h in result.hits], index_version=result.index_version,
+                             took_us=result.took_us)
+
+
+def result_from_proto(message: pb.SearchResponse) -> SearchResult:
+    """A protobuf SearchResponse as a SearchResult."""
+    return SearchResult(hits=tuple(hit_from_proto(h) for h in message.hits), index_version=message.index_version,
+                        took_us=message.took_us)
+
+
+def index_info_to_proto(info: IndexInfo) -> pb.GetIndexInfoResponse:
+    """IndexInfo as a protobuf GetIndexInfoResponse (an unknown metric name becomes METRIC_UNSPECIFIED)."""
+    message = pb.GetIndexInfoResponse(version=info.version, count=info.count, dim=info.dim, factory=info.factory,
+                                      model_fingerprint=info.model_fingerprint,
+                                      metric=_METRICS.get(info.metric, pb.METRIC_UNSPECIFIED),
+                                      shard_count=info.shard_count, default_nprobe=info.default_nprobe or 0)
+    if info.created_utc is not None:
+        message.created_time.FromDatetime(info.created_utc.astimezone(dt.timezone.utc))
+    return message
+
+
+def index_info_from_proto(message: pb.GetIndexInfoResponse) -> IndexInfo:
+    """A protobuf GetIndexInfoResponse as IndexInfo (created_utc timezone-aware UTC)."""
+    created = message.created_time.ToDatetime(tzinfo=dt.timezone.utc) if message.HasField("created_time") else None
+    return IndexInfo(version=message.version, count=message.count, dim=message.dim, factory=message.factory,
+                     model_fingerprint=message.model_fingerprint,
+                     metric=_METRIC_NAMES.get(message.metric, "unspecified"), created_utc=created,
+                     shard_count=message.shard_count, default_nprobe=message.default_nprobe or None)

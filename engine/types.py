@@ -1,0 +1,108 @@
+"""Plain Python types of search requests and results, independent of protobuf.
+
+The servicer converts protobuf messages to these at the edge (engine.convert), so the search code,
+the client's callers and the tests never handle generated classes. Products are `model.catalog.Product`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from model.catalog import Product
+
+MAX_TOP_K = 1000  # the largest top_k a request may ask for (the proto documents the same bound)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SearchQuery:
+    """What to search for: exactly one of an encoded image, an embedding vector or a product id."""
+
+    image: bytes | None = None  # encoded JPEG/PNG/WebP
+    vector: np.ndarray | None = None  # (dim,) float32, any non-zero scale
+    product_id: str | None = None  # a catalog product id; its stored embedding is the query
+
+    @property
+    def kind(self) -> str:
+        """"image", "vector", "product_id" or "empty" (none set); "ambiguous" when several are set."""
+        set_fields = [name for name in ("image", "vector", "product_id") if getattr(self, name) is not None]
+        if len(set_fields) > 1:
+            return "ambiguous"
+        return set_fields[0] if set_fields else "empty"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SearchQuery):
+            return NotImplemented
+        same_vector = (self.vector is None and other.vector is None) or (
+            self.vector is not None and other.vector is not None and np.array_equal(self.vector, other.vector))
+        return self.image == other.image and self.product_id == other.product_id and same_vector
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchFilter:
+    """Which products may be returned; every set condition must hold. Defaults accept everything."""
+
+    categories: tuple[str, ...] = ()  # accepted categories (any of them); empty: every category
+    min_price: float | None = None  # inclusive lower price bound; None: open
+    max_price: float | None = None  # inclusive upper price bound; None: open
+    in_stock_only: bool = False  # only products in stock
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the filter accepts every product."""
+        return not self.categories and self.min_price is None and self.max_price is None and not self.in_stock_only
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """Per-request search parameters; they never change the server's shared state."""
+
+    nprobe: int | None = None  # inverted lists probed; None (or 0 on the wire): the version's default
+    exclude_query_product: bool | None = None  # None: True for product-id queries, else no effect
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRequest:
+    """One search: the query, how many hits, the filter and the options."""
+
+    query: SearchQuery
+    top_k: int | None = None  # None: the server's default (10); at most MAX_TOP_K
+    filter: SearchFilter = dataclasses.field(default_factory=SearchFilter)
+    options: SearchOptions = dataclasses.field(default_factory=SearchOptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchHit:
+    """One result: the product and its similarity to the query (cosine; higher is more similar)."""
+
+    product_id: str
+    score: float
+    product: Product
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """The hits of one search, best first, with the version that answered and the server time."""
+
+    hits: tuple[SearchHit, ...]
+    index_version: str
+    took_us: int = 0  # server-side time in microseconds
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexInfo:
+    """Description of a served index version (GetIndexInfo)."""
+
+    version: str
+    count: int  # number of indexed vectors
+    dim: int  # embedding dimension
+    factory: str  # Faiss factory string, e.g. "IVF64,PQ16x8"
+    model_fingerprint: str  # sha256 hex of the model weights the index was built with
+    metric: str  # "inner_product" or "l2"
+    created_utc: dt.datetime | None  # timezone-aware UTC; None when the manifest has none
+    shard_count: int
+    default_nprobe: int | None = None  # None: the index has no nprobe (flat)

@@ -1,0 +1,390 @@
+"""The on-disk index version format: write a version atomically, open it, publish it as CURRENT.
+
+```
+<root>/<version>/          version = UTC timestamp "20261129T031500Z" (+ "-N" on collision)
+  manifest.json            format "vitrine-index/1", model fingerprint, dim, metric, factory, count,
+                           shards [{path, count}], files {relative path: sha256}, search_defaults, ...
+  shard-000.faiss ...      Faiss indices; ids are int64 internal ids 0..N-1 shared by all shards
+  catalog.lmdb/            internal id <-> Product (see indexer.store)
+  filters.npz              category/brand codes + vocabularies, price, in_stock; row = internal id
+  vectors.f16.npy          (N, dim) float16 embeddings; row = internal id
+<root>/CURRENT             the live version's folder name, replaced atomically
+```
+
+A version is written into ``<root>/.tmp-<name>`` and renamed into place only when complete (all
+files fsynced), so a half-written version is never visible. The engine reads versions with
+`open_version` / `open_current`; the build writes them with `write_version` (or `VersionWriter`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.errors import VersionError
+from indexer.search import search_shards
+from indexer.store import (
+    CatalogStore,
+    Filters,
+    data_files,
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    sha256_file,
+    write_catalog,
+)
+from model.catalog import Product
+
+__all__ = [
+    "FORMAT", "METRIC", "IndexVersion", "VersionError", "VersionWriter", "Filters", "open_version",
+    "open_current", "write_version", "read_current", "current_version_path", "publish_current", "list_versions",
+]
+
+FORMAT = "vitrine-index/1"
+METRIC = "inner_product"
+MANIFEST = "manifest.json"
+CATALOG = "catalog.lmdb"
+FILTERS = "filters.npz"
+VECTORS = "vectors.f16.npy"
+CURRENT = "CURRENT"
+_REQUIRED = ("format", "version", "model_fingerprint", "dim", "metric", "factory", "count", "shards", "files")
+_NAME_RE = re.compile(r"^\d{8}T\d{6}Z(?:-(\d+))?$")
+
+
+class IndexVersion:
+    """One loaded, read-only index version: Faiss shards, catalog store, filters, float16 vectors.
+
+    Search and lookups are safe to call from many threads: nothing is mutated per request.
+    """
+
+    def __init__(self, path: Path, manifest: dict, shards: list[faiss.Index], catalog: CatalogStore,
+                 filters: Filters, vectors: np.ndarray) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.shards = shards
+        self.catalog = catalog
+        self.filters = filters
+        self.vectors = vectors  # (count, dim) float16, memory-mapped
+
+    name = property(lambda self: str(self.manifest["version"]), doc="The version's folder name.")
+    dim = property(lambda self: int(self.manifest["dim"]), doc="Embedding dimension.")
+    count = property(lambda self: int(self.manifest["count"]), doc="Number of indexed vectors (internal ids).")
+    factory = property(lambda self: str(self.manifest["factory"]), doc="Faiss factory string (the index's name).")
+    model_fingerprint = property(lambda self: str(self.manifest["model_fingerprint"]), doc="Embedder.fingerprint.")
+
+    @property
+    def default_nprobe(self) -> int | None:
+        """nprobe used when a request gives none (manifest search_defaults)."""
+        value = self.manifest.get("search_defaults", {}).get("nprobe")
+        return None if value is None else int(value)
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product over all shards: (D float32 (nq, k), I int64 internal ids, -1 = none)."""
+        return search_shards(self.shards, xq, k, self.default_nprobe if nprobe is None else nprobe)
+
+    def product(self, internal_id: int) -> Product:
+        """The Product of an internal id; KeyError when out of range."""
+        return self.catalog.get(internal_id)
+
+    def products(self, internal_ids: Sequence[int] | np.ndarray) -> list[Product]:
+        """Products of many internal ids, read in one LMDB transaction."""
+        return self.catalog.get_many(internal_ids)
+
+    def internal_id(self, product_id: str) -> int | None:
+        """Internal id of a product id (its first image), or None when the index lacks it."""
+        return self.catalog.internal_id(product_id)
+
+    def vector(self, internal_id: int) -> np.ndarray:
+        """The stored embedding of an internal id as float32 (dim,); KeyError when out of range."""
+        if not 0 <= internal_id < self.count:
+            raise KeyError(f"no vector with internal id {internal_id} (index holds ids 0..{self.count - 1})")
+        return np.asarray(self.vectors[internal_id], dtype=np.float32)
+
+    def vectors_of(self, internal_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored embeddings of many internal ids as float32 (n, dim), e.g. for exact re-ranking."""
+        ids = np.asarray(internal_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.count):
+            raise KeyError(f"internal ids must lie in 0..{self.count - 1}")
+        return np.asarray(self.vectors[ids], dtype=np.float32).reshape(ids.size, self.dim)
+
+    def close(self) -> None:
+        """Release the catalog store and drop the shards and vector map."""
+        self.catalog.close()
+        self.shards = []
+
+    def __enter__(self) -> IndexVersion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_manifest(path: Path) -> dict:
+    """Read and check a version's manifest.json (format, required keys, metric)."""
+    if not path.is_dir():
+        raise VersionError(f"index version folder {path} does not exist")
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise VersionError(f"{manifest_path} is missing: {path} is not a complete index version") from exc
+    except (OSError, ValueError) as exc:
+        raise VersionError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise VersionError(f"{manifest_path}: unsupported format {found!r} (expected {FORMAT!r})")
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise VersionError(f"{manifest_path} lacks required keys {missing}")
+    if manifest["metric"] != METRIC:
+        raise VersionError(f"{manifest_path}: metric {manifest['metric']!r} is not supported (expected {METRIC!r})")
+    return manifest
+
+
+def check_files(path: Path, manifest: dict, verify_checksums: bool) -> None:
+    """Every file the manifest lists exists with its recorded size (and SHA-256 when asked)."""
+    sizes = manifest.get("file_bytes", {})
+    for relative, digest in manifest["files"].items():
+        file_path = path / relative
+        if not file_path.is_file():
+            raise VersionError(f"index version {path} is missing {relative}")
+        size = file_path.stat().st_size
+        if relative in sizes and size != sizes[relative]:
+            raise VersionError(f"{file_path} has {size} bytes, the manifest says {sizes[relative]} (truncated?)")
+        if verify_checksums and sha256_file(file_path) != digest:
+            raise VersionError(f"{file_path} is corrupt: its SHA-256 differs from the manifest's")
+
+
+def load_shard(path: Path, entry: dict, dim: int) -> faiss.Index:
+    """Read one Faiss shard and check its dimension and vector count against the manifest."""
+    shard_path = path / entry["path"]
+    try:
+        index = faiss.read_index(str(shard_path))
+    except RuntimeError as exc:
+        raise VersionError(f"Faiss shard {shard_path} cannot be read: {str(exc).splitlines()[0]}") from exc
+    if index.d != dim:
+        raise VersionError(f"Faiss shard {shard_path} has dim {index.d}, the manifest says {dim}")
+    if index.ntotal != entry["count"]:
+        raise VersionError(f"Faiss shard {shard_path} holds {index.ntotal} vectors, the manifest says {entry['count']}")
+    return index
+
+
+def load_vectors(path: Path, count: int, dim: int) -> np.ndarray:
+    """Memory-map vectors.f16.npy and check its shape and dtype."""
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise VersionError(f"vectors file {path} cannot be read: {exc}") from exc
+    if vectors.dtype != np.float16 or vectors.shape != (count, dim):
+        raise VersionError(f"vectors file {path} is {vectors.dtype} {vectors.shape}, expected float16 {(count, dim)}")
+    return vectors
+
+
+def open_version(path: str | Path, *, verify_checksums: bool = False) -> IndexVersion:
+    """Load an index version folder, checking format, dim and counts; VersionError says what is wrong.
+
+    verify_checksums=True also hashes every file (slow for big versions; the build does it before
+    publishing). File sizes are always checked, which catches truncated files cheaply.
+    """
+    path = Path(path)
+    manifest = load_manifest(path)
+    check_files(path, manifest, verify_checksums)
+    dim, count = int(manifest["dim"]), int(manifest["count"])
+    shards = [load_shard(path, entry, dim) for entry in manifest["shards"]]
+    if not shards or sum(index.ntotal for index in shards) != count:
+        raise VersionError(f"index version {path}: shards hold {sum(i.ntotal for i in shards)} vectors, not {count}")
+    filters = Filters.load(path / FILTERS, count)
+    vectors = load_vectors(path / VECTORS, count, dim)
+    catalog = CatalogStore(path / CATALOG, count)
+    return IndexVersion(path, manifest, shards, catalog, filters, vectors)
+
+
+def new_version_name(root: Path, now: float | None = None) -> str:
+    """A fresh version name: UTC timestamp, plus "-N" when that name is taken under root."""
+    base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    name, n = base, 0
+    while (root / name).exists() or (root / f".tmp-{name}").exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+class VersionWriter:
+    """Writes one version into ``<root>/.tmp-<name>``; `commit` renames it to ``<root>/<name>``.
+
+    Used as a context manager: leaving it with an exception (or without commit) removes the
+    temporary folder, so nothing half-written stays behind.
+    """
+
+    def __init__(self, root: str | Path, name: str | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            self.name = name or new_version_name(self.root)
+            self.tmp = self.root / f".tmp-{self.name}"
+            if (self.root / self.name).exists():
+                raise VersionError(f"index version {self.root / self.name} already exists")
+            try:
+                self.tmp.mkdir()
+                break
+            except FileExistsError:
+                if name is not None:
+                    raise VersionError(f"{self.tmp} exists: another build is writing version {name}") from None
+        self.shards: list[dict] = []
+        self.committed = False
+
+    def write_shards(self, indices: Sequence[faiss.Index]) -> None:
+        """Write the Faiss shards as shard-000.faiss, shard-001.faiss, ..."""
+        for number, index in enumerate(indices):
+            relative = f"shard-{number:03d}.faiss"
+            faiss.write_index(index, str(self.tmp / relative))
+            self.shards.append({"path": relative, "count": int(index.ntotal)})
+
+    def write_catalog(self, products: Sequence[Product]) -> int:
+        """Write catalog.lmdb; returns how many product ids repeated (their first image wins the p: key)."""
+        return write_catalog(self.tmp / CATALOG, products)
+
+    def write_filters(self, filters: Filters) -> None:
+        """Write filters.npz."""
+        filters.save(self.tmp / FILTERS)
+
+    def write_vectors(self, vectors: np.ndarray) -> None:
+        """Write vectors.f16.npy (float16, row = internal id)."""
+        with open(self.tmp / VECTORS, "wb") as f:
+            np.save(f, np.ascontiguousarray(vectors, dtype=np.float16), allow_pickle=False)
+
+    def write_manifest(self, fields: dict[str, Any]) -> dict:
+        """Write manifest.json: the format fields, shards, file checksums and sizes, plus `fields`."""
+        files = data_files(self.tmp)
+        manifest = {
+            "format": FORMAT,
+            "version": self.name,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "metric": METRIC,
+            "count": sum(shard["count"] for shard in self.shards),
+            "shards": self.shards,
+            **fields,
+            "files": {relative: sha256_file(self.tmp / relative) for relative in files},
+            "file_bytes": {relative: (self.tmp / relative).stat().st_size for relative in files},
+        }
+        self.update_manifest(manifest)
+        return manifest
+
+    def update_manifest(self, manifest: dict) -> None:
+        """Replace manifest.json in the temporary folder (written to a temp name, then renamed)."""
+        tmp_path = self.tmp / f".{MANIFEST}.tmp"
+        tmp_path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp_path, self.tmp / MANIFEST)
+
+    def commit(self) -> Path:
+        """fsync everything, rename the temporary folder into place, fsync root; returns the version path."""
+        final = self.root / self.name
+        if final.exists():
+            raise VersionError(f"index version {final} already exists")
+        fsync_tree(self.tmp)
+        os.rename(self.tmp, final)
+        fsync_dir(self.root)
+        self.committed = True
+        return final
+
+    def abort(self) -> None:
+        """Remove the temporary folder."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> VersionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.abort()
+
+
+def write_version(
+    root: str | Path, *, shards: Sequence[faiss.Index], products: Sequence[Product], vectors: np.ndarray,
+    fields: dict[str, Any], name: str | None = None, check: Callable[[IndexVersion], dict] | None = None,
+) -> Path:
+    """Write a complete version under root and return its path (CURRENT is not touched).
+
+    `fields` go into the manifest (model_fingerprint, model_path, dim, factory, search_defaults, ...).
+    `check`, when given, runs on the complete version opened from the temporary folder (checksums
+    verified) before the rename; it returns manifest fields to add (e.g. validation) or raises, in
+    which case nothing is left behind.
+    """
+    if len(products) != len(vectors):
+        raise ValueError(f"{len(products)} products but {len(vectors)} vectors")
+    with VersionWriter(root, name) as writer:
+        writer.write_shards(shards)
+        duplicates = writer.write_catalog(products)
+        writer.write_filters(Filters.from_products(products))
+        writer.write_vectors(vectors)
+        manifest = writer.write_manifest({**fields, "duplicate_product_ids": duplicates})
+        if check is not None:
+            with open_version(writer.tmp, verify_checksums=True) as version:
+                extra = check(version)
+            writer.update_manifest({**manifest, **extra})
+        return writer.commit()
+
+
+def _check_name(name: str, where: str) -> str:
+    if not name or "/" in name or name.startswith(".") or name != name.strip():
+        raise VersionError(f"{where}: {name!r} is not a version folder name")
+    return name
+
+
+def read_current(root: str | Path) -> str:
+    """The name of the live version written in <root>/CURRENT."""
+    current = Path(root) / CURRENT
+    try:
+        name = current.read_text(encoding="utf-8").strip()
+    except FileNotFoundError as exc:
+        raise VersionError(f"{current} not found: no index version has been published under {root}") from exc
+    return _check_name(name, str(current))
+
+
+def current_version_path(root: str | Path) -> Path:
+    """Path of the live version folder; VersionError when CURRENT names a missing folder."""
+    path = Path(root) / read_current(root)
+    if not path.is_dir():
+        raise VersionError(f"{Path(root) / CURRENT} names {path.name}, but {path} does not exist")
+    return path
+
+
+def open_current(root: str | Path, *, verify_checksums: bool = False) -> IndexVersion:
+    """Open the live version under root."""
+    return open_version(current_version_path(root), verify_checksums=verify_checksums)
+
+
+def publish_current(root: str | Path, name: str) -> None:
+    """Make `name` the live version: write a temp file, fsync, os.replace onto CURRENT, fsync root."""
+    root = Path(root)
+    _check_name(name, "publish_current")
+    if not (root / name / MANIFEST).is_file():
+        raise VersionError(f"cannot publish {name}: {root / name / MANIFEST} does not exist")
+    tmp = root / f".{CURRENT}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.write_text(name + "\n", encoding="utf-8")
+    fsync_file(tmp)
+    os.replace(tmp, root / CURRENT)
+    fsync_dir(root)
+
+
+def list_versions(root: str | Path) -> list[str]:
+    """Names of the complete versions under root, oldest first (temporary folders excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()]
+
+    def order(name: str) -> tuple[str, int]:
+        match = _NAME_RE.match(name)
+        return (name.split("-")[0], int(match.group(1) or 0)) if match else (name, 0)
+
+    return sorted(names, key=order)

@@ -1,0 +1,1 @@
+"""vitrine's model room: catalog reading, LMDB shards, image decoding, networks, training, the Embedder."""

@@ -1,0 +1,228 @@
+"""Catalog CSV reading: the column mapping (CatalogConfig), the shared Product record and a robust reader.
+
+Real catalogs are messy (unquoted commas in titles, empty cells, bad prices, duplicate ids), so the reader
+repairs what it can, counts everything it repairs or drops, and never drops a row silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_TRUE_STOCK = {"1", "true", "yes", "y", "in stock", "in_stock", "available"}
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """How to read one catalog CSV: which column holds what (defaults fit fashion-product-images-small)."""
+
+    id_column: str = "id"
+    image_pattern: str = "{id}.jpg"  # relative to the images folder
+    title_column: str = "productDisplayName"
+    category_column: str = "articleType"
+    brand_column: str | None = None  # None: empty brand
+    price_column: str | None = None  # None: price unknown
+    currency: str = ""
+    stock_column: str | None = None  # None: every product in stock
+    image_url_pattern: str | None = None  # e.g. "https://cdn.example.com/{id}.jpg"; None: empty URL
+    attribute_columns: tuple[str, ...] = (
+        "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year", "usage")
+    split_column: str | None = "split"  # None: no split
+    overflow_column: str | None = "productDisplayName"  # extra fields of a too-long row are joined back here
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CatalogConfig:
+        """Config from a dict; unknown keys raise so that typos in a config file are caught."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown catalog config keys {unknown}; known keys: {sorted(known)}")
+        values = dict(data)
+        if "attribute_columns" in values:
+            values["attribute_columns"] = tuple(values["attribute_columns"])
+        return cls(**values)
+
+
+def load_catalog_config(path: str | Path) -> CatalogConfig:
+    """Read a CatalogConfig from a JSON file (any subset of the fields; the rest keep their defaults)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"catalog config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"catalog config {path} must hold a JSON object, got {type(data).__name__}")
+    return CatalogConfig.from_json(data)
+
+
+@dataclass(frozen=True)
+class Product:
+    """The metadata of one catalog product, shared by every room (ingest, index, engine, client)."""
+
+    product_id: str
+    title: str
+    category: str
+    brand: str
+    price: float | None
+    currency: str
+    in_stock: bool
+    image_url: str
+    attributes: dict[str, str]
+    split: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict; `Product.from_json` inverts it."""
+        return {**dataclasses.asdict(self), "attributes": dict(self.attributes)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Product:
+        """Product from a `to_json` dict."""
+        price = data.get("price")
+        return cls(product_id=str(data["product_id"]), title=data.get("title", ""),
+                   category=data.get("category", ""), brand=data.get("brand", ""),
+                   price=None if price is None else float(price), currency=data.get("currency", ""),
+                   in_stock=bool(data.get("in_stock", True)), image_url=data.get("image_url", ""),
+                   attributes={str(k): str(v) for k, v in (data.get("attributes") or {}).items()},
+                   split=data.get("split"))
+
+
+@dataclass
+class CatalogTable:
+    """The products read from a catalog CSV plus the counts of everything repaired, empty or dropped."""
+
+    products: list[Product]
+    report: dict[str, int] = field(default_factory=dict)
+
+
+def iter_csv_rows(csv_path: str | Path, overflow_column: str | None,
+                  report: Counter[str]) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Yield (header, row dict) for each data row, repairing rows that have too many fields.
+
+    A row with more fields than the header (an unquoted comma) has its extra fields joined back into
+    `overflow_column` with ","; a row with too few fields (or too many and no overflow column) is counted
+    as bad and skipped. Blank lines are counted.
+    """
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"catalog CSV {csv_path} is empty: expected a header row")
+        header = [h.strip() for h in header]
+        overflow_at = header.index(overflow_column) if overflow_column in header else None
+        for fields in reader:
+            if not fields or all(not f.strip() for f in fields):
+                report["blank_lines"] += 1
+                continue
+            report["rows_read"] += 1
+            extra = len(fields) - len(header)
+            if extra > 0 and overflow_at is not None:
+                joined = ",".join(fields[overflow_at:overflow_at + extra + 1])
+                fields = fields[:overflow_at] + [joined] + fields[overflow_at + extra + 1:]
+                report["rows_repaired_overflow"] += 1
+            elif extra != 0:
+                reason = "too_many_fields" if extra > 0 else "too_few_fields"
+                report["rows_bad"] += 1
+                report[f"rows_bad/{reason}"] += 1
+                continue
+            yield header, dict(zip(header, fields, strict=True))
+
+
+def _parse_price(text: str, report: Counter[str]) -> float | None:
+    """Price as a float, or None when empty or unparsable (unparsable prices are counted)."""
+    if not text:
+        return None
+    try:
+        value = float(text.replace(",", "").strip())
+    except ValueError:
+        report["bad_price"] += 1
+        return None
+    if not math.isfinite(value) or value < 0:
+        report["bad_price"] += 1
+        return None
+    return value
+
+
+def _parse_stock(text: str) -> bool:
+    """In stock when the cell is a positive number or a yes-like word; an empty cell means in stock."""
+    text = text.strip().lower()
+    if not text:
+        return True
+    try:
+        return float(text) > 0
+    except ValueError:
+        return text in _TRUE_STOCK
+
+
+def _check_columns(header: list[str], config: CatalogConfig, csv_path: str | Path) -> None:
+    """Raise when a column named by the config is not in the CSV header (the mapping is wrong)."""
+    wanted = [config.id_column, config.title_column, config.category_column, config.brand_column,
+              config.price_column, config.stock_column, config.split_column, *config.attribute_columns]
+    missing = sorted({c for c in wanted if c is not None and c not in header})
+    if missing:
+        raise ValueError(f"catalog CSV {csv_path} lacks the configured columns {missing}; its header is "
+                         f"{header}. Fix the column mapping (CatalogConfig / --catalog-config).")
+
+
+def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counter[str]) -> Product:
+    """One Product from a repaired row dict."""
+    def cell(column: str | None) -> str:
+        return "" if column is None else row.get(column, "").strip()
+
+    product_id = cell(config.id_column)
+    split = cell(config.split_column) or None
+    return Product(
+        product_id=product_id, title=cell(config.title_column), category=cell(config.category_column),
+        brand=cell(config.brand_column), price=_parse_price(cell(config.price_column), report),
+        currency=config.currency, in_stock=_parse_stock(cell(config.stock_column)),
+        image_url=config.image_url_pattern.format(id=product_id) if config.image_url_pattern else "",
+        attributes={c: cell(c) for c in config.attribute_columns}, split=split)
+
+
+def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
+                 images_dir: str | Path | None = None) -> CatalogTable:
+    """Read a catalog CSV into Products with a report of counts (never drops a row silently).
+
+    Report keys: rows_read, rows_ok, rows_repaired_overflow, rows_bad (+ rows_bad/<reason>), bad_price,
+    duplicate_ids (first kept), empty_cells/<column>, blank_lines and, when `images_dir` is given,
+    missing_images (products whose image file does not exist; they are kept, ingest drops them).
+    """
+    report: Counter[str] = Counter()
+    products: list[Product] = []
+    seen: set[str] = set()
+    checked = False
+    for header, row in iter_csv_rows(csv_path, config.overflow_column, report):
+        if not checked:
+            _check_columns(header, config, csv_path)
+            checked = True
+        for column, value in row.items():
+            if not value.strip():
+                report[f"empty_cells/{column}"] += 1
+        product = _product_from_row(row, config, report)
+        if not product.product_id:
+            report["rows_bad"] += 1
+            report["rows_bad/missing_id"] += 1
+            continue
+        if product.product_id in seen:
+            report["duplicate_ids"] += 1
+            continue
+        seen.add(product.product_id)
+        products.append(product)
+        if images_dir is not None and not (Path(images_dir) / config.image_pattern.format(
+                id=product.product_id)).is_file():
+            report["missing_images"] += 1
+    for key in ("rows_read", "rows_repaired_overflow", "rows_bad", "duplicate_ids", "bad_price"):
+        report.setdefault(key, 0)
+    if images_dir is not None:
+        report.setdefault("missing_images", 0)
+    report["rows_ok"] = len(products)
+    return CatalogTable(products=products, report=dict(sorted(report.items())))

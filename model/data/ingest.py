@@ -1,0 +1,152 @@
+"""Ingest: catalog CSV + images folder -> LMDB shards of bounded record count + manifest.json.
+
+Every image is validated by decoding it; missing and undecodable images are counted (with reasons) and
+not stored. Output is written under a temporary folder name and renamed at the end, so a half-written
+output is never taken for a finished one; a finished output is reused (idempotent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+from tqdm import tqdm
+
+from model.catalog import CatalogConfig, Product, read_catalog
+from model.data.shards import COUNT_KEY, SHARDS_FORMAT, encode_record, load_shards_manifest, record_key
+from model.files import sha256_file
+from model.images import ImageDecodeError, decode_image
+
+DEFAULT_MAX_RECORDS_PER_SHARD = 4096
+
+
+@dataclass
+class IngestReport:
+    """What ingest read, stored and dropped (with reasons)."""
+
+    rows_read: int = 0
+    products: int = 0  # products read from the CSV (after repair, dedup)
+    records: int = 0  # records stored in shards
+    shards: int = 0
+    missing_images: int = 0
+    bad_images: int = 0
+    bad_image_reasons: dict[str, int] = field(default_factory=dict)  # product id -> reason, summarised
+    catalog: dict[str, int] = field(default_factory=dict)  # read_catalog's report
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> IngestReport:
+        """Report from a `to_json` dict (e.g. a manifest's "report")."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def _load_valid_image(path: Path, report: IngestReport, reasons: Counter[str]) -> bytes | None:
+    """The image file's bytes when it exists and decodes; None (counted with a reason) otherwise."""
+    if not path.is_file():
+        report.missing_images += 1
+        return None
+    data = path.read_bytes()
+    try:
+        decode_image(data)
+    except ImageDecodeError as exc:
+        report.bad_images += 1
+        reasons[str(exc).split(":")[0][:80]] += 1
+        return None
+    return data
+
+
+def _write_shard(path: Path, records: list[tuple[Product, bytes]]) -> dict[str, Any]:
+    """Write one LMDB shard; returns its manifest entry (path, record count, sha256 of data.mdb)."""
+    values = [encode_record(product, data) for product, data in records]
+    # Room for the values plus LMDB's per-record and B-tree overhead, with generous headroom.
+    map_size = max(1 << 20, 2 * sum(len(v) + 64 for v in values) + (1 << 20))
+    env = lmdb.open(str(path), map_size=map_size, subdir=True, meminit=False, map_async=False)
+    try:
+        with env.begin(write=True) as txn:
+            for index, value in enumerate(values):
+                txn.put(record_key(index), value)
+            txn.put(COUNT_KEY, struct.pack(">Q", len(values)))
+        env.sync(True)
+    finally:
+        env.close()
+    lock = path / "lock.mdb"
+    if lock.exists():
+        lock.unlink()
+    return {"path": path.name, "records": len(values), "sha256": sha256_file(path / "data.mdb")}
+
+
+def _existing_report(out_dir: Path) -> IngestReport | None:
+    """The report of a finished ingest in out_dir, None when out_dir does not exist."""
+    if not out_dir.exists():
+        return None
+    if not (out_dir / "manifest.json").is_file():
+        raise FileExistsError(f"{out_dir} exists but holds no manifest.json (not a finished ingest): remove it "
+                              "or choose another output folder")
+    return IngestReport.from_json(load_shards_manifest(out_dir)["report"])
+
+
+def build_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Path, config: CatalogConfig, *,
+                 max_records_per_shard: int = DEFAULT_MAX_RECORDS_PER_SHARD, overwrite: bool = False,
+                 progress: bool = True) -> IngestReport:
+    """Ingest a catalog into `out_dir/shard-00000.lmdb`, ... and `out_dir/manifest.json`.
+
+    When `out_dir` already holds a finished ingest it is kept and its report returned, unless `overwrite`.
+    """
+    if max_records_per_shard <= 0:
+        raise ValueError(f"max_records_per_shard must be positive, got {max_records_per_shard}")
+    out_dir, images_dir = Path(out_dir), Path(images_dir)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"images folder {images_dir} does not exist")
+    if not overwrite and (existing := _existing_report(out_dir)) is not None:
+        return existing
+    start = time.perf_counter()
+    table = read_catalog(csv_path, config)
+    report = IngestReport(rows_read=table.report.get("rows_read", 0), products=len(table.products),
+                          catalog=table.report)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    entries = _write_all_shards(table.products, images_dir, tmp, config, max_records_per_shard, report, progress)
+    report.shards, report.records = len(entries), sum(e["records"] for e in entries)
+    report.seconds = round(time.perf_counter() - start, 3)
+    manifest = {"format": SHARDS_FORMAT, "catalog_config": config.to_json(), "shards": entries,
+                "records": report.records, "report": report.to_json()}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return report
+
+
+def _write_all_shards(products: list[Product], images_dir: Path, tmp: Path, config: CatalogConfig,
+                      max_records: int, report: IngestReport, progress: bool) -> list[dict[str, Any]]:
+    """Validate each product's image and write shards of at most `max_records` records."""
+    reasons: Counter[str] = Counter()
+    entries: list[dict[str, Any]] = []
+    pending: list[tuple[Product, bytes]] = []
+    for product in tqdm(products, desc="ingest", unit="img", disable=not progress, mininterval=1.0):
+        data = _load_valid_image(images_dir / config.image_pattern.format(id=product.product_id), report, reasons)
+        if data is None:
+            continue
+        pending.append((product, data))
+        if len(pending) == max_records:
+            entries.append(_write_shard(tmp / f"shard-{len(entries):05d}.lmdb", pending))
+            pending = []
+    if pending:
+        entries.append(_write_shard(tmp / f"shard-{len(entries):05d}.lmdb", pending))
+    report.bad_image_reasons = dict(sorted(reasons.items()))
+    return entries

@@ -1,0 +1,205 @@
+"""The shard format (LMDB records of product JSON + image bytes) and its readers.
+
+A record's key is the 8-byte big-endian index within its shard; a `__count__` key holds the record
+count (8-byte big-endian). A value is a 4-byte big-endian length L, L bytes of UTF-8 Product JSON, then
+the encoded image bytes as given by the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from model.catalog import Product
+from model.images import ImageDecodeError, decode_image
+
+SHARDS_FORMAT = "vitrine-shards/1"
+COUNT_KEY = b"__count__"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One product image read back from a shard."""
+
+    product: Product
+    image_bytes: bytes
+    shard: int = 0  # position of the shard in the manifest
+    index: int = 0  # record index within the shard
+
+
+def record_key(index: int) -> bytes:
+    """LMDB key of the record `index` of a shard."""
+    return struct.pack(">Q", index)
+
+
+def encode_record(product: Product, image_bytes: bytes) -> bytes:
+    """Value of one record: length-prefixed Product JSON followed by the image bytes."""
+    meta = json.dumps(product.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return struct.pack(">I", len(meta)) + meta + image_bytes
+
+
+def decode_record(value: bytes) -> tuple[Product, bytes]:
+    """(Product, image bytes) of a record value; raises ValueError on a malformed value."""
+    if len(value) < 4:
+        raise ValueError(f"malformed shard record: {len(value)} bytes, shorter than its 4-byte header")
+    (length,) = struct.unpack(">I", value[:4])
+    if 4 + length > len(value):
+        raise ValueError(f"malformed shard record: metadata length {length} exceeds the value ({len(value)} bytes)")
+    product = Product.from_json(json.loads(value[4:4 + length].decode("utf-8")))
+    return product, bytes(value[4 + length:])
+
+
+def load_shards_manifest(shards_dir: str | Path) -> dict[str, Any]:
+    """The shards folder's manifest.json, checked for the expected format."""
+    path = Path(shards_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shards manifest at {path}: run the ingest step (vitrine ingest) first")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != SHARDS_FORMAT:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {SHARDS_FORMAT!r}")
+    return manifest
+
+
+def _open_shard(path: Path) -> lmdb.Environment:
+    """Read-only LMDB environment of one shard (no lock file: shards are immutable once published)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"shard {path} listed in the manifest does not exist")
+    return lmdb.open(str(path), readonly=True, lock=False, readahead=False, max_readers=256)
+
+
+def iter_shard(path: Path, indices: Sequence[int] | None = None, shard: int = 0) -> Iterator[ShardRecord]:
+    """Records of one shard in index order (or in the order of `indices`)."""
+    env = _open_shard(path)
+    try:
+        with env.begin(buffers=False) as txn:
+            count_bytes = txn.get(COUNT_KEY)
+            if count_bytes is None:
+                raise ValueError(f"shard {path} has no {COUNT_KEY!r} key: incomplete or not a vitrine shard")
+            (count,) = struct.unpack(">Q", count_bytes)
+            for index in range(count) if indices is None else indices:
+                value = txn.get(record_key(index))
+                if value is None:
+                    raise ValueError(f"shard {path} lacks record {index} of {count}")
+                product, image_bytes = decode_record(value)
+                yield ShardRecord(product, image_bytes, shard, index)
+    finally:
+        env.close()
+
+
+def iter_shard_records(shards_dir: str | Path) -> Iterator[ShardRecord]:
+    """Every record of every shard, in manifest order then record order (stable across runs)."""
+    manifest = load_shards_manifest(shards_dir)
+    for position, entry in enumerate(manifest["shards"]):
+        yield from iter_shard(Path(shards_dir) / entry["path"], shard=position)
+
+
+def product_label(product: Product, column: str) -> str:
+    """The product's value for a label column: an attribute, or the category for "category" ("" if none)."""
+    if column in product.attributes:
+        return product.attributes[column]
+    return product.category if column == "category" else ""
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """Distributed rank and world size (0, 1 when torch.distributed is not initialised)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardDataset(IterableDataset):
+    """Training examples from shards: (transform(image), {label_column: class index}).
+
+    Shards are split across distributed ranks and dataloader workers (shard i goes to reader i mod n);
+    within a reader the records of all its shards are shuffled together, deterministically per epoch
+    (`set_epoch`). Records whose split
+    is not in `splits`, whose label is not in `label_map` or whose image does not decode are skipped and
+    counted in `skipped` (per reader process).
+    """
+
+    def __init__(self, shards_dir: str | Path, transform: Callable[[Any], torch.Tensor], label_column: str,
+                 label_map: dict[str, int], *, splits: Sequence[str] | None = None, shuffle: bool = True,
+                 seed: int = 0, allowed_ids: set[str] | None = None) -> None:
+        self.shards_dir = Path(shards_dir)
+        self.entries = load_shards_manifest(shards_dir)["shards"]
+        self.transform = transform
+        self.label_column = label_column
+        self.label_map = dict(label_map)
+        self.splits = None if splits is None else set(splits)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.allowed_ids = allowed_ids
+        self.epoch = 0
+        self.skipped: dict[str, int] = {"split": 0, "label": 0, "image": 0}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffle order (call before each epoch, as with DistributedSampler)."""
+        self.epoch = epoch
+
+    def _my_shards(self) -> list[int]:
+        """Shard positions read by this rank and dataloader worker."""
+        rank, world = _rank_and_world()
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        reader, readers = rank * workers + worker, world * workers
+        return list(range(len(self.entries)))[reader::readers]
+
+    def _label(self, product: Product) -> int | None:
+        """Class index of the product for the label column, or None when unusable (counted)."""
+        if self.splits is not None and product.split not in self.splits:
+            self.skipped["split"] += 1
+            return None
+        if self.allowed_ids is not None and product.product_id not in self.allowed_ids:
+            self.skipped["split"] += 1
+            return None
+        value = product_label(product, self.label_column)
+        if value not in self.label_map:
+            self.skipped["label"] += 1
+            return None
+        return self.label_map[value]
+
+    def _records(self) -> Iterator[ShardRecord]:
+        """This reader's records; with `shuffle`, in one permutation across all its shards (seed, epoch).
+
+        Shuffling across shards matters: catalogs are often sorted by category, so a shard alone holds few
+        classes. Every assigned shard stays open while reading (fine for the shard counts of one reader).
+        """
+        positions = self._my_shards()
+        order = [(p, i) for p in positions for i in range(int(self.entries[p]["records"]))]
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        envs = {p: _open_shard(self.shards_dir / self.entries[p]["path"]) for p in positions}
+        try:
+            txns = {p: env.begin(buffers=False) for p, env in envs.items()}
+            for position, index in order:
+                value = txns[position].get(record_key(index))
+                if value is None:
+                    raise ValueError(f"shard {self.entries[position]['path']} lacks record {index}")
+                product, image_bytes = decode_record(value)
+                yield ShardRecord(product, image_bytes, position, index)
+            for txn in txns.values():
+                txn.abort()
+        finally:
+            for env in envs.values():
+                env.close()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, int]]]:
+        for record in self._records():
+            label = self._label(record.product)
+            if label is None:
+                continue
+            try:
+                image = decode_image(record.image_bytes)
+            except ImageDecodeError:
+                self.skipped["image"] += 1
+                continue
+            yield self.transform(image), {self.label_column: label}

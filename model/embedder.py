@@ -1,0 +1,64 @@
+"""Embedder: the inference API used by the indexer and the engine (images or bytes -> L2-normalised vectors)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.checkpoint import WEIGHTS_FILE, load_checkpoint
+from model.files import sha256_file
+from model.images import decode_image
+from model.networks import VitrineModel
+
+
+class Embedder:
+    """A loaded checkpoint in eval mode: `embed_images` / `embed_bytes` give (n, dim) float32 unit rows."""
+
+    def __init__(self, model: VitrineModel, card: dict[str, Any], fingerprint: str, device: str = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.model_card = card
+        self.fingerprint = fingerprint
+        self.device = device
+        self.dim = int(card["embedding_dim"])
+        self.input_size = (int(card["input_size"][0]), int(card["input_size"][1]))  # (H, W)
+        self._mean = np.asarray(card["mean"], dtype=np.float32)
+        self._std = np.asarray(card["std"], dtype=np.float32)
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "cpu") -> Embedder:
+        """Load a checkpoint folder (model.pt + model_card.json) onto `device`."""
+        model, card = load_checkpoint(checkpoint)
+        return cls(model, card, sha256_file(Path(checkpoint) / WEIGHTS_FILE), device)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """(3, H, W) float32: RGB, resized to the card's input size, normalised with the card's mean/std."""
+        height, width = self.input_size
+        resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+        pixels = np.asarray(resized, dtype=np.float32) / 255.0
+        return ((pixels - self._mean) / self._std).transpose(2, 0, 1)
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """Embeddings of PIL images, float32 (n, dim), rows L2-normalised."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        parts = [np.zeros((0, self.dim), dtype=np.float32)]
+        use_cuda = self.device.startswith("cuda")
+        with torch.inference_mode():
+            for begin in range(0, len(images), batch_size):
+                batch = np.stack([self.preprocess(im) for im in images[begin:begin + batch_size]])
+                tensor = torch.from_numpy(batch).to(self.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+                    embedded = self.model.embed(tensor)
+                parts.append(embedded.float().cpu().numpy())
+        vectors = np.concatenate(parts).astype(np.float32, copy=False)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+    def embed_bytes(self, datas: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
+        """Embeddings of encoded images; raises ImageDecodeError on the first undecodable one."""
+        return self.embed_images([decode_image(data) for data in datas], batch_size=batch_size)

@@ -1,0 +1,65 @@
+"""Decoding untrusted image bytes into RGB PIL images, with size limits and clear errors.
+
+Shoppers and catalogs send anything: truncated files, CMYK JPEGs, PNGs with alpha, grayscale, rotated
+phone photos, decompression bombs. Everything either becomes an RGB image or raises ImageDecodeError.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # bytes of encoded input
+DEFAULT_MAX_PIXELS = 40_000_000  # width * height after decoding
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; the message says what was wrong."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of any mode: alpha is composited onto white (product photos have white backgrounds)."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode JPEG/PNG/WebP bytes to an RGB image, applying the EXIF orientation.
+
+    Raises ImageDecodeError when the input is empty, too large (bytes or pixels), of another format,
+    truncated or corrupt.
+    """
+    if not data:
+        raise ImageDecodeError("empty image: got 0 bytes")
+    if len(data) > max_bytes:
+        raise ImageDecodeError(f"image too large: {len(data)} bytes > limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+            width, height = image.size
+            if width <= 0 or height <= 0 or width * height > max_pixels:
+                raise ImageDecodeError(f"image has {width}x{height} pixels, over the limit of {max_pixels} "
+                                       "pixels (or empty)")
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image) or image)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"not a recognised image ({len(data)} bytes; expected one of "
+                               f"{', '.join(ALLOWED_FORMATS)})") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image rejected as a decompression bomb: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image ({len(data)} bytes): {exc}") from exc

@@ -1,0 +1,143 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METRIC_UNSPECIFIED: _ClassVar[Metric]
+    METRIC_INNER_PRODUCT: _ClassVar[Metric]
+    METRIC_L2: _ClassVar[Metric]
+METRIC_UNSPECIFIED: Metric
+METRIC_INNER_PRODUCT: Metric
+METRIC_L2: Metric
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PriceRange(_message.Message):
+    __slots__ = ("min", "max")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    max: float
+    def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("categories", "price", "in_stock_only")
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    IN_STOCK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    price: PriceRange
+    in_stock_only: bool
+    def __init__(self, categories: _Optional[_Iterable[str]] = ..., price: _Optional[_Union[PriceRange, _Mapping]] = ..., in_stock_only: _Optional[bool] = ...) -> None: ...
+
+class SearchOptions(_message.Message):
+    __slots__ = ("nprobe", "exclude_query_product")
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_QUERY_PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    nprobe: int
+    exclude_query_product: bool
+    def __init__(self, nprobe: _Optional[int] = ..., exclude_query_product: _Optional[bool] = ...) -> None: ...
+
+class Product(_message.Message):
+    __slots__ = ("product_id", "title", "category", "brand", "price", "currency", "image_url", "in_stock", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    BRAND_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URL_FIELD_NUMBER: _ClassVar[int]
+    IN_STOCK_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    title: str
+    category: str
+    brand: str
+    price: float
+    currency: str
+    image_url: str
+    in_stock: bool
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, product_id: _Optional[str] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., brand: _Optional[str] = ..., price: _Optional[float] = ..., currency: _Optional[str] = ..., image_url: _Optional[str] = ..., in_stock: _Optional[bool] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("image", "vector", "product_id", "top_k", "filter", "options")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    vector: Vector
+    product_id: str
+    top_k: int
+    filter: Filter
+    options: SearchOptions
+    def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., product_id: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., options: _Optional[_Union[SearchOptions, _Mapping]] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("product_id", "score", "product")
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    score: float
+    product: Product
+    def __init__(self, product_id: _Optional[str] = ..., score: _Optional[float] = ..., product: _Optional[_Union[Product, _Mapping]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "index_version", "took_us")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOOK_US_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    index_version: str
+    took_us: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., took_us: _Optional[int] = ...) -> None: ...
+
+class GetIndexInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetIndexInfoResponse(_message.Message):
+    __slots__ = ("version", "count", "dim", "factory", "model_fingerprint", "metric", "created_time", "shard_count", "default_nprobe")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    FACTORY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NPROBE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    count: int
+    dim: int
+    factory: str
+    model_fingerprint: str
+    metric: Metric
+    created_time: _timestamp_pb2.Timestamp
+    shard_count: int
+    default_nprobe: int
+    def __init__(self, version: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., factory: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shard_count: _Optional[int] = ..., default_nprobe: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,85 @@
+"""Round trips of every protobuf <-> plain-type conversion in engine.convert."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from engine import convert
+from engine.types import IndexInfo, SearchFilter, SearchHit, SearchOptions, SearchQuery, SearchRequest, SearchResult
+from model.catalog import Product
+from protos.vitrine.v1 import search_pb2 as pb
+
+
+def _product(price: float | None = 19.5) -> Product:
+    return Product(product_id="p-1", title="Blue shirt", category="Shirts", brand="Acme", price=price,
+                   currency="EUR", in_stock=False, image_url="https://cdn.example.com/p-1.jpg",
+                   attributes={"baseColour": "Blue", "season": "Summer"}, split=None)
+
+
+@pytest.mark.parametrize("price", [19.5, 0.0, None])
+def test_product_round_trip(price: float | None) -> None:
+    product = _product(price)
+    message = convert.product_to_proto(product)
+    assert message.HasField("price") == (price is not None)
+    assert convert.product_from_proto(pb.Product.FromString(message.SerializeToString())) == product
+
+
+@pytest.mark.parametrize("search_filter", [
+    SearchFilter(),
+    SearchFilter(categories=("Shirts", "Tshirts"), min_price=0.0, max_price=50.0, in_stock_only=True),
+    SearchFilter(min_price=10.0),
+    SearchFilter(max_price=0.0),
+])
+def test_filter_round_trip(search_filter: SearchFilter) -> None:
+    message = pb.Filter.FromString(convert.filter_to_proto(search_filter).SerializeToString())
+    assert convert.filter_from_proto(message) == search_filter
+
+
+@pytest.mark.parametrize("options", [SearchOptions(), SearchOptions(nprobe=32, exclude_query_product=False),
+                                     SearchOptions(exclude_query_product=True)])
+def test_options_round_trip(options: SearchOptions) -> None:
+    message = pb.SearchOptions.FromString(convert.options_to_proto(options).SerializeToString())
+    assert convert.options_from_proto(message) == options
+
+
+@pytest.mark.parametrize("query", [
+    SearchQuery(image=b"\x89PNG fake bytes"),
+    SearchQuery(image=b""),
+    SearchQuery(vector=np.array([0.5, -1.0, 2.25], dtype=np.float32)),
+    SearchQuery(product_id="p-1"),
+    SearchQuery(),
+])
+def test_request_round_trip(query: SearchQuery) -> None:
+    request = SearchRequest(query=query, top_k=7, filter=SearchFilter(categories=("Shirts",)),
+                            options=SearchOptions(nprobe=4))
+    message = pb.SearchRequest.FromString(convert.request_to_proto(request).SerializeToString())
+    back = convert.request_from_proto(message)
+    assert back == request
+    assert back.query.kind == query.kind
+
+
+def test_request_defaults_round_trip() -> None:
+    request = SearchRequest(query=SearchQuery(product_id="x"))
+    message = convert.request_to_proto(request)
+    assert message.top_k == 0 and message.options.nprobe == 0
+    assert convert.request_from_proto(message) == request
+
+
+def test_result_round_trip() -> None:
+    hits = (SearchHit("p-1", 0.75, _product()), SearchHit("p-2", -0.25, _product(None)))
+    result = SearchResult(hits=hits, index_version="20261129T031500Z", took_us=1234)
+    message = pb.SearchResponse.FromString(convert.result_to_proto(result).SerializeToString())
+    assert convert.result_from_proto(message) == result
+
+
+@pytest.mark.parametrize("created", [dt.datetime(2026, 11, 29, 3, 15, tzinfo=dt.timezone.utc), None])
+def test_index_info_round_trip(created: dt.datetime | None) -> None:
+    info = IndexInfo(version="20261129T031500Z", count=1000, dim=64, factory="IVF64,PQ16x8",
+                     model_fingerprint="ab" * 32, metric="inner_product", created_utc=created, shard_count=2,
+                     default_nprobe=16)
+    message = pb.GetIndexInfoResponse.FromString(convert.index_info_to_proto(info).SerializeToString())
+    assert message.metric == pb.METRIC_INNER_PRODUCT
+    assert convert.index_info_from_proto(message) == info

@@ -1,0 +1,239 @@
+"""End to end through a real gRPC server on port 0: searches, filters, index info, health, reflection, errors."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from engine_fixtures import EngineIndex, build_engine_index, make_checkpoint
+
+from engine.client import VisualSearchClient, format_results_table
+from engine.server import ServerConfig, ServerStartError, create_server
+from engine.types import SearchFilter, SearchOptions
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def engine_index(tmp_path_factory: pytest.TempPathFactory) -> EngineIndex:
+    return build_engine_index(tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture(scope="module")
+def server(engine_index: EngineIndex) -> Iterator[tuple[grpc.Server, int]]:
+    server, port = create_server(ServerConfig(index_root=engine_index.index_root, port=0, max_workers=4))
+    yield server, port
+    server.stop(None).wait()
+
+
+@pytest.fixture()
+def client(server: tuple[grpc.Server, int]) -> Iterator[VisualSearchClient]:
+    with VisualSearchClient(f"127.0.0.1:{server[1]}", timeout_s=10.0, backoff_s=0.05) as client:
+        yield client
+
+
+def test_health_serving_and_reflection(client: VisualSearchClient) -> None:
+    client.wait_ready(timeout_s=5.0)
+    assert client.health("") == "SERVING"
+    assert client.health("vitrine.v1.VisualSearch") == "SERVING"
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(client._channel)
+    answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for answer in answers for s in answer.list_services_response.service}
+    assert "vitrine.v1.VisualSearch" in names
+
+
+def test_index_info(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    info = client.index_info()
+    assert info.version == engine_index.version_path.name
+    assert (info.count, info.dim, info.shard_count, info.metric) == (len(engine_index.products), engine_index.dim,
+                                                                     2, "inner_product")
+    assert "IVF4" in info.factory and len(info.model_fingerprint) == 64 and info.created_utc is not None
+
+
+def test_search_by_image_finds_itself(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    product = engine_index.products[5]
+    result = client.search_image(engine_index.images[product.product_id], top_k=5)
+    assert result.index_version == engine_index.version_path.name
+    assert len(result.hits) == 5
+    own = [h for h in result.hits if h.product_id == product.product_id]  # untrained model: near-ties possible
+    assert own and own[0].score == pytest.approx(result.hits[0].score, abs=1e-3)
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(1.0, abs=1e-2)
+    assert result.hits[0].product.title
+    table = format_results_table(result)
+    assert "rank" in table.splitlines()[0] and result.hits[0].product_id in table
+
+
+def test_search_by_vector(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    rng = np.random.default_rng(0)
+    result = client.search_vector(rng.normal(size=engine_index.dim).astype(np.float32) * 3.0, top_k=7)
+    assert len(result.hits) == 7
+    assert len({h.product_id for h in result.hits}) == 7
+
+
+def test_search_by_product_excludes_itself(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    product_id = engine_index.products[0].product_id
+    result = client.search_product(product_id, top_k=10)
+    assert len(result.hits) == 10 and product_id not in [h.product_id for h in result.hits]
+    kept = client.search_product(product_id, top_k=3, options=SearchOptions(exclude_query_product=False, nprobe=4))
+    own = [h for h in kept.hits if h.product_id == product_id]  # first or tied with a near-duplicate image
+    assert own and own[0].score == pytest.approx(kept.hits[0].score, abs=1e-3)
+
+
+def test_search_with_filter(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    category = engine_index.products[1].category
+    search_filter = SearchFilter(categories=(category, "no such category"), min_price=20.0, max_price=60.0,
+                                 in_stock_only=True)
+    expected = {p.product_id for p in engine_index.products
+                if p.category == category and 20.0 <= p.price <= 60.0 and p.in_stock}
+    assert expected, "the fixture should hold matching products"
+    result = client.search_vector(np.ones(engine_index.dim, np.float32), top_k=1000, filter=search_filter)
+    assert {h.product_id for h in result.hits} == expected  # every match, none other (exact fallback included)
+    for hit in result.hits:
+        price = hit.product.price
+        assert hit.product.category == category and price is not None and 20.0 <= price <= 60.0 and hit.product.in_stock
+
+
+def test_filtered_top_k_matches_exact_search(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    """With every IVF list probed, the filtered top 3 equal brute force over the passing products."""
+    vectors = np.load(engine_index.version_path / "vectors.f16.npy").astype(np.float32)
+    query = vectors[1] / np.linalg.norm(vectors[1])
+    search_filter = SearchFilter(max_price=30.0, in_stock_only=True)
+    passing = [i for i, p in enumerate(engine_index.products) if p.price <= 30.0 and p.in_stock]
+    scores = vectors[passing] @ query
+    expected = [engine_index.products[passing[i]].product_id for i in np.argsort(-scores, kind="stable")[:3]]
+    result = client.search_vector(query, top_k=3, filter=search_filter, options=SearchOptions(nprobe=4))
+    assert [h.product_id for h in result.hits] == expected
+    assert [h.score for h in result.hits] == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-5)
+
+
+def _rpc_error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+@pytest.mark.parametrize(("case", "code", "words"), [
+    ("bad_image", grpc.StatusCode.INVALID_ARGUMENT, "decode"),
+    ("unknown_product", grpc.StatusCode.NOT_FOUND, "no-such-product"),
+    ("wrong_dim", grpc.StatusCode.INVALID_ARGUMENT, "dimensions"),
+    ("bad_top_k", grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+])
+def test_errors_then_still_serving(client: VisualSearchClient, engine_index: EngineIndex, case: str,
+                                   code: grpc.StatusCode, words: str, caplog: pytest.LogCaptureFixture) -> None:
+    calls = {
+        "bad_image": lambda: client.search_image(b"this is not an image"),
+        "unknown_product": lambda: client.search_product("no-such-product"),
+        "wrong_dim": lambda: client.search_vector(np.ones(engine_index.dim + 3, np.float32)),
+        "bad_top_k": lambda: client.search_product(engine_index.products[0].product_id, top_k=5000),
+    }
+    with caplog.at_level(logging.INFO, logger="vitrine.engine"):
+        err = _rpc_error(calls[case])
+    assert err.code() == code
+    assert words in err.details()
+    if case == "wrong_dim":
+        assert str(engine_index.dim) in err.details() and str(engine_index.dim + 3) in err.details()
+    assert any(code.name in r.getMessage() for r in caplog.records)
+    assert len(client.search_product(engine_index.products[2].product_id, top_k=3).hits) == 3  # still serving
+
+
+def test_model_mismatch_refuses_to_start(engine_index: EngineIndex, tmp_path) -> None:
+    # A copy of the index (LMDB refuses a second open of the same path in one process) served with a
+    # freshly initialised model: its weights, hence its fingerprint, differ from the indexing model's.
+    index_root = tmp_path / "index"
+    shutil.copytree(engine_index.index_root, index_root)
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(ServerStartError, match="fingerprint"):
+        create_server(ServerConfig(index_root=index_root, model=other, port=0))
+
+
+def test_missing_index_refuses_to_start(tmp_path) -> None:
+    with pytest.raises(ServerStartError, match="CURRENT"):
+        create_server(ServerConfig(index_root=tmp_path, port=0))
+
+
+def test_not_serving_until_loaded(engine_index: EngineIndex, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+
+    import engine.server as server_module
+
+    index_root = tmp_path / "index"
+    shutil.copytree(engine_index.index_root, index_root)
+    release, real_load = threading.Event(), server_module.load_searcher
+
+    def slow_load(config: ServerConfig):
+        assert release.wait(30)
+        return real_load(config)
+
+    monkeypatch.setattr(server_module, "load_searcher", slow_load)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started: list = []
+    thread = threading.Thread(target=lambda: started.append(create_server(ServerConfig(index_root=index_root,
+                                                                                       port=port))))
+    thread.start()
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=2.0, retries=0) as client:
+            status = _poll_health(client)
+            assert status == "NOT_SERVING"
+            err = _rpc_error(lambda: client.search_product(engine_index.products[0].product_id))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.details()
+            release.set()
+            client.wait_ready(timeout_s=30.0)
+            assert client.search_product(engine_index.products[0].product_id, top_k=2).hits
+    finally:
+        release.set()
+        thread.join(60)
+        for server, _ in started:
+            server.stop(None).wait()
+
+
+def _poll_health(client: VisualSearchClient) -> str:
+    """The first health status the server answers (it may take a moment to bind)."""
+    import time
+
+    for _ in range(100):
+        try:
+            return client.health()
+        except grpc.RpcError:
+            time.sleep(0.05)
+    raise AssertionError("the server never answered the health check")
+
+
+def test_serve_stops_cleanly_on_sigterm(engine_index: EngineIndex, tmp_path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    index_root = tmp_path / "index"
+    shutil.copytree(engine_index.index_root, index_root)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = ("import logging, sys; from pathlib import Path; from engine.server import ServerConfig, serve; "
+            "logging.basicConfig(level=logging.INFO); "
+            f"sys.exit(serve(ServerConfig(index_root=Path({str(index_root)!r}), port={port}, grace_s=1.0)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=2.0) as client:
+            client.wait_ready(timeout_s=60.0)
+            assert client.search_product(engine_index.products[0].product_id, top_k=1).hits
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr
+    assert "Search OK" in stderr and "stopped" in stderr

@@ -1,0 +1,86 @@
+"""read_catalog on the real mini catalog (its real defects) and a config with another column mapping."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from model.catalog import CatalogConfig, Product, load_catalog_config, read_catalog
+
+MINI = Path(__file__).resolve().parents[1] / "data" / "mini-catalog"
+
+
+def test_mini_catalog_defects_are_repaired_and_counted() -> None:
+    table = read_catalog(MINI / "styles.csv", CatalogConfig(), images_dir=MINI / "images")
+    report = table.report
+    assert report["rows_read"] == len(table.products) == report["rows_ok"]
+    assert report["rows_repaired_overflow"] >= 2
+    assert report["missing_images"] >= 1
+    assert sum(v for k, v in report.items() if k.startswith("empty_cells/")) >= 1
+    assert report["rows_bad"] == 0 and report["duplicate_ids"] == 0
+    by_id = {p.product_id: p for p in table.products}
+    assert by_id["3413"].title == "Myntra Men's Yes, its all about me White T-shirt"
+    assert by_id["23127"].title == "Converse Unisex Green Live, Life, Laugh Flip Flops"
+    assert by_id["23127"].split == "train" and by_id["4854"].split == "test"
+    assert len({p.category for p in table.products}) >= 20
+    assert sum(p.split == "test" for p in table.products) >= 150
+
+
+def test_product_json_round_trip() -> None:
+    product = read_catalog(MINI / "styles.csv", CatalogConfig()).products[0]
+    assert Product.from_json(json.loads(json.dumps(product.to_json()))) == product
+
+
+def _other_catalog(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A tiny CSV with different column names (+ defects) and real images copied from the mini catalog."""
+    images = tmp_path / "pics"
+    images.mkdir()
+    ids = sorted(p.stem for p in (MINI / "images").glob("*.jpg"))[:4]
+    for product_id in ids:
+        shutil.copyfile(MINI / "images" / f"{product_id}.jpg", images / f"sku-{product_id}.jpeg")
+    lines = ["sku;name;kind;maker;cost;qty;colour",
+             f"{ids[0]};Red, shiny shoe;Shoes;Acme;12.50;3;Red",
+             f"{ids[1]};Blue bag;Bags;;not-a-price;0;",
+             f"{ids[2]};Green hat;Hats;Hatco;;;Green",
+             f"{ids[2]};Duplicate hat;Hats;Hatco;1;1;Green",
+             f"{ids[3]};Short row",
+             ";No id;Hats;X;1;1;Blue"]
+    csv_path = tmp_path / "catalog.csv"
+    csv_path.write_text("\n".join(line.replace(";", ",") for line in lines) + "\n", encoding="utf-8")
+    return csv_path, images, ids
+
+
+def test_config_from_json_with_another_column_mapping(tmp_path: Path) -> None:
+    csv_path, images, ids = _other_catalog(tmp_path)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({
+        "id_column": "sku", "image_pattern": "sku-{id}.jpeg", "title_column": "name", "category_column": "kind",
+        "brand_column": "maker", "price_column": "cost", "currency": "EUR", "stock_column": "qty",
+        "image_url_pattern": "https://cdn.example.com/{id}.jpg", "attribute_columns": ["colour"],
+        "split_column": None, "overflow_column": "name"}), encoding="utf-8")
+    config = load_catalog_config(config_path)
+    assert config.attribute_columns == ("colour",)
+    table = read_catalog(csv_path, config, images_dir=images)
+    first, second, third = table.products
+    assert first.title == "Red, shiny shoe" and first.price == 12.5 and first.in_stock and first.currency == "EUR"
+    assert first.image_url == f"https://cdn.example.com/{ids[0]}.jpg" and first.split is None
+    assert second.price is None and not second.in_stock and second.brand == ""
+    assert third.in_stock and third.attributes == {"colour": "Green"}
+    report = table.report
+    assert report["rows_read"] == 6 and report["rows_ok"] == 3
+    assert report["rows_repaired_overflow"] == 1 and report["bad_price"] == 1 and report["duplicate_ids"] == 1
+    assert report["rows_bad/too_few_fields"] == 1 and report["rows_bad/missing_id"] == 1
+    assert report["rows_bad"] == 2 and report["missing_images"] == 0
+    assert report["empty_cells/maker"] == 1
+
+
+def test_config_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"id_colum": "sku"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="id_colum"):
+        load_catalog_config(bad)
+    with pytest.raises(ValueError, match="lacks the configured columns"):
+        read_catalog(MINI / "styles.csv", CatalogConfig(title_column="name"))

@@ -1,0 +1,81 @@
+"""decode_image: every accepted format and mode becomes RGB; bad input raises ImageDecodeError clearly."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model.images import ImageDecodeError, decode_image
+
+MINI_IMAGES = Path(__file__).resolve().parents[1] / "data" / "mini-catalog" / "images"
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_real_catalog_jpeg_decodes() -> None:
+    path = sorted(MINI_IMAGES.glob("*.jpg"))[0]
+    image = decode_image(path.read_bytes())
+    assert image.mode == "RGB" and image.size[1] == 80
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty image"),
+    (b"this is not an image at all", "not a recognised image"),
+    (b"GIF89a" + b"\x00" * 64, "not a recognised image"),
+])
+def test_garbage_raises_a_clear_error(data: bytes, message: str) -> None:
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data)
+
+
+def test_truncated_jpeg_raises() -> None:
+    data = _encode(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_size_limits() -> None:
+    data = _encode(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(data, max_bytes=10)
+    with pytest.raises(ImageDecodeError, match="over the limit"):
+        decode_image(data, max_pixels=99 * 99)
+
+
+def test_png_alpha_is_composited_on_white() -> None:
+    image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    image.putpixel((0, 0), (255, 0, 0, 255))
+    out = decode_image(_encode(image, "PNG"))
+    assert out.mode == "RGB"
+    assert out.getpixel((5, 5)) == (255, 255, 255) and out.getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "JPEG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"),
+                                       ("CMYK", "JPEG"), ("RGB", "WEBP"), ("RGBA", "WEBP"), ("I;16", "PNG")])
+def test_modes_and_formats_decode_to_rgb(mode: str, fmt: str) -> None:
+    image = Image.new("RGB", (20, 10), (120, 60, 30)).convert(mode)
+    out = decode_image(_encode(image, fmt))
+    assert out.mode == "RGB" and out.size == (20, 10)
+
+
+def test_cmyk_jpeg_colours_survive() -> None:
+    out = decode_image(_encode(Image.new("RGB", (16, 16), (200, 30, 30)).convert("CMYK"), "JPEG", quality=95))
+    pixel = out.getpixel((8, 8))
+    assert isinstance(pixel, tuple)
+    red, green, blue = pixel
+    assert red > 150 and green < 80 and blue < 80
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (30, 10), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    out = decode_image(_encode(image, "JPEG", exif=exif.tobytes()))
+    assert out.size == (10, 30)

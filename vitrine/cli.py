@@ -1,0 +1,147 @@
+"""The `vitrine` console command: one parser with a subcommand per job.
+
+This module only parses arguments and calls library functions; the work lives in `model`,
+`indexer` and `engine`. Heavy libraries (torch, faiss, grpc) are imported inside the
+subcommand handlers so that `vitrine --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from vitrine import commands
+
+DESCRIPTION = """\
+vitrine: visual shopping search. A shopper's photo goes in; visually similar products come out.
+
+Typical flow (see README.md):
+  vitrine ingest --csv styles.csv --images images/ --out work/shards
+  vitrine train --shards work/shards --out work/model
+  vitrine index build --shards work/shards --model work/model --index-root work/index
+  vitrine serve --index-root work/index --port 50051
+  vitrine query --target localhost:50051 --image photo.jpg
+  vitrine demo            # all of the above on the bundled mini catalog
+"""
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="catalog CSV + images folder -> LMDB shards + manifest.json",
+                       description="Read a catalog CSV (column mapping from --catalog-config) and its images, "
+                                   "validate every image and write bounded LMDB shards plus manifest.json. "
+                                   "Defective rows are repaired or counted in the report, never silently dropped.")
+    p.add_argument("--csv", required=True, help="catalog CSV, one row per product")
+    p.add_argument("--images", required=True, help="folder holding the product images")
+    p.add_argument("--out", required=True, help="output folder for shard-*.lmdb and manifest.json")
+    p.add_argument("--catalog-config", default=None,
+                   help="JSON file with the column mapping (model.catalog.CatalogConfig fields); "
+                        "default fits the fashion-product-images dataset")
+    p.add_argument("--max-records-per-shard", type=int, default=None, help="records per LMDB shard")
+    p.set_defaults(handler=commands.cmd_ingest)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the ViT embedding model on ingested shards",
+                       description="Train a timm Vision Transformer with a normalized-softmax embedding head on "
+                                   "a label column of the shards, and save a checkpoint folder with a model card.")
+    p.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (model.pt + model_card.json)")
+    p.add_argument("--label-column", default="articleType", help="attribute column used as the class label")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (training is deterministic under it)")
+    p.add_argument("--workers", type=int, default=None, help="dataloader worker processes")
+    p.set_defaults(handler=commands.cmd_train)
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build and inspect index versions",
+                       description="Index versions live in <index-root>/<version>/; <index-root>/CURRENT names "
+                                   "the live one.")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,list}")
+    b = isub.add_parser("build", help="embed the catalog and build + validate + publish a Faiss index version",
+                        description="Embed every shard record with the model, build a Faiss index (exact below a "
+                                    "size threshold, IVF-PQ above; see indexer.plan), validate recall against "
+                                    "exact search, write the version folder and replace CURRENT atomically.")
+    b.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
+    b.add_argument("--model", required=True, help="checkpoint folder written by `vitrine train`")
+    b.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
+    b.add_argument("--factory", default=None, help="Faiss factory string (default: planned from catalog size)")
+    b.add_argument("--batch-size", type=int, default=None, help="images per embedding batch")
+    b.set_defaults(handler=commands.cmd_index_build)
+    ls = isub.add_parser("list", help="list the versions under an index root (the live one marked *)")
+    ls.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
+    ls.set_defaults(handler=commands.cmd_index_list)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC VisualSearch server on the live index version",
+                       description="Load <index-root>/CURRENT and its model, warm up, then serve "
+                                   "vitrine.v1.VisualSearch with gRPC health and reflection until SIGINT/SIGTERM.")
+    p.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the one the index was built with)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port)")
+    p.add_argument("--workers", type=int, default=None, help="gRPC worker threads")
+    p.set_defaults(handler=commands.cmd_serve)
+
+
+def _add_query(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("query", help="query a running server by image file or product id",
+                       description="Send one Search request and print the results as a table.")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--image", help="image file to search with (JPEG, PNG, WebP)")
+    q.add_argument("--product-id", help="search for products similar to this catalog product")
+    p.add_argument("--top-k", type=int, default=10, help="number of results")
+    p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
+    p.add_argument("--min-price", type=float, default=None, help="minimum price")
+    p.add_argument("--max-price", type=float, default=None, help="maximum price")
+    p.add_argument("--in-stock", action="store_true", help="only products in stock")
+    p.add_argument("--nprobe", type=int, default=0, help="IVF lists to visit (0: the index default)")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    p.set_defaults(handler=commands.cmd_query)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="ingest, train, index, serve and query the bundled mini catalog",
+                       description="Runs the whole path on data/mini-catalog in a work folder: ingest, a short "
+                                   "training run, index build, a gRPC server on a free port, queries with the "
+                                   "catalog's test-split images, top-1 relevance, and an HTML page of results.")
+    p.add_argument("--work-dir", default="work/demo", help="folder for every artifact of the demo")
+    p.add_argument("--catalog", default=None, help="catalog folder with styles.csv and images/ "
+                                                   "(default: the bundled data/mini-catalog)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
+    p.add_argument("--fresh", action="store_true", help="delete the work folder first and redo every stage")
+    p.set_defaults(handler=commands.cmd_demo)
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitrine", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_ingest, _add_train, _add_index, _add_serve, _add_query, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = create_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.handler(args))
+    except commands.UserError as err:
+        print(f"vitrine {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitrine {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Handlers of the `vitrine` subcommands: turn parsed arguments into library calls.
+
+Each handler takes the argparse namespace and returns a process exit code. Libraries are
+imported inside the handlers so the parser (and `--help`) never pays for torch or faiss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("vitrine.cli")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed without a traceback, exit code 2."""
+
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} not found: {p} (check the path)")
+    return p
+
+
+def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    """Config fields set on the command line: {config field: value} for every flag that was given."""
+    return {field: getattr(args, flag) for flag, field in mapping.items() if getattr(args, flag) is not None}
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from model.catalog import CatalogConfig, load_catalog_config
+    from model.data.ingest import build_shards
+
+    csv_path = _existing(args.csv, "catalog CSV")
+    images = _existing(args.images, "images folder")
+    config = load_catalog_config(_existing(args.catalog_config, "catalog config")) if args.catalog_config \
+        else CatalogConfig()
+    kwargs = {} if args.max_records_per_shard is None else {"max_records_per_shard": args.max_records_per_shard}
+    report = build_shards(csv_path, images, Path(args.out), config, **kwargs)
+    print(json.dumps(report.to_json(), indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.train import TrainConfig, train
+
+    shards = _existing(args.shards, "shards folder")
+    config = TrainConfig(shards_dir=shards, out_dir=Path(args.out))
+    config = dataclasses.replace(config, **_overrides(args, {
+        "label_column": "label_column", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+        "seed": "seed", "workers": "num_workers"}))
+    checkpoint = train(config)
+    print(f"checkpoint written: {checkpoint}")
+    return 0
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from indexer.build import IndexBuildConfig, build_index
+
+    config = IndexBuildConfig(shards_dir=_existing(args.shards, "shards folder"),
+                              model=_existing(args.model, "model checkpoint"), index_root=Path(args.index_root))
+    config = dataclasses.replace(config, **_overrides(args, {"factory": "factory", "batch_size": "batch_size"}))
+    version = build_index(config)
+    print(f"published index version: {version}")
+    return 0
+
+
+def cmd_index_list(args: argparse.Namespace) -> int:
+    from indexer.version import list_versions, read_current
+
+    root = _existing(args.index_root, "index root")
+    try:
+        current = read_current(root)
+    except FileNotFoundError:
+        current = None
+    for name in list_versions(root):
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        mark = "*" if name == current else " "
+        print(f"{mark} {name}  {manifest.get('factory', '?'):<20} count={manifest.get('count', '?')} "
+              f"recall@10={manifest.get('validation', {}).get('recall_at_10', '?')}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.server import ServerConfig, serve
+
+    config = ServerConfig(index_root=_existing(args.index_root, "index root"),
+                          model=Path(args.model) if args.model else None, host=args.host, port=args.port)
+    if args.workers is not None:
+        config = dataclasses.replace(config, max_workers=args.workers)
+    return serve(config)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import grpc
+
+    from engine.client import VisualSearchClient, format_results_table
+    from engine.types import SearchFilter, SearchOptions
+
+    search_filter = SearchFilter(categories=tuple(args.category or ()), min_price=args.min_price,
+                                 max_price=args.max_price, in_stock_only=args.in_stock)
+    options = SearchOptions(nprobe=args.nprobe)
+    data = _existing(args.image, "image file").read_bytes() if args.image else None
+    try:
+        with VisualSearchClient(args.target, timeout_s=args.timeout) as client:
+            if data is not None:
+                result = client.search_image(data, top_k=args.top_k, filter=search_filter, options=options)
+            else:
+                result = client.search_product(args.product_id, top_k=args.top_k, filter=search_filter,
+                                               options=options)
+    except grpc.RpcError as err:
+        raise UserError(f"{args.target} answered {err.code().name}: {err.details()}") from err
+    print(format_results_table(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vitrine.demo import DemoConfig, run_demo
+
+    config = DemoConfig(work_dir=Path(args.work_dir), fresh=args.fresh)
+    if args.catalog:
+        config = dataclasses.replace(config, catalog_dir=_existing(args.catalog, "catalog folder"))
+    if args.epochs is not None:
+        config = dataclasses.replace(config, epochs=args.epochs)
+    run_demo(config)
+    return 0
