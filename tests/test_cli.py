@@ -17,7 +17,8 @@ from vitrine.demo import DemoConfig, run_demo
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "data" / "mini-catalog"
 
-SUBCOMMANDS = [["ingest"], ["train"], ["index"], ["index", "build"], ["index", "list"], ["serve"], ["query"],
+SUBCOMMANDS = [["ingest"], ["train"], ["index"], ["index", "build"], ["index", "list"], ["index", "rollback"],
+               ["serve"], ["query"],
                ["demo"]]
 
 

@@ -61,7 +61,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build and inspect index versions",
                        description="Index versions live in <index-root>/<version>/; <index-root>/CURRENT names "
                                    "the live one.")
-    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,list}")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,list,rollback}")
     b = isub.add_parser("build", help="embed the catalog and build + validate + publish a Faiss index version",
                         description="Embed every shard record with the model, build a Faiss index (exact below a "
                                     "size threshold, IVF-PQ above; see indexer.plan), validate recall against "
@@ -75,6 +75,12 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     ls = isub.add_parser("list", help="list the versions under an index root (the live one marked *)")
     ls.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     ls.set_defaults(handler=commands.cmd_index_list)
+    rb = isub.add_parser("rollback", help="make an earlier version live again (default: the previous one)",
+                         description="Verify an earlier complete version (it opens, every checksum matches) and "
+                                     "replace CURRENT with it atomically. A failed rollback leaves CURRENT as it was.")
+    rb.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
+    rb.add_argument("--to", default=None, help="version name to make live (default: the one before CURRENT)")
+    rb.set_defaults(handler=commands.cmd_index_rollback)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

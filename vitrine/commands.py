@@ -71,18 +71,32 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_list(args: argparse.Namespace) -> int:
+    from indexer.errors import VersionError
     from indexer.version import list_versions, read_current
 
     root = _existing(args.index_root, "index root")
     try:
         current = read_current(root)
-    except FileNotFoundError:
-        current = None
+    except VersionError:
+        current = None  # nothing published yet: list what is there
     for name in list_versions(root):
         manifest = json.loads((root / name / "manifest.json").read_text())
         mark = "*" if name == current else " "
         print(f"{mark} {name}  {manifest.get('factory', '?'):<20} count={manifest.get('count', '?')} "
               f"recall@10={manifest.get('validation', {}).get('recall_at_10', '?')}")
+    return 0
+
+
+def cmd_index_rollback(args: argparse.Namespace) -> int:
+    from indexer.errors import VersionError
+    from indexer.rollback import rollback
+
+    root = _existing(args.index_root, "index root")
+    try:
+        name = rollback(root, to=args.to)
+    except VersionError as err:
+        raise UserError(f"{err} (CURRENT is unchanged)") from err
+    print(f"CURRENT is now {name}")
     return 0
 
 

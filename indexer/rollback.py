@@ -1,0 +1,41 @@
+"""Rolling the live index back to an earlier version.
+
+A rollback only rewrites CURRENT, atomically, after the target version has been opened and its
+checksums verified: a version that cannot serve never becomes live, and a failed rollback leaves
+CURRENT as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from indexer.errors import VersionError
+from indexer.version import list_versions, open_version, publish_current, read_current
+
+log = logging.getLogger("vitrine.indexer")
+
+
+def previous_version(root: str | Path) -> str:
+    """The complete version published just before the live one (by version order)."""
+    names = list_versions(root)
+    current = read_current(root)
+    if current not in names:
+        raise VersionError(f"CURRENT names {current}, which is not a complete version under {root}")
+    position = names.index(current)
+    if position == 0:
+        raise VersionError(f"{current} is the oldest version under {root}; there is nothing to roll back to")
+    return names[position - 1]
+
+
+def rollback(root: str | Path, to: str | None = None) -> str:
+    """Make `to` (default: the version before the live one) live again; returns its name."""
+    target = to if to is not None else previous_version(root)
+    if target not in list_versions(root):
+        raise VersionError(f"no complete version named {target!r} under {root}; see `vitrine index list`")
+    with open_version(Path(root) / target, verify_checksums=True):
+        pass  # it opens and every checksum matches: safe to serve
+    before = read_current(root)
+    publish_current(root, target)
+    log.info("rolled back %s: CURRENT %s -> %s", root, before, target)
+    return target

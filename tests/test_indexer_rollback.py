@@ -1,0 +1,55 @@
+"""Rollback: CURRENT goes back to an earlier complete version, atomically, and only to one that opens."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from indexer.build import build_index_from_vectors
+from indexer.errors import VersionError
+from indexer.rollback import rollback
+from indexer.version import list_versions, read_current
+from tests.test_indexer_build import _vectors, make_products
+from vitrine.cli import main
+
+
+def _three_versions(root: Path) -> list[str]:
+    for seed in range(3):
+        build_index_from_vectors(_vectors(50, seed), make_products(50), root, "a" * 64, root, name=f"v{seed}")
+    return list_versions(root)
+
+
+def test_rollback_goes_to_the_previous_version_then_to_a_named_one(tmp_path: Path) -> None:
+    names = _three_versions(tmp_path)
+    assert read_current(tmp_path) == names[-1]
+    assert rollback(tmp_path) == names[-2]
+    assert read_current(tmp_path) == names[-2]
+    assert rollback(tmp_path, to=names[-1]) == names[-1]
+    assert read_current(tmp_path) == names[-1]
+
+
+def test_failed_rollback_leaves_current_intact(tmp_path: Path) -> None:
+    names = _three_versions(tmp_path)
+    with pytest.raises(VersionError, match="no complete version named 'nope'"):
+        rollback(tmp_path, to="nope")
+    (tmp_path / names[1] / "vectors.f16.npy").write_bytes(b"corrupt")
+    with pytest.raises(VersionError):
+        rollback(tmp_path)
+    assert read_current(tmp_path) == names[-1]
+    shutil.rmtree(tmp_path / names[0])
+    shutil.rmtree(tmp_path / names[1])
+    with pytest.raises(VersionError, match="oldest version"):
+        rollback(tmp_path)
+    assert read_current(tmp_path) == names[-1]
+
+
+def test_index_rollback_and_list_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = _three_versions(tmp_path)
+    assert main(["index", "rollback", "--index-root", str(tmp_path)]) == 0
+    assert main(["index", "list", "--index-root", str(tmp_path)]) == 0
+    marked = [line for line in capsys.readouterr().out.splitlines() if line.startswith("*")]
+    assert len(marked) == 1 and names[-2] in marked[0]
+    assert main(["index", "rollback", "--index-root", str(tmp_path), "--to", "missing"]) == 2
+    assert "no complete version named 'missing'" in capsys.readouterr().err
