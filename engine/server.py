@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -78,6 +78,11 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
     def set_searcher(self, searcher: Searcher | None) -> None:
         """Put `searcher` into service (None: take the current one out)."""
         self._searcher = searcher
+
+    def take_searcher(self) -> Searcher | None:
+        """Take the Searcher out of service and return it (the caller closes it)."""
+        searcher, self._searcher = self._searcher, None
+        return searcher
 
     def Search(self, request: search_pb2.SearchRequest, context: grpc.ServicerContext) -> search_pb2.SearchResponse:
         """Search by image, vector or product id (status codes: see search.proto)."""
@@ -153,7 +158,38 @@ def warm_up(searcher: Searcher) -> None:
         raise ServerStartError(f"warm-up: a search of index version {searcher.version.name} returned no hits")
 
 
-def create_server(config: ServerConfig) -> tuple[grpc.Server, int]:
+class VitrineServer:
+    """The started grpc.Server and the index version it holds open.
+
+    `stop(grace)` stops gRPC like grpc.Server.stop, then takes the Searcher out of service and
+    closes its index version (Faiss shards, LMDB catalog, vector map), so the same version can be
+    opened again in this process. Every other attribute is the grpc.Server's.
+    """
+
+    def __init__(self, server: grpc.Server, servicer: VisualSearchServicer) -> None:
+        self._server = server
+        self._servicer = servicer
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving; the returned event is set once requests finished and the version is closed."""
+        stopped = self._server.stop(grace)
+        closed = threading.Event()
+
+        def close_when_stopped() -> None:
+            stopped.wait()
+            searcher = self._servicer.take_searcher()
+            if searcher is not None:
+                searcher.version.close()
+            closed.set()
+
+        threading.Thread(target=close_when_stopped, name="vitrine-stop", daemon=True).start()
+        return closed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
     """Bind and start the server (health NOT_SERVING), load the index and model, then report SERVING.
 
     Returns the started server and the bound port (the real one when config.port is 0). Loading
@@ -163,7 +199,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int]:
     return server, port
 
 
-def _create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
+def _create_server(config: ServerConfig) -> tuple[VitrineServer, int, health.HealthServicer]:
     """create_server, also returning the health servicer (serve() flips it to NOT_SERVING on shutdown)."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
@@ -195,7 +231,7 @@ def _create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Healt
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("SERVING index version %s (%s, %d vectors, dim %d)", searcher.version.name, searcher.version.factory,
                 searcher.version.count, searcher.version.dim)
-    return server, port, health_servicer
+    return VitrineServer(server, servicer), port, health_servicer
 
 
 def serve(config: ServerConfig) -> int:
