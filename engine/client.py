@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import convert
 from engine.types import IndexInfo, SearchFilter, SearchOptions, SearchQuery, SearchRequest, SearchResult
+from model.catalog import Product
 from protos.vitrine.v1 import search_pb2, search_pb2_grpc
 
 SERVICE_NAME = "vitrine.v1.VisualSearch"
@@ -73,6 +74,12 @@ class VisualSearchClient:
                        options: SearchOptions | None = None) -> SearchResult:
         """Products similar to a catalog product (itself left out unless options say otherwise)."""
         return self.search(_request(SearchQuery(product_id=product_id), top_k, filter, options))
+
+    def get_product(self, product_id: str) -> Product:
+        """The catalog record of one product of the served index version."""
+        response = self._call(lambda: self._stub.GetProduct(search_pb2.GetProductRequest(product_id=product_id),
+                                                            timeout=self.timeout_s))
+        return convert.product_from_proto(response.product)
 
     def index_info(self) -> IndexInfo:
         """Description of the served index version."""

@@ -22,6 +22,7 @@ import numpy as np
 from engine.errors import InvalidQuery, ProductNotFound
 from engine.types import MAX_TOP_K, IndexInfo, SearchFilter, SearchHit, SearchRequest, SearchResult
 from indexer.version import Filters, IndexVersion
+from model.catalog import Product
 from model.embedder import Embedder
 from model.images import decode_image
 
@@ -183,6 +184,15 @@ class Searcher:
                 if len(hits) == top_k:
                     return hits
         return hits
+
+    def get_product(self, product_id: str) -> Product:
+        """The catalog record of `product_id` in the served version; InvalidQuery / ProductNotFound."""
+        if not product_id:
+            raise InvalidQuery("product_id is empty; give the id of a catalog product")
+        internal_id = self.version.internal_id(product_id)
+        if internal_id is None:
+            raise ProductNotFound(f"product id {product_id!r} is not in index version {self.version.name}")
+        return self.version.product(internal_id)
 
     def index_info(self) -> IndexInfo:
         """Description of the served version, from its manifest."""

@@ -94,6 +94,17 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         """Describe the served index version."""
         return _handle("GetIndexInfo", context, lambda: convert.index_info_to_proto(self.searcher.index_info()))
 
+    def GetProduct(self, request: search_pb2.GetProductRequest,
+                   context: grpc.ServicerContext) -> search_pb2.GetProductResponse:
+        """One product's catalog record (status codes: see search.proto)."""
+
+        def answer() -> search_pb2.GetProductResponse:
+            searcher = self.searcher
+            return search_pb2.GetProductResponse(product=convert.product_to_proto(
+                searcher.get_product(request.product_id)), index_version=searcher.version.name)
+
+        return _handle("GetProduct", context, answer)
+
 
 def _handle(method: str, context: grpc.ServicerContext, call: Callable[[], _T]) -> _T:
     """Run one RPC body, log one line (method, status, latency) and map any error to its status code."""

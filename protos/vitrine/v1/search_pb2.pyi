@@ -120,6 +120,20 @@ class GetIndexInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class GetProductRequest(_message.Message):
+    __slots__ = ("product_id",)
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    def __init__(self, product_id: _Optional[str] = ...) -> None: ...
+
+class GetProductResponse(_message.Message):
+    __slots__ = ("product", "index_version")
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    product: Product
+    index_version: str
+    def __init__(self, product: _Optional[_Union[Product, _Mapping]] = ..., index_version: _Optional[str] = ...) -> None: ...
+
 class GetIndexInfoResponse(_message.Message):
     __slots__ = ("version", "count", "dim", "factory", "model_fingerprint", "metric", "created_time", "shard_count", "default_nprobe")
     VERSION_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class VisualSearchStub:
                 request_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetIndexInfoResponse.FromString,
                 _registered_method=True)
+        self.GetProduct = channel.unary_unary(
+                '/vitrine.v1.VisualSearch/GetProduct',
+                request_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetProductRequest.SerializeToString,
+                response_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetProductResponse.FromString,
+                _registered_method=True)
 
 
 class VisualSearchServicer:
@@ -90,6 +95,21 @@ class VisualSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProduct(self, request, context):
+        """GetProduct returns the catalog record of one product of the served index version.
+
+        Status codes:
+        OK                 the product.
+        INVALID_ARGUMENT   product_id is empty.
+        NOT_FOUND          product_id names no product of the index version.
+        UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff.
+        DEADLINE_EXCEEDED  the client's deadline passed before the answer was ready.
+        INTERNAL           a bug or a corrupt index; the message says what failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisualSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +122,11 @@ def add_VisualSearchServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetIndexInfoResponse.SerializeToString,
+            ),
+            'GetProduct': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProduct,
+                    request_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetProductRequest.FromString,
+                    response_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetProductResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -163,6 +188,33 @@ class VisualSearch:
             '/vitrine.v1.VisualSearch/GetIndexInfo',
             protos_dot_vitrine_dot_v1_dot_search__pb2.GetIndexInfoRequest.SerializeToString,
             protos_dot_vitrine_dot_v1_dot_search__pb2.GetIndexInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProduct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitrine.v1.VisualSearch/GetProduct',
+            protos_dot_vitrine_dot_v1_dot_search__pb2.GetProductRequest.SerializeToString,
+            protos_dot_vitrine_dot_v1_dot_search__pb2.GetProductResponse.FromString,
             options,
             channel_credentials,
             insecure,
