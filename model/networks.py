@@ -77,7 +77,8 @@ class VitrineModel(nn.Module):
         features: int = self.trunk.num_features  # type: ignore[assignment]
         self.neck = nn.Sequential(nn.LayerNorm(features, elementwise_affine=False),
                                   nn.Linear(features, config.embedding_dim))
-        self.heads = nn.ModuleDict({task: NormalizedSoftmaxHead(config.embedding_dim, n, config.temperature)
+        self.tasks = tuple(config.heads)
+        self.heads = nn.ModuleDict({head_key(task): NormalizedSoftmaxHead(config.embedding_dim, n, config.temperature)
                                     for task, n in config.heads.items()})
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,9 +89,14 @@ class VitrineModel(nn.Module):
         """{"embedding": (B, D), "logits/<task>": (B, classes) for each head}."""
         embedding = self.embed(images)
         outputs = {"embedding": embedding}
-        for task, head in self.heads.items():
-            outputs[f"logits/{task}"] = head(embedding)
+        for task in self.tasks:
+            outputs[f"logits/{task}"] = self.heads[head_key(task)](embedding)
         return outputs
+
+
+def head_key(task: str) -> str:
+    """ModuleDict key of a task's head: a label column may be any CSV name ("type", "a.b"), a key may not."""
+    return "task_" + task.replace(".", "_")
 
 
 def create_model(config: ModelConfig) -> VitrineModel:

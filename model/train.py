@@ -40,7 +40,7 @@ class TrainConfig:
     shards_dir: Path | str
     out_dir: Path | str  # checkpoint folder (model.pt + model_card.json + metrics.jsonl)
     label_column: str = "articleType"
-    train_splits: tuple[str, ...] = ("train",)  # records whose split is in here are trained on
+    train_splits: tuple[str, ...] = ("train",)  # records whose split is in here (or who have none) are trained on
     max_records: int | None = None  # None: all matching records; else a deterministic subset of N
     epochs: int = 10
     batch_size: int = 64
@@ -87,13 +87,14 @@ def seed_everything(seed: int) -> None:
 def scan_training_records(config: TrainConfig) -> tuple[list[str], set[str], int]:
     """(sorted label names, ids of the records to train on, their count) — a pass over the metadata.
 
-    With `max_records`, a deterministic spread-out subset is kept (ids ordered by SHA-1), not the first N.
+    A record without a split (a catalog with no split column) is a training record. With `max_records`,
+    a deterministic spread-out subset is kept (ids ordered by SHA-1), not the first N.
     """
     eligible: dict[str, str] = {}
     for record in iter_shard_records(config.shards_dir):
         product = record.product
         label = product_label(product, config.label_column)
-        if product.split in config.train_splits and label:
+        if (product.split is None or product.split in config.train_splits) and label:
             eligible[product.product_id] = label
     if not eligible:
         raise ValueError(f"no records in {config.shards_dir} with split in {config.train_splits} and a "
@@ -130,7 +131,7 @@ def data_fingerprint(shards_dir: Path | str) -> str:
 def _make_loader(config: TrainConfig, label_map: dict[str, int], ids: set[str]) -> tuple[ShardDataset, DataLoader]:
     """The shuffled training dataset and its DataLoader (seeded)."""
     dataset = ShardDataset(config.shards_dir, train_transform(config), config.label_column, label_map,
-                           splits=config.train_splits, seed=config.seed, allowed_ids=ids)
+                           splits=None, seed=config.seed, allowed_ids=ids)  # ids already hold the split rule
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
                         generator=torch.Generator().manual_seed(config.seed),
                         persistent_workers=False, drop_last=False)

@@ -92,3 +92,29 @@ def test_serve_and_query_processes_by_hand(demo_work: Path) -> None:
         server.terminate()
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0, err
+
+
+def test_own_catalog_with_other_columns_and_no_split(tmp_path: Path) -> None:
+    """The README tour on a user's CSV: other column names, a label column called 'type', no split column."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = ["sku,name,type,brand,price,stock"]
+    for i, image in enumerate(sorted((MINI / "images").glob("*.jpg"))[:30]):
+        (images / image.name).write_bytes(image.read_bytes())
+        rows.append(f"{image.stem},item {i},{'Shirts' if i % 2 else 'Shoes'},acme,{10 + i},{'yes' if i % 3 else 'no'}")
+    (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "cols.json").write_text(json.dumps({
+        "id_column": "sku", "image_pattern": "{id}.jpg", "title_column": "name", "category_column": "type",
+        "brand_column": "brand", "price_column": "price", "currency": "EUR", "stock_column": "stock",
+        "attribute_columns": ["type"], "split_column": None, "overflow_column": "name"}))
+    work = tmp_path / "work"
+    assert main(["ingest", "--csv", str(tmp_path / "my.csv"), "--images", str(images), "--out", str(work / "shards"),
+                 "--catalog-config", str(tmp_path / "cols.json")]) == 0
+    assert main(["train", "--shards", str(work / "shards"), "--out", str(work / "model"), "--label-column", "type",
+                 "--epochs", "1"]) == 0
+    assert main(["index", "build", "--shards", str(work / "shards"), "--model", str(work / "model"),
+                 "--index-root", str(work / "index")]) == 0
+    card = json.loads((work / "model" / "model_card.json").read_text())
+    assert card["embedding_dim"] > 0
+    manifest = json.loads(next((work / "index").glob("*/manifest.json")).read_text())
+    assert manifest["count"] == 30

@@ -139,9 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = create_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is not news
     try:
         return int(args.handler(args))
-    except commands.UserError as err:
+    except (commands.UserError, ValueError, FileExistsError) as err:  # bad input: say what, no traceback
         print(f"vitrine {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
