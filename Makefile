@@ -23,6 +23,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy model indexer engine vitrine
 
 protos: venv
 	$(BIN)/python scripts/gen_protos.py

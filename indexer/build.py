@@ -41,9 +41,9 @@ __all__ = [
 class IndexBuildConfig:
     """Configuration of one index build; saved as build_config in the version's manifest."""
 
-    shards_dir: str  # catalog shards folder (manifest.json + shard-*.lmdb) from model.data ingest
-    model: str  # checkpoint folder (model.pt + model_card.json)
-    index_root: str  # versions are written to <index_root>/<version>/, CURRENT beside them
+    shards_dir: str | Path  # catalog shards folder (manifest.json + shard-*.lmdb) from model.data ingest
+    model: str | Path  # checkpoint folder (model.pt + model_card.json)
+    index_root: str | Path  # versions are written to <index_root>/<version>/, CURRENT beside them
     batch_size: int = 64  # images per embedder forward pass
     factory: str | None = None  # Faiss factory string; None: plan_index(n, dim)
     nprobe: int | None = None  # default lists probed per query; None: the plan's default
