@@ -193,7 +193,7 @@ class VitrineServer:
                 searcher.version.close()
             closed.set()
 
-        threading.Thread(target=close_when_stopped, name="vitrine-stop", daemon=True).start()
+        threading.Thread(target=close_when_stopped, name="vitrine-stop").start()
         return closed
 
     def __getattr__(self, name: str) -> Any:
