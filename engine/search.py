@@ -133,10 +133,7 @@ class Searcher:
         raise InvalidQuery("the query is empty: set one of image, vector or product_id")
 
     def _product_query(self, product_id: str, exclude: bool | None) -> QueryVector:
-        internal_id = self.version.internal_id(product_id) if product_id else None
-        if internal_id is None:
-            raise ProductNotFound(f"product id {product_id!r} is not in index version {self.version.name}; "
-                                  "search by image or vector instead, or check the id")
+        internal_id = self._internal_id(product_id, "; search by image or vector instead, or check the id")
         vector = normalize(self.version.vector(internal_id), f"stored vector of product {product_id!r}")
         return QueryVector(vector, product_id if exclude is None or exclude else None)
 
@@ -189,10 +186,14 @@ class Searcher:
         """The catalog record of `product_id` in the served version; InvalidQuery / ProductNotFound."""
         if not product_id:
             raise InvalidQuery("product_id is empty; give the id of a catalog product")
-        internal_id = self.version.internal_id(product_id)
+        return self.version.product(self._internal_id(product_id))
+
+    def _internal_id(self, product_id: str, hint: str = "") -> int:
+        """The served version's internal id of `product_id`; ProductNotFound (message + hint) when absent."""
+        internal_id = self.version.internal_id(product_id) if product_id else None
         if internal_id is None:
-            raise ProductNotFound(f"product id {product_id!r} is not in index version {self.version.name}")
-        return self.version.product(internal_id)
+            raise ProductNotFound(f"product id {product_id!r} is not in index version {self.version.name}{hint}")
+        return internal_id
 
     def index_info(self) -> IndexInfo:
         """Description of the served version, from its manifest."""

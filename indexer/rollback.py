@@ -18,8 +18,10 @@ log = logging.getLogger("vitrine.indexer")
 
 def previous_version(root: str | Path) -> str:
     """The complete version published just before the live one (by version order)."""
-    names = list_versions(root)
-    current = read_current(root)
+    return _previous(list_versions(root), read_current(root), root)
+
+
+def _previous(names: list[str], current: str, root: str | Path) -> str:
     if current not in names:
         raise VersionError(f"CURRENT names {current}, which is not a complete version under {root}")
     position = names.index(current)
@@ -30,12 +32,12 @@ def previous_version(root: str | Path) -> str:
 
 def rollback(root: str | Path, to: str | None = None) -> str:
     """Make `to` (default: the version before the live one) live again; returns its name."""
-    target = to if to is not None else previous_version(root)
-    if target not in list_versions(root):
+    names, before = list_versions(root), read_current(root)
+    target = to if to is not None else _previous(names, before, root)
+    if target not in names:
         raise VersionError(f"no complete version named {target!r} under {root}; see `vitrine index list`")
     with open_version(Path(root) / target, verify_checksums=True):
         pass  # it opens and every checksum matches: safe to serve
-    before = read_current(root)
     publish_current(root, target)
     log.info("rolled back %s: CURRENT %s -> %s", root, before, target)
     return target
