@@ -14,3 +14,7 @@ class ValidationFailed(Exception):
     def __init__(self, message: str, report: dict | None = None) -> None:
         super().__init__(message)
         self.report = report or {}
+
+
+class StageError(RuntimeError):
+    """A build stage cannot run: its inputs (an earlier stage's outputs) are missing, or another job holds the lock."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import model.images
-from indexer.build import IndexBuildConfig, build_index, embed_catalog
+from indexer.build import IndexBuildConfig, build_index
 from indexer.version import open_current, read_current
 from model.catalog import CatalogConfig
 from model.checkpoint import save_checkpoint
@@ -70,8 +70,8 @@ def test_build_index_end_to_end(tiny_inputs: tuple[Path, Path], tmp_path: Path,
         assert ids[0, 0] == 0
 
 
-def test_embed_catalog_counts_bad_images(tiny_inputs: tuple[Path, Path], tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embed_stage_counts_bad_images(tiny_inputs: tuple[Path, Path], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     shards, checkpoint = tiny_inputs
     real_decode = model.images.decode_image
     calls = []
@@ -84,9 +84,13 @@ def test_embed_catalog_counts_bad_images(tiny_inputs: tuple[Path, Path], tmp_pat
 
     monkeypatch.setattr(model.images, "decode_image", flaky_decode)
     config = IndexBuildConfig(shards_dir=str(shards), model=str(checkpoint), index_root=str(tmp_path),
-                              batch_size=8, num_workers=0)
-    embeddings = embed_catalog(config)
-    assert embeddings.report["bad_images"] == 1
-    assert embeddings.report["records"] == len(calls) == len(embeddings.products) + 1
-    assert embeddings.vectors.shape == (len(embeddings.products), 16) and embeddings.vectors.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(embeddings.vectors, axis=1), 1.0, atol=1e-5)
+                              batch_size=8, num_workers=0, chunk_rows=16)
+    report = build_index(config, ("embed",)) and json.loads((tmp_path / ".work" / "embed" / "done.json").read_text())
+    assert report["bad_images"] == 1 and report["bad_records"] == [1]
+    assert report["records"] == len(calls) == report["embedded"] + 1 == N_IMAGES
+    vectors = np.load(tmp_path / ".work" / "embed" / "vectors.f16.npy")
+    assert vectors.shape == (N_IMAGES - 1, 16) and vectors.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    path = build_index(config)  # the other stages index the 59 good images
+    with open_current(tmp_path) as version:
+        assert version.count == N_IMAGES - 1 and version.path == path

@@ -2,7 +2,18 @@
 
 import pytest
 
-from indexer.plan import EXACT_FACTORY, EXACT_MAX_N, IndexPlan, default_nprobe, plan_from_factory, plan_index
+from indexer.plan import (
+    EXACT_FACTORY,
+    EXACT_MAX_N,
+    IndexPlan,
+    MemoryBudgetError,
+    check_memory,
+    default_nprobe,
+    estimate_memory,
+    parse_bytes,
+    plan_from_factory,
+    plan_index,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +74,54 @@ def test_plan_json_and_memory() -> None:
     assert IndexPlan(**plan.to_json()) == plan
     assert plan.bytes_per_vector(768) == 64 + 8
     assert plan_index(10, 768).bytes_per_vector(768) == 768 * 4 + 8
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "budget", "target", "factory"),
+    [
+        (1_000_000, 256, None, 0.95, "IVF4096,PQ64x8"),
+        (1_000_000, 256, 8 * GiB, 0.95, "IVF4096,PQ64x8"),  # fits: the 0.95 plan unchanged
+        (1_000_000, 256, 1_190_000_000, 0.95, "OPQ32,IVF4096,PQ32x8"),  # 64-byte codes just over: compress
+        (1_000_000, 256, None, 0.9, "OPQ32,IVF4096,PQ32x8"),  # lower target: 8 dims per byte, rotated
+        (1_000_000, 256, None, 0.8, "OPQ16,IVF4096,PQ16x8"),
+        (100_000, 256, 1 * GiB, 0.95, "IVF1024,PQ64x8"),
+        (15_000, 256, None, 0.95, "IDMap,Flat"),
+        (15_000, 256, 60 * 2**20, 0.95, "IVF256,PQ64x8"),  # flat (66 MiB with the catalog) over budget
+    ],
+)
+def test_plan_under_budget_and_target(n: int, dim: int, budget: int | None, target: float, factory: str) -> None:
+    plan = plan_index(n, dim, memory_budget=budget, target_recall=target)
+    assert plan.factory == factory
+    assert plan.opq == factory.startswith("OPQ") and plan.rerank_factor == (1 if plan.is_exact else 4)
+    if budget is not None:
+        assert estimate_memory(plan, n, dim).peak <= budget
+
+
+def test_budget_that_cannot_be_met_names_budget_and_estimate() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"memory budget 512\.0 MiB cannot be met .* needs about") as err:
+        plan_index(1_000_000, 256, memory_budget=512 * 2**20)
+    assert "--memory-budget" in str(err.value)
+    with pytest.raises(MemoryBudgetError, match="over the memory budget 1.0 KiB"):
+        check_memory(plan_index(50_000, 64), 50_000, 64, 1024)
+
+
+def test_memory_estimate_grows_with_n_and_shrinks_per_shard() -> None:
+    plan = plan_index(1_000_000, 256)
+    one, four = estimate_memory(plan, 1_000_000, 256), estimate_memory(plan, 1_000_000, 256, num_shards=4)
+    assert one.resident == 1_000_000 * 72 + 4096 * 256 * 4 + 256 * 256 * 4
+    assert four.add < one.add and one.train == 2 * 262_144 * 256 * 4 + 262_144 * 8 + 4096 * 256 * 4 + 256 * 256 * 4
+    assert estimate_memory(plan, 2_000_000, 256).peak > one.peak
+
+
+@pytest.mark.parametrize(("text", "value"), [("8GB", 8 * GiB), ("8G", 8 * GiB), ("512MiB", 512 * 2**20),
+                                             ("1.5 gb", int(1.5 * GiB)), ("1000", 1000), ("4kb", 4096)])
+def test_parse_bytes(text: str, value: int) -> None:
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="write e.g. 8GB"):
+        parse_bytes("lots")

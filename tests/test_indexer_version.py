@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from indexer.build import add_vectors, build_index_from_vectors, plan_for, train_index
+from indexer.fill import assign_shards, shard_of
 from indexer.search import search_shards
+from indexer.validate import shard_ids
 from indexer.version import (
     VersionError,
     current_version_path,
@@ -58,7 +60,10 @@ def test_round_trip(built: tuple[Path, Path, np.ndarray, list[Product]]) -> None
     with open_version(path, verify_checksums=True) as version:
         assert (version.count, version.dim, version.factory, version.name) == (300, DIM, "IDMap,Flat", path.name)
         assert version.model_fingerprint == "f" * 64
-        assert [s.ntotal for s in version.shards] == [150, 150]
+        by_hash = np.bincount(assign_shards([p.product_id for p in products], 2), minlength=2).tolist()
+        assert [s.ntotal for s in version.shards] == by_hash and sum(by_hash) == 300 and min(by_hash) > 100
+        assert all(shard_of(version.product(int(i)).product_id, 2) == s  # sha1(product id) mod 2 picks the shard
+                   for s, shard in enumerate(version.shards) for i in shard_ids(shard)[:20])
         assert version.product(7) == products[7]
         assert version.products([3, 0, 299]) == [products[3], products[0], products[299]]
         assert version.internal_id("p42") == 42 and version.internal_id("nope") is None
@@ -80,12 +85,13 @@ def test_manifest_contents(built: tuple[Path, Path, np.ndarray, list[Product]]) 
     root, path, _, _ = built
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["format"] == "vitrine-index/1" and manifest["metric"] == "inner_product"
-    assert manifest["shards"] == [{"path": "shard-000.faiss", "count": 150}, {"path": "shard-001.faiss", "count": 150}]
+    assert [s["path"] for s in manifest["shards"]] == ["shard-000.faiss", "shard-001.faiss"]
+    assert sum(s["count"] for s in manifest["shards"]) == 300 and manifest["sharding"]["num_shards"] == 2
     assert set(manifest["files"]) == {"shard-000.faiss", "shard-001.faiss", "catalog.lmdb/data.mdb", "filters.npz",
                                       "vectors.f16.npy"}
     assert manifest["validation"]["recall_at_10"] == 1.0 and manifest["validation"]["passed"]
     assert manifest["model_path"] == str((root / "model").resolve())
-    assert manifest["search_defaults"] == {"nprobe": 1}
+    assert manifest["search_defaults"] == {"nprobe": 1, "rerank_factor": 1}
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "no temporary files left behind"
 
 

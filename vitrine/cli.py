@@ -61,17 +61,46 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build and inspect index versions",
                        description="Index versions live in <index-root>/<version>/; <index-root>/CURRENT names "
                                    "the live one.")
-    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,list,rollback}")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,update,list,rollback}")
     b = isub.add_parser("build", help="embed the catalog and build + validate + publish a Faiss index version",
-                        description="Embed every shard record with the model, build a Faiss index (exact below a "
-                                    "size threshold, IVF-PQ above; see indexer.plan), validate recall against "
-                                    "exact search, write the version folder and replace CURRENT atomically.")
+                        description="A resumable job of named stages: embed (DataLoader workers decode images, "
+                                    "float16 embeddings in chunks), plan (Faiss factory string from N, dim, memory "
+                                    "budget and target recall; memory estimate), train (on a sample; Faiss GPU when "
+                                    "present), add (S shards by sha1 of the product id), validate (recall@10 with "
+                                    "re-ranking vs exact search, counts, NaN, ids) and publish (atomic CURRENT, keep "
+                                    "the last N versions). Stage outputs live in --work-dir; a killed run resumes "
+                                    "where it stopped and a finished stage is skipped.")
     b.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
     b.add_argument("--model", required=True, help="checkpoint folder written by `vitrine train`")
     b.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
-    b.add_argument("--factory", default=None, help="Faiss factory string (default: planned from catalog size)")
-    b.add_argument("--batch-size", type=int, default=None, help="images per embedding batch")
+    _add_build_flags(b)
+    b.add_argument("--work-dir", default=None, help="folder for the stages' outputs (default: <index-root>/.work)")
+    b.add_argument("--stages", default=None, help="comma-separated subset of embed,plan,train,add,validate,publish "
+                                                  "(default: all; each needs the outputs of the ones before)")
+    b.add_argument("--fresh", action="store_true", help="delete the work folder first and redo every stage")
+    b.add_argument("--batch-size", type=int, default=None, help="images per embedding forward pass (default 64)")
+    b.add_argument("--workers", type=int, default=None, help="DataLoader processes decoding images (default 2)")
+    b.add_argument("--chunk-rows", type=int, default=None, help="records per embedding chunk, the unit of resume "
+                                                                "(default 4096)")
+    b.add_argument("--device", default=None, help="torch device for embedding, e.g. cuda (default cpu)")
+    b.add_argument("--memory-budget", default=None, help="memory the build may use, e.g. 8GB; the plan fits it "
+                                                         "or the build stops before training, naming the estimate")
+    b.add_argument("--target-recall", type=float, default=None, help="recall@10 the plan aims for (default 0.95)")
     b.set_defaults(handler=commands.cmd_index_build)
+    u = isub.add_parser("update", help="apply a new catalog CSV (adds, changes, deletes) to the live version",
+                        description="Compare a new catalog CSV with the live version: unchanged products keep "
+                                    "their embeddings, new products and changed images are embedded, deleted ones "
+                                    "are dropped; the live version's trained quantizer is reused. The new version "
+                                    "is validated and published like a full build.")
+    u.add_argument("--csv", required=True, help="the whole new catalog CSV (one row per product)")
+    u.add_argument("--images", required=True, help="folder holding the catalog's images")
+    u.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
+    u.add_argument("--catalog-config", default=None, help="JSON column mapping (model.catalog.CatalogConfig)")
+    u.add_argument("--model", default=None, help="checkpoint folder (default: the live version's; it must have "
+                                                 "the same fingerprint)")
+    u.add_argument("--batch-size", type=int, default=None, help="images per embedding forward pass (default 64)")
+    _add_build_flags(u)
+    u.set_defaults(handler=commands.cmd_index_update)
     ls = isub.add_parser("list", help="list the versions under an index root (the live one marked *)")
     ls.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     ls.set_defaults(handler=commands.cmd_index_list)
@@ -81,6 +110,23 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     rb.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     rb.add_argument("--to", default=None, help="version name to make live (default: the one before CURRENT)")
     rb.set_defaults(handler=commands.cmd_index_rollback)
+
+
+def _add_build_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `index build` and `index update`."""
+    p.add_argument("--factory", default=None, help="Faiss factory string, e.g. IVF1024,PQ32x8 (default: planned)")
+    p.add_argument("--nprobe", type=int, default=None, help="default IVF lists probed per query (default: planned)")
+    p.add_argument("--num-shards", type=int, default=None, help="Faiss shards; product -> sha1(id) mod S (default 1)")
+    p.add_argument("--min-recall", type=float, default=None, help="validation floor of recall@10 with re-ranking "
+                                                                  "(default 0.95; exact indices need 1.0)")
+    p.add_argument("--validation-queries", type=int, default=None, help="held-out queries for validation (256)")
+    p.add_argument("--keep", type=int, default=None, help="versions kept after publishing (default 5; CURRENT and "
+                                                          "the one before it are never deleted)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the training sample, k-means and queries")
+    p.add_argument("--no-publish", action="store_true", help="validate and write the version, leave CURRENT alone")
+    p.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
+                   help="train/add on GPU through Faiss GPU (default: when Faiss sees a GPU)")
+    p.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="never use Faiss GPU")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -142,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is not news
     try:
         return int(args.handler(args))
+    except commands.GateFailed as err:  # a build refused to publish: say why, CURRENT untouched
+        print(f"vitrine {args.command}: {err}", file=sys.stderr)
+        return 1
     except (commands.UserError, ValueError, FileExistsError) as err:  # bad input: say what, no traceback
         print(f"vitrine {args.command}: error: {err}", file=sys.stderr)
         return 2

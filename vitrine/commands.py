@@ -20,6 +20,10 @@ class UserError(Exception):
     """A problem with what the user asked for; printed without a traceback, exit code 2."""
 
 
+class GateFailed(Exception):
+    """The build's validation gate or memory check failed; printed without a traceback, exit code 1."""
+
+
 def _existing(path: str, what: str) -> Path:
     p = Path(path)
     if not p.exists():
@@ -59,14 +63,66 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_BUILD_FLAGS = {"factory": "factory", "nprobe": "nprobe", "num_shards": "num_shards", "min_recall": "min_recall_at_10",
+                "validation_queries": "validation_queries", "keep": "keep_versions", "seed": "seed",
+                "use_gpu": "use_gpu", "batch_size": "batch_size"}
+
+
+def _run_gated(run: Any) -> Any:
+    """Run a build; a failed validation gate or memory check exits non-zero with the reason."""
+    from indexer.errors import StageError, ValidationFailed
+    from indexer.plan import MemoryBudgetError
+
+    try:
+        return run()
+    except StageError as err:
+        raise UserError(str(err)) from err
+    except ValidationFailed as err:
+        raise GateFailed(f"{err} (CURRENT is unchanged)") from err
+    except MemoryBudgetError as err:
+        raise GateFailed(f"{err} (CURRENT is unchanged)") from err
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from indexer.build import IndexBuildConfig, build_index
+    from indexer.job import STAGES, IndexBuildConfig, build_index, clean_work
+    from indexer.plan import parse_bytes
 
     config = IndexBuildConfig(shards_dir=_existing(args.shards, "shards folder"),
                               model=_existing(args.model, "model checkpoint"), index_root=Path(args.index_root))
-    config = dataclasses.replace(config, **_overrides(args, {"factory": "factory", "batch_size": "batch_size"}))
-    version = build_index(config)
-    print(f"published index version: {version}")
+    config = dataclasses.replace(config, **_overrides(args, {
+        **_BUILD_FLAGS, "workers": "num_workers", "chunk_rows": "chunk_rows", "device": "device",
+        "target_recall": "target_recall", "work_dir": "work_dir"}))
+    if args.memory_budget is not None:
+        config = dataclasses.replace(config, memory_budget=parse_bytes(args.memory_budget))
+    if args.no_publish:
+        config = dataclasses.replace(config, publish=False)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else STAGES
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage(s) {unknown} in --stages: choose from {','.join(STAGES)}")
+    if args.fresh:
+        clean_work(config)
+    version = _run_gated(lambda: build_index(config, stages))
+    if "publish" in stages and config.publish:
+        print(f"published index version: {version}")
+    else:
+        print(f"stages {','.join(stages)} done: {version}")
+    return 0
+
+
+def cmd_index_update(args: argparse.Namespace) -> int:
+    from indexer.update import IndexUpdateConfig, update_index
+
+    config = IndexUpdateConfig(csv_path=_existing(args.csv, "catalog CSV"), images_dir=_existing(args.images, "images"),
+                               index_root=_existing(args.index_root, "index root"),
+                               catalog_config=Path(args.catalog_config) if args.catalog_config else None,
+                               model=Path(args.model) if args.model else None)
+    config = dataclasses.replace(config, **_overrides(args, _BUILD_FLAGS))
+    if args.no_publish:
+        config = dataclasses.replace(config, publish=False)
+    path, report = _run_gated(lambda: update_index(config))
+    print(json.dumps(report, indent=2))
+    print(f"{'published' if config.publish else 'wrote'} index version: {path}")
     return 0
 
 

@@ -1,0 +1,100 @@
+"""Is the embed stage bound by the model? Embed-stage throughput against the bare forward rate.
+
+Question: does the indexer's embed stage (LMDB reads, JPEG decoding and preprocessing in DataLoader
+workers, forward passes, float16 chunk files) keep the model busy? Target: >= 85% of the bare model's
+forward rate at the same batch size.
+
+- bare forward: `Embedder.model.embed` on a preprocessed batch already in memory (median of repeats);
+- embed stage: `indexer.embed.embed_chunks` over the real mini-catalog images ingested into LMDB shards,
+  model loaded beforehand, all chunks written (images/s of the whole stage).
+
+Model: the demo architecture (ViT, 4 blocks, width 128, patch 8, input 80x64, dim 128) with random
+weights, or --model CHECKPOINT. Usage: python benchmarks/bench_embed.py [--batch-size 64] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import time_repeated, write_result  # noqa: E402
+
+
+def make_checkpoint(folder: Path) -> Path:
+    from model.checkpoint import save_checkpoint
+    from model.networks import ModelConfig, create_model
+
+    card = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "label_maps": {}, "metrics": {}}
+    return save_checkpoint(folder / "model", create_model(ModelConfig()), card)
+
+
+def bare_forward_rate(embedder: object, images: list, batch_size: int, repeats: int) -> dict:
+    import numpy as np
+    import torch
+
+    batch = torch.from_numpy(np.stack([embedder.preprocess(im) for im in images[:batch_size]]))  # type: ignore[attr-defined]
+
+    def forward() -> None:
+        with torch.inference_mode():
+            embedder.model.embed(batch.to(embedder.device))  # type: ignore[attr-defined]
+
+    timing = time_repeated(forward, repeats=repeats, warmup=2)
+    return {**timing, "images_per_s": batch_size / timing["median_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--images", type=int, default=1007, help="catalog images embedded (mini catalog: 1007)")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: random demo architecture)")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--repeats", type=int, default=10, help="timed bare forward passes")
+    args = parser.parse_args(argv)
+
+    from indexer.embed import EmbedSettings, embed_chunks
+    from model.catalog import CatalogConfig
+    from model.data import build_shards, iter_shard_records
+    from model.embedder import Embedder
+    from model.images import decode_image
+    from tests.indexer_fixtures import MINI, catalog_rows, write_catalog_rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_catalog_rows(work / "styles.csv", catalog_rows(args.images))
+        build_shards(work / "styles.csv", MINI / "images", work / "shards", CatalogConfig(), progress=False)
+        checkpoint = Path(args.model) if args.model else make_checkpoint(work)
+        embedder = Embedder.load(checkpoint, device=args.device)
+        records = iter_shard_records(work / "shards")
+        images = [decode_image(next(records).image_bytes) for _ in range(args.batch_size)]
+        bare = bare_forward_rate(embedder, images, args.batch_size, args.repeats)
+        settings = EmbedSettings(batch_size=args.batch_size, num_workers=args.workers, chunk_rows=256,
+                                 device=args.device)
+        (work / "embed").mkdir()
+        start = time.perf_counter()
+        stage = embed_chunks(work / "shards", embedder, work / "embed", settings)
+        stage_s = time.perf_counter() - start
+    stage_rate = stage["embedded_this_run"] / stage_s
+    ratio = stage_rate / bare["images_per_s"]
+    results = {"bare_forward": bare, "embed_stage": {**stage, "wall_s": stage_s, "images_per_s": stage_rate},
+               "ratio": ratio, "target_ratio": 0.85, "meets_target": ratio >= 0.85}
+    config = {**vars(args), "model_card": embedder.model_card.get("model_config", embedder.model_card.get("timm_name"))}
+    markdown = "\n".join([
+        "| batch | workers | bare forward (img/s) | embed stage (img/s) | ratio | target |",
+        "|---|---|---|---|---|---|",
+        f"| {args.batch_size} | {args.workers} | {bare['images_per_s']:.1f} | {stage_rate:.1f} | {ratio:.2f} | 0.85 |",
+    ])
+    path = write_result("bench_embed", config, results, markdown)
+    print(markdown)
+    print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The embedding stage: every catalog image -> a float16 embedding, written in resumable chunks.
+
+Records are numbered in the shards' stable order (manifest order, then record order). Chunk c holds
+records ``c * chunk_rows ..`` and is one file ``chunk-<c>.npz`` (float16 vectors, record numbers,
+product JSON, image SHA-1, the records whose image did not decode), written to a temporary name and
+renamed: a killed run resumes at the first missing chunk. Images are read, decoded and preprocessed
+(`Embedder.preprocess`) by torch DataLoader workers in parallel with the forward passes of the main
+process (`Embedder.model.embed`, bf16 autocast on CUDA). When every chunk exists, `finalize` joins them
+into ``vectors.f16.npy`` (row = internal id), ``products.jsonl`` and ``image_sha1.npy``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.faults import maybe_fail
+
+logger = logging.getLogger("vitrine.indexer")
+
+DONE = "done.json"
+VECTORS = "vectors.f16.npy"
+PRODUCTS = "products.jsonl"
+DIGESTS = "image_sha1.npy"
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How the embedding stage runs (none of it changes the embeddings except the model and the shards)."""
+
+    batch_size: int = 64  # images per forward pass
+    num_workers: int = 2  # DataLoader worker processes decoding images (0: decode in the main process)
+    chunk_rows: int = 4096  # catalog records per chunk file, the unit of resume
+    device: str = "cpu"  # torch device of the model ("cuda" runs it under bf16 autocast)
+
+
+class RecordImages:
+    """torch map-style dataset over global record numbers: (record, CHW float32 or None, product JSON, sha1, error)."""
+
+    def __init__(self, shards_dir: Path, entries: list[dict], preprocess: Any) -> None:
+        self.shards_dir = shards_dir
+        self.paths = [entry["path"] for entry in entries]
+        self.offsets = np.cumsum([0] + [int(entry["records"]) for entry in entries])
+        self.preprocess = preprocess
+        self._envs: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _value(self, record: int) -> bytes:
+        import lmdb
+
+        shard = int(np.searchsorted(self.offsets, record, side="right") - 1)
+        if shard not in self._envs:  # opened lazily, so each worker process has its own handle
+            self._envs[shard] = lmdb.open(str(self.shards_dir / self.paths[shard]), readonly=True, lock=False,
+                                          readahead=False, max_readers=512)
+        with self._envs[shard].begin(buffers=False) as txn:
+            value = txn.get(struct.pack(">Q", record - int(self.offsets[shard])))
+        if value is None:
+            raise ValueError(f"shard {self.paths[shard]} lacks record {record - int(self.offsets[shard])}")
+        return bytes(value)
+
+    def __getitem__(self, record: int) -> tuple[int, Any, str, str, str]:
+        from model import images as model_images
+        from model.data import decode_record
+
+        product, data = decode_record(self._value(record))
+        meta = json.dumps(product.to_json(), ensure_ascii=False, separators=(",", ":"))
+        digest = hashlib.sha1(data).hexdigest()
+        try:
+            pixels = self.preprocess(model_images.decode_image(data))
+        except model_images.ImageDecodeError as exc:
+            return record, None, meta, digest, f"product {product.product_id}: {exc}"
+        return record, pixels, meta, digest, ""
+
+
+def collate(items: list[tuple[int, Any, str, str, str]]) -> dict[str, Any]:
+    """One batch: the decodable images stacked, the rest listed with their errors."""
+    import torch
+
+    good = [item for item in items if item[1] is not None]
+    pixels = torch.from_numpy(np.stack([item[1] for item in good])) if good else None
+    return {"records": [i[0] for i in good], "pixels": pixels, "products": [i[2] for i in good],
+            "digests": [i[3] for i in good], "bad": [(i[0], i[4]) for i in items if i[1] is None]}
+
+
+def shards_fingerprint(shards_dir: str | Path) -> str:
+    """sha256 of the shards' manifest.json (it lists every shard's checksum)."""
+    return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+def chunk_path(folder: Path, chunk: int) -> Path:
+    return folder / f"chunk-{chunk:06d}.npz"
+
+
+def pending_batches(total: int, chunk_rows: int, batch_size: int, folder: Path) -> list[list[int]]:
+    """Record-number batches of the chunks not yet on disk (a batch never straddles two chunks)."""
+    batches: list[list[int]] = []
+    for chunk in range((total + chunk_rows - 1) // chunk_rows):
+        if chunk_path(folder, chunk).is_file():
+            continue
+        records = list(range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows)))
+        batches.extend(records[i : i + batch_size] for i in range(0, len(records), batch_size))
+    return batches
+
+
+def save_chunk(folder: Path, chunk: int, parts: list[dict[str, Any]], dim: int) -> None:
+    """Write chunk-<chunk>.npz atomically (temporary name, fsync, rename)."""
+    vectors = np.concatenate([p["vectors"] for p in parts]) if parts else np.zeros((0, dim), np.float16)
+    arrays: dict[str, Any] = {
+        "vectors": vectors.astype(np.float16),
+        "records": np.array([r for p in parts for r in p["records"]], dtype=np.int64),
+        "products": np.array([s for p in parts for s in p["products"]], dtype=str),
+        "digests": np.array([s for p in parts for s in p["digests"]], dtype="S40"),
+        "bad": np.array([r for p in parts for r, _ in p["bad"]], dtype=np.int64),
+    }
+    tmp = folder / f".{chunk_path(folder, chunk).name}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, chunk_path(folder, chunk))
+
+
+def _forward(embedder: Any, pixels: Any, device: str) -> np.ndarray:
+    """L2-normalised float16 embeddings of a preprocessed batch."""
+    import torch
+
+    with torch.inference_mode():
+        tensor = pixels.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            embedded = embedder.model.embed(tensor)
+        embedded = torch.nn.functional.normalize(embedded.float(), dim=1)
+    return embedded.cpu().numpy().astype(np.float16)
+
+
+def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: EmbedSettings) -> dict[str, Any]:
+    """Embed every record whose chunk is missing under `folder`; returns counts and images/s of this run."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from model.data import load_shards_manifest
+
+    entries = load_shards_manifest(shards_dir)["shards"]
+    dataset = RecordImages(Path(shards_dir), entries, embedder.preprocess)
+    total = len(dataset)
+    batches = pending_batches(total, settings.chunk_rows, settings.batch_size, folder)
+    todo = sum(len(b) for b in batches)
+    loader: Any = DataLoader(dataset, batch_sampler=batches, num_workers=settings.num_workers,  # type: ignore[arg-type]
+                             collate_fn=collate,
+                             pin_memory=settings.device.startswith("cuda"),
+                             persistent_workers=False, prefetch_factor=4 if settings.num_workers else None)
+    parts: list[dict[str, Any]] = []
+    chunk, written, bad, embedded = -1, 0, 0, 0
+    start = time.perf_counter()
+    with tqdm(total=total, initial=total - todo, unit="img", desc="embed", mininterval=2.0, smoothing=0.1) as bar:
+        for batch in loader:
+            first = (batch["records"] or [r for r, _ in batch["bad"]])[0]
+            if first // settings.chunk_rows != chunk and parts:
+                save_chunk(folder, chunk, parts, embedder.dim)
+                written += 1
+                parts = []
+                maybe_fail("embed", written)
+            chunk = first // settings.chunk_rows
+            for record, error in batch["bad"]:
+                logger.warning("skipping record %d: bad image: %s", record, error)
+            vectors = _forward(embedder, batch["pixels"], settings.device) if batch["pixels"] is not None \
+                else np.zeros((0, embedder.dim), np.float16)
+            parts.append({**batch, "vectors": vectors})
+            bad += len(batch["bad"])
+            embedded += len(vectors)
+            bar.update(len(batch["records"]) + len(batch["bad"]))
+        if parts:
+            save_chunk(folder, chunk, parts, embedder.dim)
+            written += 1
+            maybe_fail("embed", written)
+    seconds = time.perf_counter() - start
+    return {"records": total, "embedded_this_run": embedded, "bad_images_this_run": bad, "chunks_written": written,
+            "seconds": round(seconds, 3), "images_per_s": round(embedded / max(seconds, 1e-9), 2)}
+
+
+def iter_chunks(folder: Path) -> Iterator[dict[str, np.ndarray]]:
+    """Chunk arrays in chunk order."""
+    for path in sorted(folder.glob("chunk-*.npz")):
+        with np.load(path, allow_pickle=False) as data:
+            yield {key: data[key] for key in data.files}
+
+
+def finalize(folder: Path, dim: int, total: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Join the chunks into vectors.f16.npy, products.jsonl, image_sha1.npy; write done.json; drop the chunks."""
+    expected = (total + int(extra["chunk_rows"]) - 1) // int(extra["chunk_rows"])
+    found = len(list(folder.glob("chunk-*.npz")))
+    if found != expected:
+        raise RuntimeError(f"{folder} holds {found} embedding chunks, expected {expected}: rerun the embed stage")
+    rows = sum(len(c["records"]) for c in iter_chunks(folder))
+    bad = sorted(int(r) for c in iter_chunks(folder) for r in c["bad"])
+    if rows == 0:
+        raise ValueError(f"no decodable images among the {total} catalog records ({len(bad)} bad): nothing to index")
+    out = np.lib.format.open_memmap(folder / f".{VECTORS}.tmp", mode="w+", dtype=np.float16, shape=(rows, dim))
+    digests = np.empty(rows, dtype="S40")
+    row = 0
+    with open(folder / f".{PRODUCTS}.tmp", "w", encoding="utf-8") as products:
+        for chunk in iter_chunks(folder):
+            n = len(chunk["records"])
+            out[row : row + n] = chunk["vectors"]
+            digests[row : row + n] = chunk["digests"]
+            products.writelines(line + "\n" for line in chunk["products"])
+            row += n
+    out.flush()
+    del out
+    with open(folder / f".{DIGESTS}.tmp", "wb") as f:
+        np.save(f, digests, allow_pickle=False)
+    for name in (VECTORS, PRODUCTS, DIGESTS):
+        os.replace(folder / f".{name}.tmp", folder / name)
+    report = {**extra, "records": total, "embedded": rows, "bad_images": len(bad), "bad_records": bad[:1000],
+              "dim": dim}
+    write_json(folder / DONE, report)
+    for path in folder.glob("chunk-*.npz"):
+        path.unlink()
+    return report
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to a temporary name, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(payload, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file written by write_json, or None when missing or unreadable (an incomplete stage)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_embed_stage(shards_dir: str | Path, model: str | Path, folder: Path, settings: EmbedSettings,
+                    key: str) -> dict[str, Any]:
+    """The whole stage: skip when done for `key`, else resume the chunks, then finalize."""
+    done = read_json(folder / DONE)
+    if done is not None and done.get("key") == key and (folder / VECTORS).is_file():
+        logger.info("embed: already done (%d vectors), skipped", done["embedded"])
+        return done
+    marker = read_json(folder / "key.json")
+    if marker is None or marker.get("key") != key:
+        if folder.exists():
+            logger.info("embed: inputs changed since the last run in %s; starting over", folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        write_json(folder / "key.json", {"key": key})
+    from model.embedder import Embedder
+
+    embedder = Embedder.load(model, device=settings.device)
+    existing = len(list(folder.glob("chunk-*.npz")))
+    if existing:
+        logger.info("embed: resuming after %d chunk(s) already on disk", existing)
+    run = embed_chunks(shards_dir, embedder, folder, settings)
+    logger.info("embed: %d images in %.1f s this run (%.1f images/s), %d bad", run["embedded_this_run"],
+                run["seconds"], run["images_per_s"], run["bad_images_this_run"])
+    return finalize(folder, embedder.dim, run["records"], {
+        "key": key, "chunk_rows": settings.chunk_rows, "model_fingerprint": embedder.fingerprint,
+        "model_path": str(Path(model).resolve()), "last_run": run})
+
+
+def load_products(folder: Path) -> list[Any]:
+    """The Products of the embedded rows (row = internal id)."""
+    from model.catalog import Product
+
+    with open(folder / PRODUCTS, encoding="utf-8") as f:
+        return [Product.from_json(json.loads(line)) for line in f]

@@ -1,0 +1,174 @@
+"""Incremental update: a new catalog CSV applied to the live version, into a new validated version.
+
+Each product of the new catalog is matched by product id to the live version:
+
+- unchanged image (same SHA-1 of the image bytes, recorded in the version's ``image_sha1.npy``): its
+  stored float16 embedding is reused, with the new metadata (a price or stock change costs nothing);
+- new product or changed image: the image is embedded with the live version's model (same fingerprint);
+- live products missing from the new catalog are deleted.
+
+The live version's trained index (coarse quantizer, PQ codebooks) is cloned empty and refilled with
+every vector under fresh internal ids 0..N-1 (dense ids keep the version format unchanged), sharded by
+sha1(product id) as before. The result is validated and published exactly like a full build; a failing
+gate leaves CURRENT untouched. Rows without an image or with an undecodable one are counted, not indexed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.build import build_index_from_vectors
+from indexer.plan import IndexPlan, plan_from_factory
+from indexer.publish import load_digests
+from indexer.version import IndexVersion, open_current
+from model.catalog import Product
+
+logger = logging.getLogger("vitrine.indexer")
+
+
+@dataclass(frozen=True)
+class IndexUpdateConfig:
+    """Configuration of one incremental update; saved as build_config in the new version's manifest."""
+
+    csv_path: str | Path  # the whole new catalog (one row per product)
+    images_dir: str | Path  # folder of the catalog's images (CatalogConfig.image_pattern inside it)
+    index_root: str | Path  # holds CURRENT (the live version updated) and the new version
+    catalog_config: str | Path | None = None  # JSON column mapping; None: CatalogConfig defaults
+    model: str | Path | None = None  # checkpoint; None: the live version's model_path (same fingerprint required)
+    batch_size: int = 64  # images per embedding forward pass
+    factory: str | None = None  # must be None or the live factory: the update reuses the trained index
+    nprobe: int | None = None  # default lists probed per query; None: the live version's
+    num_shards: int | None = None  # None: as many shards as the live version
+    seed: int = 0  # seeds the validation queries
+    validation_queries: int = 256  # catalog vectors used as validation queries
+    min_recall_at_10: float = 0.95  # validation floor with re-ranking (exact indices need 1.0)
+    keep_versions: int | None = 5  # versions kept after publishing
+    use_gpu: bool | None = None  # unused by the update's add (kept for flag parity with the build)
+    publish: bool = True  # point CURRENT at the new version when validation passes
+
+
+def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], str]:
+    from model.catalog import CatalogConfig, load_catalog_config, read_catalog
+
+    catalog = load_catalog_config(config.catalog_config) if config.catalog_config else CatalogConfig()
+    table = read_catalog(config.csv_path, catalog)
+    return table.products, dict(table.report), catalog.image_pattern
+
+
+def _live_rows(live: IndexVersion) -> tuple[dict[str, int], np.ndarray | None]:
+    """product id -> live internal id, and the live image digests (None when the version has none)."""
+    ids: dict[str, int] = {}
+    for start in range(0, live.count, 10_000):
+        for offset, product in enumerate(live.products(range(start, min(live.count, start + 10_000)))):
+            ids.setdefault(product.product_id, start + offset)
+    return ids, load_digests(live.path, live.count)
+
+
+def diff_catalog(live: IndexVersion, products: list[Product], images_dir: Path, pattern: str
+                 ) -> tuple[list[tuple[Product, bytes, str, int | None]], dict[str, int]]:
+    """Rows of the new version: (product, image bytes or b"" when reused, sha1, live id to reuse or None)."""
+    live_ids, digests = _live_rows(live)
+    counts = {"unchanged": 0, "metadata_changed": 0, "image_changed": 0, "added": 0, "missing_image": 0,
+              "duplicate_ids": 0}
+    rows: list[tuple[Product, bytes, str, int | None]] = []
+    seen: set[str] = set()
+    for product in products:
+        if product.product_id in seen:
+            counts["duplicate_ids"] += 1
+            continue
+        seen.add(product.product_id)
+        path = images_dir / pattern.format(id=product.product_id)
+        if not path.is_file():
+            counts["missing_image"] += 1
+            logger.warning("update: no image for product %s at %s: not indexed", product.product_id, path)
+            continue
+        data = path.read_bytes()
+        digest = hashlib.sha1(data).hexdigest()
+        live_id = live_ids.get(product.product_id)
+        if live_id is not None and digests is not None and digests[live_id].decode() == digest:
+            same = live.product(live_id) == product
+            counts["unchanged" if same else "metadata_changed"] += 1
+            rows.append((product, b"", digest, live_id))
+        else:
+            counts["added" if live_id is None else "image_changed"] += 1
+            rows.append((product, data, digest, None))
+    counts["deleted"] = len(set(live_ids) - seen)
+    return rows, counts
+
+
+def _embed_rows(rows: list[tuple[Product, bytes, str, int | None]], live: IndexVersion, embedder: Any,
+                batch_size: int) -> tuple[np.ndarray, list[Product], np.ndarray, int]:
+    """float16 vectors of the rows (reused or embedded), their products and digests; undecodable images skipped."""
+    from model.images import ImageDecodeError, decode_image
+
+    vectors = np.zeros((len(rows), live.dim), dtype=np.float16)
+    keep = np.ones(len(rows), dtype=bool)
+    pending: list[tuple[int, Any]] = []
+    for row, (product, data, _, live_id) in enumerate(rows):
+        if live_id is not None:
+            vectors[row] = live.vectors[live_id]
+            continue
+        try:
+            pending.append((row, decode_image(data)))
+        except ImageDecodeError as exc:
+            keep[row] = False
+            logger.warning("update: skipping product %s: bad image: %s", product.product_id, exc)
+    for start in range(0, len(pending), batch_size):
+        batch = pending[start : start + batch_size]
+        embedded = embedder.embed_images([image for _, image in batch], batch_size=batch_size)
+        vectors[[row for row, _ in batch]] = embedded.astype(np.float16)
+    digests = np.array([digest for _, _, digest, _ in rows], dtype="S40")
+    products = [rows[i][0] for i in np.flatnonzero(keep)]
+    return vectors[keep], products, digests[keep], int((~keep).sum())
+
+
+def _live_plan(live: IndexVersion, n: int, nprobe: int | None) -> IndexPlan:
+    stored = live.manifest.get("plan")
+    plan = IndexPlan(**stored) if isinstance(stored, dict) else plan_from_factory(live.factory, n, live.dim)
+    defaults = live.manifest.get("search_defaults", {})
+    return IndexPlan(**{**plan.to_json(), "nprobe": int(nprobe or defaults.get("nprobe", plan.nprobe)),
+                        "rerank_factor": int(defaults.get("rerank_factor", plan.rerank_factor))})
+
+
+def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
+    """Apply the new catalog to the live version; returns (new version path, report of what changed)."""
+    from model.embedder import Embedder
+
+    products, catalog_report, pattern = _read_catalog(config)
+    if not products:
+        raise ValueError(f"{config.csv_path} has no usable rows: refusing to delete every product of the index")
+    with open_current(config.index_root, verify_checksums=True) as live:
+        if config.factory is not None and config.factory != live.factory:
+            raise ValueError(f"the update reuses the live index {live.factory}; run `vitrine index build` to "
+                             f"change it to {config.factory}")
+        embedder = Embedder.load(config.model or live.manifest["model_path"])
+        if embedder.fingerprint != live.model_fingerprint:
+            raise ValueError(f"model {config.model or live.manifest['model_path']} has fingerprint "
+                             f"{embedder.fingerprint[:12]}..., the live version {live.name} was built with "
+                             f"{live.model_fingerprint[:12]}...: run a full `vitrine index build`")
+        rows, counts = diff_catalog(live, products, Path(config.images_dir), pattern)
+        vectors, kept, digests, bad = _embed_rows(rows, live, embedder, config.batch_size)
+        counts["bad_image"] = bad
+        if not kept:
+            raise ValueError("the new catalog has no product with a usable image: refusing to publish an empty index")
+        trained = faiss.clone_index(live.shards[0])
+        trained.reset()  # empty, trained: the live quantizer and codebooks
+        plan = _live_plan(live, len(kept), config.nprobe)
+        num_shards = config.num_shards or len(live.shards)
+        base, model_path = live.name, live.manifest["model_path"] if config.model is None else config.model
+    logger.info("update of %s: %s", base, counts)
+    report = {"base_version": base, **counts, "count": len(kept)}
+    path = build_index_from_vectors(
+        vectors, kept, config.index_root, embedder.fingerprint, model_path, plan=plan, trained=trained,
+        num_shards=num_shards, seed=config.seed, validation_queries=config.validation_queries,
+        min_recall_at_10=config.min_recall_at_10, publish=config.publish, keep_versions=config.keep_versions,
+        digests=digests, build_config={k: str(v) for k, v in config.__dict__.items()},
+        catalog_report=catalog_report, extra_manifest={"update": report})
+    return path, report

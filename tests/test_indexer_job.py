@@ -1,0 +1,134 @@
+"""The staged build job: crash-and-resume (SIGKILL during embed, failure during add), idempotence, --stages,
+the memory budget and the validation gate through the command line. Real images, real LMDB, real Faiss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.faults import ENV, InjectedFault
+from indexer.job import IndexBuildConfig, build_index
+from indexer.version import list_versions, open_current, open_version, read_current
+from tests.indexer_fixtures import REPO, make_inputs
+from vitrine.cli import main
+
+N_IMAGES = 120
+CHUNK = 16  # 8 embedding chunks
+FACTORY = "IVF4,PQ8x4"  # trained (IVF + PQ) yet fast on 120 vectors
+SHARDS = 3
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_inputs(tmp_path_factory.mktemp("job"), N_IMAGES)
+
+
+def _config(inputs: tuple[Path, Path], root: Path, **overrides: object) -> IndexBuildConfig:
+    shards, checkpoint = inputs
+    fields: dict = dict(shards_dir=shards, model=checkpoint, index_root=root, chunk_rows=CHUNK, batch_size=8,
+                        num_workers=2, factory=FACTORY, nprobe=4, num_shards=SHARDS, min_recall_at_10=0.8,
+                        validation_queries=30)
+    return IndexBuildConfig(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def reference(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted build: the index every resumed build must equal."""
+    root = tmp_path_factory.mktemp("reference")
+    return build_index(_config(inputs, root))
+
+
+def assert_same_index(a: Path, b: Path) -> None:
+    """Same products in the same internal-id order, same float16 vectors, same shards, same search results."""
+    with open_version(a, verify_checksums=True) as x, open_version(b, verify_checksums=True) as y:
+        assert (x.count, x.factory, len(x.shards)) == (y.count, y.factory, len(y.shards))
+        assert [p.product_id for p in x.products(range(x.count))] == [p.product_id for p in y.products(range(y.count))]
+        np.testing.assert_array_equal(np.asarray(x.vectors), np.asarray(y.vectors))
+        assert [s.ntotal for s in x.shards] == [s.ntotal for s in y.shards]
+        queries = np.asarray(x.vectors[::7], dtype=np.float32)
+        dx, ix = x.search(queries, 10)
+        dy, iy = y.search(queries, 10)
+        np.testing.assert_array_equal(ix, iy)
+        np.testing.assert_allclose(dx, dy, rtol=1e-6)
+        assert x.manifest["validation"]["recall_at_10"] == y.manifest["validation"]["recall_at_10"]
+
+
+def test_killed_during_embed_resumes_to_the_same_index(inputs: tuple[Path, Path], reference: Path,
+                                                       tmp_path: Path) -> None:
+    shards, checkpoint = inputs
+    argv = [sys.executable, "-m", "vitrine", "index", "build", "--shards", str(shards), "--model", str(checkpoint),
+            "--index-root", str(tmp_path), "--chunk-rows", str(CHUNK), "--batch-size", "8", "--factory", FACTORY,
+            "--nprobe", "4", "--num-shards", str(SHARDS), "--min-recall", "0.8", "--validation-queries", "30"]
+    env = {**os.environ, ENV: "embed:3:kill", "PYTHONPATH": str(REPO)}
+    killed = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no cleanup ran
+    chunks = sorted(p.name for p in (tmp_path / ".work" / "embed").glob("chunk-*.npz"))
+    assert chunks == [f"chunk-{i:06d}.npz" for i in range(3)], "3 chunks were durable when it died"
+    assert not (tmp_path / "CURRENT").exists() and list_versions(tmp_path) == []
+    resumed = subprocess.run(argv, cwd=REPO, env={**env, ENV: ""}, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after 3 chunk(s)" in resumed.stderr
+    assert_same_index(tmp_path / read_current(tmp_path), reference)
+
+
+def test_failure_during_add_resumes_to_the_same_index(inputs: tuple[Path, Path], reference: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    config = _config(inputs, tmp_path)
+    monkeypatch.setenv(ENV, "add:1")
+    with pytest.raises(InjectedFault):
+        build_index(config)
+    assert sorted(p.name for p in (tmp_path / ".work" / "add").glob("*.faiss")) == ["shard-000.faiss"]
+    assert not (tmp_path / "CURRENT").exists()
+    monkeypatch.delenv(ENV)
+    with caplog.at_level(logging.INFO, logger="vitrine.indexer"):
+        path = build_index(config)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "stage embed: output valid, skipped" in messages and "stage train: output valid, skipped" in messages
+    assert any(m.startswith("add: shard 0 already filled") for m in messages)
+    assert_same_index(path, reference)
+
+
+def test_rerun_is_idempotent_and_stages_run_in_subsets(inputs: tuple[Path, Path], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    config = _config(inputs, tmp_path, factory=None, nprobe=None, num_shards=1)  # 120 images: exact IDMap,Flat
+    build_index(config, ("embed", "plan"))
+    plan = json.loads((tmp_path / ".work" / "plan.json").read_text())
+    assert plan["plan"]["factory"] == "IDMap,Flat" and plan["memory"]["peak"] > 0
+    assert not (tmp_path / ".work" / "train.json").exists() and not (tmp_path / "CURRENT").exists()
+    with pytest.raises(Exception, match="stage 'train' has no valid output"):
+        build_index(config, ("add",))
+    first = build_index(config)
+    with caplog.at_level(logging.INFO, logger="vitrine.indexer"):
+        again = build_index(config)
+    assert again == first and list_versions(tmp_path) == [first.name] and read_current(tmp_path) == first.name
+    assert sum("output valid, skipped" in r.getMessage() for r in caplog.records) == 6
+    with open_current(tmp_path) as version:
+        assert version.manifest["validation"]["recall_at_10"] == 1.0
+        assert (version.path / "image_sha1.npy").is_file()
+        assert version.manifest["model_fingerprint"] == version.manifest["validation"]["model_fingerprint"]
+
+
+def test_cli_memory_budget_and_gate_leave_current_untouched(inputs: tuple[Path, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    shards, checkpoint = inputs
+    base = ["index", "build", "--shards", str(shards), "--model", str(checkpoint), "--index-root", str(tmp_path),
+            "--chunk-rows", "64", "--workers", "0", "--validation-queries", "30"]
+    assert main(base) == 0
+    live = read_current(tmp_path)
+    assert main([*base, "--memory-budget", "4KB", "--fresh"]) == 1
+    err = capsys.readouterr().err
+    assert "memory budget 4.0 KiB" in err and "needs about" in err and "CURRENT is unchanged" in err
+    assert main([*base, "--factory", "IVF8,PQ2x4", "--nprobe", "1", "--min-recall", "0.99"]) == 1
+    err = capsys.readouterr().err
+    assert "recall@10" in err and "below the floor 0.99" in err and "CURRENT is unchanged" in err
+    assert read_current(tmp_path) == live and list_versions(tmp_path) == [live]
+    assert main([*base, "--stages", "embed,bogus"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
