@@ -1,0 +1,87 @@
+"""Incremental update: adds, changes and deletes from a new catalog CSV against the live version, reusing the
+trained quantizer and the embeddings of unchanged products; validated and published like a full build."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer.job import IndexBuildConfig, build_index
+from indexer.validate import search_reranked
+from indexer.version import list_versions, open_current, open_version, read_current
+from model.embedder import Embedder
+from tests.indexer_fixtures import MINI, catalog_rows, make_inputs, write_catalog_rows
+from vitrine.cli import main
+
+BASE = 60
+
+
+def _centroids(version_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open_version(version_path) as version:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(version.shards[0]))
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist), faiss.vector_to_array(ivf.pq.centroids)
+
+
+def test_update_applies_adds_changes_deletes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    shards, checkpoint = make_inputs(tmp_path, BASE)
+    root = tmp_path / "index"
+    base = build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, chunk_rows=32,
+                                        num_workers=0, factory="IVF4,PQ8x4", nprobe=4, num_shards=2,
+                                        min_recall_at_10=0.8, validation_queries=20))
+    rows = catalog_rows(BASE + 10)
+    header, old, new = rows[0], rows[1 : BASE + 1], rows[BASE + 1 :]
+    title = header.index("productDisplayName")
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in rows[1:]:
+        shutil.copyfile(MINI / "images" / f"{row[0]}.jpg", images / f"{row[0]}.jpg")
+    deleted = [row[0] for row in old[:5]]
+    meta_changed, image_changed = old[5], old[6]
+    meta_changed[title] = "Renamed " + meta_changed[title]
+    shutil.copyfile(MINI / "images" / f"{old[7][0]}.jpg", images / f"{image_changed[0]}.jpg")  # a new photo
+    write_catalog_rows(tmp_path / "new.csv", [header, *old[5:], *new])
+
+    embedded: list[int] = []
+    real_embed = Embedder.embed_images
+    monkeypatch.setattr(Embedder, "embed_images", lambda self, ims, batch_size=64: embedded.append(len(ims))
+                        or real_embed(self, ims, batch_size))
+    argv = ["index", "update", "--csv", str(tmp_path / "new.csv"), "--images", str(images), "--index-root", str(root),
+            "--min-recall", "0.8", "--validation-queries", "20"]
+    assert main(argv) == 0
+    assert '"added": 10' in capsys.readouterr().out
+    assert sum(embedded) == 11, "only the 10 new products and the 1 changed image are embedded"
+    with open_current(root, verify_checksums=True) as live, open_version(base) as before:
+        assert live.name != before.name and list_versions(root) == [before.name, live.name]
+        assert live.count == BASE - 5 + 10 and live.manifest["validation"]["passed"]
+        report = live.manifest["update"]
+        assert (report["added"], report["deleted"], report["image_changed"], report["metadata_changed"],
+                report["unchanged"]) == (10, 5, 1, 1, BASE - 7)
+        assert all(live.internal_id(pid) is None for pid in deleted)
+        assert live.product(live.internal_id(meta_changed[0])).title.startswith("Renamed ")
+        for pid in (old[10][0], old[30][0], meta_changed[0]):  # unchanged image: the stored embedding, bit for bit
+            np.testing.assert_array_equal(live.vectors[live.internal_id(pid)], before.vectors[before.internal_id(pid)])
+        moved = live.vector(live.internal_id(image_changed[0]))
+        np.testing.assert_allclose(moved, before.vector(before.internal_id(old[7][0])), atol=2e-3)
+        assert len(live.shards) == 2 and live.factory == "IVF4,PQ8x4"
+        _, ids = search_reranked(live, live.vector(live.internal_id(new[3][0]))[None, :], 1)  # as the engine does
+        assert ids[0, 0] == live.internal_id(new[3][0])
+    for a, b in zip(_centroids(base), _centroids(root / read_current(root)), strict=True):
+        np.testing.assert_array_equal(a, b)  # the trained quantizer and PQ codebooks are reused
+
+
+def test_update_refuses_an_empty_catalog(tmp_path: Path) -> None:
+    shards, checkpoint = make_inputs(tmp_path, 30)
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=10))
+    live = read_current(root)
+    write_catalog_rows(tmp_path / "empty.csv", [catalog_rows(1)[0]])
+    argv = ["index", "update", "--csv", str(tmp_path / "empty.csv"), "--images", str(MINI / "images"),
+            "--index-root", str(root)]
+    assert main(argv) == 2
+    assert read_current(root) == live and list_versions(root) == [live]
