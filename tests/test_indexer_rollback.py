@@ -9,6 +9,7 @@ import pytest
 
 from indexer.build import build_index_from_vectors
 from indexer.errors import VersionError
+from indexer.publish import prune_versions
 from indexer.rollback import rollback
 from indexer.version import list_versions, read_current
 from tests.test_indexer_build import _vectors, make_products
@@ -53,3 +54,17 @@ def test_index_rollback_and_list_commands(tmp_path: Path, capsys: pytest.Capture
     assert len(marked) == 1 and names[-2] in marked[0]
     assert main(["index", "rollback", "--index-root", str(tmp_path), "--to", "missing"]) == 2
     assert "no complete version named 'missing'" in capsys.readouterr().err
+
+
+def test_publish_keeps_the_last_n_but_never_current_or_its_predecessor(tmp_path: Path) -> None:
+    for seed in range(3):
+        build_index_from_vectors(_vectors(50, seed), make_products(50), tmp_path, "a" * 64, tmp_path, name=f"v{seed}",
+                                 keep_versions=2)
+    assert list_versions(tmp_path) == ["v1", "v2"] and read_current(tmp_path) == "v2"
+    rollback(tmp_path, to="v1")  # live is now v1; its predecessor is gone, v2 stays as the newest
+    build_index_from_vectors(_vectors(50, 9), make_products(50), tmp_path, "a" * 64, tmp_path, name="v3",
+                             keep_versions=1)
+    assert read_current(tmp_path) == "v3" and list_versions(tmp_path) == ["v2", "v3"], "v2 precedes CURRENT: kept"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trash")]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_versions(tmp_path, 0)
