@@ -106,7 +106,7 @@ class BuildJob:
         keys["train"] = _key(keys["plan"], c.seed, c.validation_queries)
         keys["add"] = _key(keys["train"], c.num_shards)
         keys["validate"] = _key(keys["add"], c.min_recall_at_10)
-        keys["publish"] = _key(keys["validate"], c.keep_versions)
+        keys["publish"] = _key(keys["validate"], c.keep_versions, c.publish)
         return keys[stage]
 
     def done(self, stage: str) -> dict[str, Any] | None:
