@@ -17,7 +17,8 @@ from vitrine.demo import DemoConfig, run_demo
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "data" / "mini-catalog"
 
-SUBCOMMANDS = [["ingest"], ["train"], ["index"], ["index", "build"], ["index", "list"], ["index", "rollback"],
+SUBCOMMANDS = [["ingest"], ["annotate"], ["teacher"], ["train"], ["index"], ["index", "build"], ["index", "list"],
+               ["index", "rollback"],
                ["serve"], ["query"],
                ["demo"]]
 
@@ -49,7 +50,7 @@ def _free_port() -> int:
 def demo_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real demo run with a one-epoch model: every stage (ingest, train, index, serve, query) real."""
     work = tmp_path_factory.mktemp("demo")
-    summary = run_demo(DemoConfig(work_dir=work, epochs=1, html_queries=5))
+    summary = run_demo(DemoConfig(work_dir=work, train=True, epochs=1, html_queries=5))
     assert summary["queries"] >= 100
     return work
 
