@@ -143,6 +143,10 @@ def test_corrupt_record_is_counted_and_skipped(shards: Path, tmp_path: Path) -> 
     label_map = {name: i for i, name in enumerate(sorted({r.product.category for r in records}))}
     dataset = ShardDataset(copy, _to_tensor, _category_targets(label_map, split=None), shuffle=False)
     assert len(list(dataset)) == len(records) - 1 and dataset.skipped["image"] == 1
+    # counted in dataloader workers too, and visible to the trainer's process
+    dataset = ShardDataset(copy, _to_tensor, _category_targets(label_map, split=None), shuffle=False)
+    seen = sum(len(batch[0]) for batch in DataLoader(dataset, batch_size=50, num_workers=2))
+    assert seen == len(records) - 1 and dataset.skipped == {"targets": 0, "image": 1}
 
 
 def test_parallel_ingest_matches_serial_and_reencodes(tmp_path: Path) -> None:

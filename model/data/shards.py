@@ -104,10 +104,11 @@ def iter_shard_records(shards_dir: str | Path) -> Iterator[ShardRecord]:
 
 
 def product_label(product: Product, column: str) -> str:
-    """The product's value for a label column: an attribute, or the category for "category" ("" if none)."""
+    """The product's value for a label column: an attribute, or the mapped category / brand for "category" /
+    "brand" ("" if none)."""
     if column in product.attributes:
         return product.attributes[column]
-    return product.category if column == "category" else ""
+    return {"category": product.category, "brand": product.brand}.get(column, "")
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -127,6 +128,7 @@ def example_seed(seed: int, epoch: int, shard: int, index: int) -> int:
 
 
 Targets = Callable[[Product], "dict[str, Any] | None"]
+_MAX_WORKERS = 64  # slots of the shared skip counters (dataloader workers per process, plus the main one)
 
 
 class ShardDataset(IterableDataset):
@@ -153,7 +155,18 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = rank, world_size  # None: from torch.distributed
         self.epoch = 0
-        self.skipped: dict[str, int] = {"targets": 0, "image": 0}
+        # skip counts per dataloader worker, in shared memory so that the workers' counts reach the trainer
+        self._skips = torch.zeros((_MAX_WORKERS, 2), dtype=torch.int64).share_memory_()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Records skipped so far by every reader of this process and its dataloader workers, by reason."""
+        totals = self._skips.sum(dim=0).tolist()
+        return {"targets": int(totals[0]), "image": int(totals[1])}
+
+    def _count_skip(self, reason: int) -> None:
+        info = get_worker_info()
+        self._skips[(0 if info is None else info.id + 1) % _MAX_WORKERS, reason] += 1
 
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffle order (call before each epoch, as with DistributedSampler)."""
@@ -197,11 +210,11 @@ class ShardDataset(IterableDataset):
         for record in self.records():
             targets = self.targets(record.product)
             if targets is None:
-                self.skipped["targets"] += 1
+                self._count_skip(0)
                 continue
             try:
                 image = decode_image(record.image_bytes)
             except ImageDecodeError:
-                self.skipped["image"] += 1
+                self._count_skip(1)
                 continue
             yield self.transform(image, example_seed(self.seed, self.epoch, record.shard, record.index)), targets
