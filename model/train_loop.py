@@ -49,18 +49,19 @@ def _save_state(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _load_state(state: LoopState, optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
-    """(step, epoch, batches done in that epoch) from a saved training state, or zeros."""
+def _load_state(state: LoopState, optimizer: torch.optim.Optimizer) -> tuple[int, int, int, float, int]:
+    """(step, epoch, batches done in that epoch, seconds trained, images seen) from a saved state, or zeros."""
     path = state.work_dir / STATE_FILE
     if not path.is_file():
-        return 0, 0, 0
+        return 0, 0, 0, 0.0, 0
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if saved["config"] != state.config.to_json():
         raise ValueError(f"{path} belongs to a run with another config; delete {state.work_dir} to start over "
                          "or run again with the same settings to resume")
     state.model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    return int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
+    return (int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"]), float(saved.get("seconds", 0.0)),
+            int(saved.get("images_seen", 0)))
 
 
 def _trim_metrics(path: Path, steps: int) -> None:
@@ -75,7 +76,7 @@ def run_epochs(state: LoopState) -> dict[str, Any]:
     config = state.config
     state.work_dir.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(state.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    step, first_epoch, skip = _load_state(state, optimizer)
+    step, first_epoch, skip, prior_seconds, prior_seen = _load_state(state, optimizer)  # earlier sessions
     from model.train import lr_factor  # the schedule lives with the config
 
     ddp: nn.Module = state.model
@@ -121,14 +122,16 @@ def run_epochs(state: LoopState) -> dict[str, Any]:
                     _save_state(state.work_dir / STATE_FILE, {
                         "config": config.to_json(), "model": state.model.state_dict(),
                         "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                        "batch_in_epoch": batch_index + 1})
+                        "batch_in_epoch": batch_index + 1,
+                        "seconds": prior_seconds + time.perf_counter() - start, "images_seen": prior_seen + seen})
             skip = 0
     bar.close()
-    seconds = time.perf_counter() - start
+    session = time.perf_counter() - start
     seen_all = _sum_over_ranks(seen, state)
+    seconds = prior_seconds + session  # every session of this run (resumes included), up to its last state
     return {"final_train_loss": float(np.mean(recent)) if recent else float("nan"), "steps": step,
-            "images_seen": seen_all, "train_seconds": round(seconds, 3),
-            "images_per_s": round(seen_all / max(seconds, 1e-9), 2), "skipped_records": dict(state.dataset.skipped)}
+            "images_seen": prior_seen + seen_all, "train_seconds": round(seconds, 3),
+            "images_per_s": round(seen_all / max(session, 1e-9), 2), "skipped_records": dict(state.dataset.skipped)}
 
 
 def _sum_over_ranks(value: int, state: LoopState) -> int:
