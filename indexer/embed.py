@@ -139,6 +139,8 @@ def _forward(embedder: Any, pixels: Any, device: str) -> np.ndarray:
 
     with torch.inference_mode():
         tensor = pixels.to(device, non_blocking=True)
+        if getattr(embedder, "channels_last", False):  # the Embedder's memory format for CNN trunks
+            tensor = tensor.to(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             embedded = embedder.model.embed(tensor)
         embedded = torch.nn.functional.normalize(embedded.float(), dim=1)
