@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         embedder = Embedder.load(checkpoint, device=args.device)
         records = iter_shard_records(work / "shards")
         images = [decode_image(next(records).image_bytes) for _ in range(args.batch_size)]
+        records.close()  # closes its LMDB environment: the DataLoader workers open their own
         bare = bare_forward_rate(embedder, images, args.batch_size, args.repeats)
         settings = EmbedSettings(batch_size=args.batch_size, num_workers=args.workers, chunk_rows=256,
                                  device=args.device)

@@ -33,7 +33,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _config(inputs: tuple[Path, Path], root: Path, **overrides: object) -> IndexBuildConfig:
     shards, checkpoint = inputs
     fields: dict = dict(shards_dir=shards, model=checkpoint, index_root=root, chunk_rows=CHUNK, batch_size=8,
-                        num_workers=2, factory=FACTORY, nprobe=4, num_shards=SHARDS, min_recall_at_10=0.8,
+                        num_workers=2, factory=FACTORY, nprobe=4, num_shards=SHARDS, min_recall_at_10=0.5,
                         validation_queries=30)
     return IndexBuildConfig(**{**fields, **overrides})  # type: ignore[arg-type]
 
@@ -65,7 +65,7 @@ def test_killed_during_embed_resumes_to_the_same_index(inputs: tuple[Path, Path]
     shards, checkpoint = inputs
     argv = [sys.executable, "-m", "vitrine", "index", "build", "--shards", str(shards), "--model", str(checkpoint),
             "--index-root", str(tmp_path), "--chunk-rows", str(CHUNK), "--batch-size", "8", "--factory", FACTORY,
-            "--nprobe", "4", "--num-shards", str(SHARDS), "--min-recall", "0.8", "--validation-queries", "30"]
+            "--nprobe", "4", "--num-shards", str(SHARDS), "--min-recall", "0.5", "--validation-queries", "30"]
     env = {**os.environ, ENV: "embed:3:kill", "PYTHONPATH": str(REPO)}
     killed = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no cleanup ran

@@ -32,7 +32,7 @@ def test_update_applies_adds_changes_deletes(tmp_path: Path, monkeypatch: pytest
     root = tmp_path / "index"
     base = build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, chunk_rows=32,
                                         num_workers=0, factory="IVF4,PQ8x4", nprobe=4, num_shards=2,
-                                        min_recall_at_10=0.8, validation_queries=20))
+                                        min_recall_at_10=0.5, validation_queries=20))
     rows = catalog_rows(BASE + 10)
     header, old, new = rows[0], rows[1 : BASE + 1], rows[BASE + 1 :]
     title = header.index("productDisplayName")
@@ -51,7 +51,7 @@ def test_update_applies_adds_changes_deletes(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(Embedder, "embed_images", lambda self, ims, batch_size=64: embedded.append(len(ims))
                         or real_embed(self, ims, batch_size))
     argv = ["index", "update", "--csv", str(tmp_path / "new.csv"), "--images", str(images), "--index-root", str(root),
-            "--min-recall", "0.8", "--validation-queries", "20"]
+            "--min-recall", "0.5", "--validation-queries", "20"]
     assert main(argv) == 0
     assert '"added": 10' in capsys.readouterr().out
     assert sum(embedded) == 11, "only the 10 new products and the 1 changed image are embedded"
