@@ -168,9 +168,9 @@ def test_not_serving_until_loaded(engine_index: EngineIndex, tmp_path, monkeypat
     shutil.copytree(engine_index.index_root, index_root)
     release, real_load = threading.Event(), server_module.load_searcher
 
-    def slow_load(config: ServerConfig):
+    def slow_load(config: ServerConfig, *args):
         assert release.wait(30)
-        return real_load(config)
+        return real_load(config, *args)
 
     monkeypatch.setattr(server_module, "load_searcher", slow_load)
     with socket.socket() as sock:
