@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-import numpy as np
-
 import grpc
+import numpy as np
 
 from engine.types import (
     BatchItem,
