@@ -177,6 +177,7 @@ def search_params(index: faiss.Index, nprobe: int | None,
                   selector: faiss.IDSelector | None) -> faiss.SearchParameters | None:
     """Per-call parameters: nprobe (clamped to [1, nlist]) for IVF shards and the selector, if any."""
     ivf = faiss.try_extract_index_ivf(index)
+    params: faiss.SearchParameters
     if ivf is not None:
         params = faiss.SearchParametersIVF()
         params.nprobe = int(min(max(1, nprobe or ivf.nprobe), ivf.nlist))
