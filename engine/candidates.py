@@ -29,7 +29,7 @@ from indexer.version import Filters, IndexVersion
 
 EXACT_MAX = 20_000  # passing products at or below which a filtered query is scored exactly (no Faiss)
 NPROBE_EXPONENT = 0.5  # nprobe grows as selectivity ** -NPROBE_EXPONENT under a filter
-PLAN_CACHE_SIZE = 32  # filter plans kept per version (masks are 1 byte per vector)
+PLAN_CACHE_SIZE = 16  # filter plans kept per version (a bitmap: 1 bit per vector; exact: <= exact_max vectors)
 
 
 def filter_mask(filters: Filters, ids: np.ndarray | None, search_filter: SearchFilter) -> np.ndarray:
@@ -73,7 +73,7 @@ class FilterPlan:
     passing: int  # number of internal ids that pass
     count: int  # number of internal ids in the version
     ids: np.ndarray | None = None  # passing ids (int64, ascending) when scored exactly
-    vectors: np.ndarray | None = None  # their stored vectors as float32 (len(ids), dim)
+    flat: faiss.IndexFlatIP | None = None  # their stored vectors, row i = ids[i] (Faiss: threads as configured)
     selector: faiss.IDSelector | None = None  # IDSelectorBitmap over the passing ids
     bitmap: np.ndarray | None = None  # the selector's bits (kept alive while the selector is used)
 
@@ -97,7 +97,10 @@ def create_filter_plan(version: IndexVersion, search_filter: SearchFilter, exact
     passing = int(mask.sum())
     if passing <= exact_max:
         ids = np.flatnonzero(mask).astype(np.int64)
-        return FilterPlan(passing=passing, count=count, ids=ids, vectors=version.vectors_of(ids))
+        flat = faiss.IndexFlatIP(version.dim)
+        if passing:
+            flat.add(version.vectors_of(ids))
+        return FilterPlan(passing=passing, count=count, ids=ids, flat=flat)
     bitmap = np.packbits(mask, bitorder="little")
     selector = faiss.IDSelectorBitmap(count, faiss.swig_ptr(bitmap))
     return FilterPlan(passing=passing, count=count, selector=selector, bitmap=bitmap)
@@ -152,14 +155,9 @@ class ShardSearch:
             probe = min(self.nlist, probe * 2)  # the probed lists hold too few passing vectors
 
     def _exact(self, xq: np.ndarray, k: int, plan: FilterPlan) -> tuple[np.ndarray, np.ndarray]:
-        assert plan.ids is not None and plan.vectors is not None
-        scores = xq @ plan.vectors.T  # (nq, passing)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
-            np.arange(scores.shape[1]), (len(xq), 1))
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        return (np.take_along_axis(top_scores, order, axis=1).astype(np.float32),
-                plan.ids[np.take_along_axis(top, order, axis=1)])
+        assert plan.ids is not None and plan.flat is not None
+        D, rows = plan.flat.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+        return D, np.where(rows >= 0, plan.ids[np.maximum(rows, 0)], -1)
 
     def _fan_out(self, xq: np.ndarray, k: int, nprobe: int | None,
                  selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:

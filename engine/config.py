@@ -44,6 +44,7 @@ class ServerConfig:
     max_batch_queries: int = 1024  # most searches in one BatchSearch call
     default_top_k: int = 10  # hits returned when a request's top_k is 0
     exact_max: int = 20_000  # filters passing at most this many vectors are answered by exact search
+    rerank_depth: int = 100  # fewest candidates re-scored exactly with the stored float16 vectors
     device: str = "cpu"  # torch device of the embedder ("cuda" when present)
     grace_s: float = 5.0  # seconds in-flight requests get to finish on shutdown
     micro_batch: bool = True  # embed concurrent image queries together

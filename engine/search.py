@@ -31,6 +31,7 @@ from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
 __all__ = ["Searcher", "QueryVector", "filter_mask", "normalize", "OVERFETCH"]
 
 OVERFETCH = 4  # candidates fetched per wanted hit for exact re-rank, and the growth factor when short
+RERANK_DEPTH = 100  # fewest candidates re-ranked exactly (PQ orders near neighbours coarsely)
 EmbedFn = Callable[[Sequence[Image.Image], "float | None"], np.ndarray]  # (images, deadline) -> (n, dim)
 ObserveFn = Callable[[str, float], None]  # (stage, seconds)
 
@@ -80,13 +81,15 @@ class Searcher:
 
     def __init__(self, version: IndexVersion, embed: EmbedFn, *, default_top_k: int = 10,
                  max_top_k: int = MAX_TOP_K, exact_max: int = EXACT_MAX, max_image_bytes: int = DEFAULT_MAX_BYTES,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS, observe: ObserveFn | None = None) -> None:
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, rerank_depth: int = RERANK_DEPTH,
+                 observe: ObserveFn | None = None) -> None:
         self.version = version
         self.embed = embed
         self.default_top_k = default_top_k
         self.max_top_k = max_top_k
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.rerank_depth = rerank_depth
         self.shards = ShardSearch(version, exact_max)
         self.observe: ObserveFn = observe or (lambda stage, seconds: None)
 
@@ -160,8 +163,9 @@ class Searcher:
 
     def _fetch_k(self, top_k: int, request: SearchRequest) -> int:
         """Candidates to fetch: over-fetch for exact re-rank, one spare for an excluded or duplicate image."""
-        factor = OVERFETCH if request.options.exact_rerank else 1
-        return min(self.version.count, max(top_k * factor + 1, 16 if request.options.exact_rerank else 1))
+        if request.options.exact_rerank:
+            return min(self.version.count, max(top_k * OVERFETCH + 1, self.rerank_depth))
+        return min(self.version.count, top_k + 1)
 
     def _finish(self, job: _Job, scores: np.ndarray, ids: np.ndarray, k: int, passing: int) -> SearchResult:
         """Re-rank and group one request's candidates; search again with more candidates when short."""

@@ -96,6 +96,7 @@ def create_searcher(version: IndexVersion, runner: ModelRunner, config: ServerCo
                                    f"{version.name} holds {version.dim}-dimensional vectors")
         check_model(runner.embedder.fingerprint, version, str(config.model or "the server's model"))
         searcher = Searcher(version, runner.embed, default_top_k=config.default_top_k, exact_max=config.exact_max,
+                            rerank_depth=config.rerank_depth,
                             max_image_bytes=config.max_message_bytes, max_image_pixels=config.max_image_pixels,
                             observe=metrics.observe_stage)
         warm_up(searcher)
