@@ -1,6 +1,7 @@
 """Dynamic micro-batching of image embeddings: concurrent image queries share one model call.
 
-Request threads decode their image and `submit` it; one batcher thread takes the first waiting
+Request threads decode and preprocess their image and `submit` it (any item the batch function
+takes: a PIL image or a preprocessed array); one batcher thread takes the first waiting
 image, waits at most `max_wait_s` for more (up to `max_batch`), embeds them in one forward pass
 and hands each caller its row. Under load the batches fill without waiting; alone, a query waits
 at most max_wait_s. A model error reaches every caller of that batch.
@@ -16,9 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from engine.errors import DeadlineExceeded, NotReady
 
@@ -36,27 +37,27 @@ class BatcherConfig:
 class MicroBatcher:
     """Embeds images submitted by many threads in batches, on one thread."""
 
-    def __init__(self, embed_images: Callable[[Sequence[Image.Image]], np.ndarray], config: BatcherConfig,
+    def __init__(self, embed_batch: Callable[[Sequence[Any]], np.ndarray], config: BatcherConfig,
                  observe_batch: Callable[[int], None] | None = None) -> None:
         if config.max_batch < 1 or config.max_wait_s < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {config}")
-        self._embed_images = embed_images
+        self._embed_batch = embed_batch
         self.config = config
         self._observe_batch = observe_batch or (lambda size: None)
-        self._queue: queue.Queue[tuple[Image.Image, Future] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="vitrine-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, image: Image.Image) -> Future:
-        """Queue one image; the future's result is its embedding row (float32 (dim,))."""
+    def submit(self, image: Any) -> Future:
+        """Queue one image (or preprocessed array); the future's result is its embedding row (float32 (dim,))."""
         if self._closed:
             raise NotReady("the server is shutting down; retry on another server")
         future: Future = Future()
         self._queue.put((image, future))
         return future
 
-    def embed(self, images: Sequence[Image.Image], deadline: float | None = None) -> np.ndarray:
+    def embed(self, images: Sequence[Any], deadline: float | None = None) -> np.ndarray:
         """Embeddings (n, dim) of `images`, batched with other callers'; DeadlineExceeded past `deadline`."""
         futures = [self.submit(image) for image in images]
         rows = []
@@ -90,13 +91,13 @@ class MicroBatcher:
             if stop:
                 return
 
-    def _run_batch(self, batch: list[tuple[Image.Image, Future]]) -> None:
+    def _run_batch(self, batch: list[tuple[Any, Future]]) -> None:
         live = [(image, future) for image, future in batch if future.set_running_or_notify_cancel()]
         if not live:
             return
         self._observe_batch(len(live))
         try:
-            vectors = self._embed_images([image for image, _ in live])
+            vectors = self._embed_batch([image for image, _ in live])
         except Exception as exc:  # noqa: BLE001 - the callers get the model's error
             logger.exception("embedding a batch of %d images failed", len(live))
             for _, future in live:

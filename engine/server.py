@@ -20,6 +20,7 @@ from typing import Any
 import faiss
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
@@ -48,18 +49,29 @@ class ServerStartError(RuntimeError):
 
 
 class ModelRunner:
-    """The server's one model: embeds images directly or through the micro-batcher."""
+    """The server's one model: embeds images directly or through the micro-batcher.
+
+    With micro-batching, each request thread preprocesses its own image (resize + normalise, in
+    parallel) and the batcher thread only stacks the arrays and runs one forward pass per batch.
+    """
 
     def __init__(self, embedder: Embedder, config: ServerConfig, metrics: Metrics) -> None:
         self.embedder = embedder
-        self.batcher = MicroBatcher(embedder.embed_images, BatcherConfig(config.max_batch, config.max_wait_ms / 1e3),
+        self.batcher = MicroBatcher(self._forward, BatcherConfig(config.max_batch, config.max_wait_ms / 1e3),
                                     metrics.batch_size.observe) if config.micro_batch else None
 
     def embed(self, images: Sequence[Image.Image], deadline: float | None = None) -> np.ndarray:
         """Embeddings (n, dim) of decoded images."""
         if self.batcher is not None:
-            return self.batcher.embed(images, deadline)
+            return self.batcher.embed([self.embedder.preprocess(image) for image in images], deadline)
         return self.embedder.embed_images(images)
+
+    def _forward(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Unit embeddings of preprocessed (3, H, W) arrays, one forward pass."""
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.stack(arrays)).to(self.embedder.device)
+            vectors = self.embedder.model.embed(tensor).float().cpu().numpy()
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
     def close(self) -> None:
         if self.batcher is not None:

@@ -142,13 +142,13 @@ def test_deadline_exceeded_then_still_serving(engine_index: EngineIndex, tmp_pat
     """A slow model: the call ends DEADLINE_EXCEEDED on time, the server counts it and keeps serving."""
     shutil.copytree(engine_index.index_root, tmp_path / "index")
     server, port = create_server(ServerConfig(index_root=tmp_path / "index", port=0, watch=False))
-    real_embed = server.runner.embedder.embed_images
+    real_forward = server.runner._forward
 
-    def slow_embed(images, batch_size: int = 64):  # noqa: ANN001, ANN202
+    def slow_embed(arrays):  # noqa: ANN001, ANN202
         time.sleep(0.5)
-        return real_embed(images, batch_size)
+        return real_forward(arrays)
 
-    server.runner.batcher._embed_images = slow_embed  # type: ignore[union-attr]
+    server.runner.batcher._embed_batch = slow_embed  # type: ignore[union-attr]
     try:
         image = engine_index.images[engine_index.products[0].product_id]
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=0.2, retries=0) as client:
