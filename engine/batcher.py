@@ -1,7 +1,7 @@
 """Dynamic micro-batching of image embeddings: concurrent image queries share one model call.
 
 Request threads decode and preprocess their image and `submit` it (any item the batch function
-takes: a PIL image or a preprocessed array); one batcher thread takes the first waiting
+takes: a PIL image or a preprocessed array); a batcher thread (one of `workers`) takes the first waiting
 image, waits at most `max_wait_s` for more (up to `max_batch`), embeds them in one forward pass
 and hands each caller its row. Under load the batches fill without waiting; alone, a query waits
 at most max_wait_s. A model error reaches every caller of that batch.
@@ -32,6 +32,7 @@ class BatcherConfig:
 
     max_batch: int = 32  # most images per model call
     max_wait_s: float = 0.005  # longest the first image of a batch waits for company, seconds
+    workers: int = 2  # batcher threads, each running its own batches (one per core with 1 torch thread each)
 
 
 class MicroBatcher:
@@ -39,15 +40,17 @@ class MicroBatcher:
 
     def __init__(self, embed_batch: Callable[[Sequence[Any]], np.ndarray], config: BatcherConfig,
                  observe_batch: Callable[[int], None] | None = None) -> None:
-        if config.max_batch < 1 or config.max_wait_s < 0:
+        if config.max_batch < 1 or config.max_wait_s < 0 or config.workers < 1:
             raise ValueError(f"max_batch must be >= 1 and max_wait_s >= 0, got {config}")
         self._embed_batch = embed_batch
         self.config = config
         self._observe_batch = observe_batch or (lambda size: None)
         self._queue: queue.Queue[tuple[Any, Future] | None] = queue.Queue()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="vitrine-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"vitrine-batcher-{i}", daemon=True)
+                         for i in range(config.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, image: Any) -> Future:
         """Queue one image (or preprocessed array); the future's result is its embedding row (float32 (dim,))."""
@@ -83,7 +86,7 @@ class MicroBatcher:
                         if time.monotonic() < until else self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if item is None:  # close(): one stop marker per worker
                     stop = True
                     break
                 batch.append(item)
@@ -111,5 +114,7 @@ class MicroBatcher:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout_s)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout_s)

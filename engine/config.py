@@ -50,6 +50,8 @@ class ServerConfig:
     micro_batch: bool = True  # embed concurrent image queries together
     max_batch: int = 32  # most images per embedding batch
     max_wait_ms: float = 5.0  # longest a queued image waits for others to join its batch, milliseconds
+    batch_workers: int = 2  # threads running embedding batches (about one per core)
+    torch_threads: int = 1  # torch intra-op threads per forward pass (concurrency comes from requests/workers)
     watch: bool = True  # poll <index_root>/CURRENT and hot-swap to a newly published version
     poll_s: float = 2.0  # seconds between two reads of CURRENT
     metrics_port: int | None = None  # Prometheus /metrics HTTP port; None: no metrics endpoint (0: any free port)

@@ -57,7 +57,8 @@ class ModelRunner:
 
     def __init__(self, embedder: Embedder, config: ServerConfig, metrics: Metrics) -> None:
         self.embedder = embedder
-        self.batcher = MicroBatcher(self._forward, BatcherConfig(config.max_batch, config.max_wait_ms / 1e3),
+        self.batcher = MicroBatcher(self._forward, BatcherConfig(config.max_batch, config.max_wait_ms / 1e3,
+                                                                  config.batch_workers),
                                     metrics.batch_size.observe) if config.micro_batch else None
 
     def embed(self, images: Sequence[Image.Image], deadline: float | None = None) -> np.ndarray:
@@ -220,7 +221,8 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
     Returns the started server and the bound port (the real one when config.port is 0). Loading
     happens before returning; on failure the server is stopped and ServerStartError is raised.
     """
-    faiss.omp_set_num_threads(config.faiss_threads)
+    faiss.omp_set_num_threads(config.faiss_threads)  # process-wide: parallelism comes from concurrent requests
+    torch.set_num_threads(config.torch_threads)
     server, port = _bind(config)
     slot, metrics = SearcherSlot(), Metrics()
     health_servicer = health.HealthServicer()

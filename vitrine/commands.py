@@ -101,7 +101,8 @@ def cmd_index_rollback(args: argparse.Namespace) -> int:
 
 
 _SERVE_FLAGS = ("index_root", "model", "host", "port", "max_workers", "max_concurrent_rpcs", "max_message_bytes",
-                "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "faiss_threads",
+                "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
+                "faiss_threads", "torch_threads",
                 "grace_s", "log_json")
 
 
