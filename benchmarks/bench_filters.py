@@ -6,9 +6,13 @@ with exact re-rank. Filters pass 50%, 10% and 1% of the vectors, either at rando
 filter uncorrelated with the embedding) or whole clusters ("clustered": the passing products sit
 in a few regions, usually far from the query: the hard case for IVF). Modes:
 
-- "selector, fixed nprobe": Faiss IDSelectorBitmap with the request's nprobe (no adaptation),
-- "selector, adaptive": selector + nprobe grown with 1/sqrt(selectivity) + doubling when short,
-- "default": the engine's default, exact search over the passing ids when they are <= 20,000.
+- "selector, nprobe fixed": Faiss IDSelectorBitmap with the request's nprobe (doubled only while
+  fewer than the wanted candidates pass),
+- "selector, nprobe / sqrt(s)": the same with nprobe grown as 1/sqrt(selectivity) (the fallback for
+  shards that do not allow list probing),
+- "selector, list probing": each query probes lists until it saw enough passing vectors (engine.probing),
+- "default": the engine's default: exact search over the passing ids when they are <= 20,000, else
+  list probing.
 
 Run: `python benchmarks/bench_filters.py` (about 2 minutes on 2 cores). Writes
 benchmarks/results/bench_filters.{json,md,png}.
@@ -103,17 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-filters-") as tmp:
         path, xb, cats, xq = build_version(Path(tmp), args)
         with open_version(path) as version:
-            modes = {"selector, fixed nprobe": (0, 0.0), "selector, adaptive": (0, candidates.NPROBE_EXPONENT),
-                     "default": (candidates.EXACT_MAX, candidates.NPROBE_EXPONENT)}
+            modes = {"selector, nprobe fixed": (0, 0.0, False), "selector, nprobe / sqrt(s)": (0, 0.5, False),
+                     "selector, list probing": (0, 0.5, True), "default": (candidates.EXACT_MAX, 0.5, True)}
             rows.append({"filter": "none", "selectivity": 1.0, "mode": "default",
                          **measure_none(Searcher(version, no_embed), xb, xq)})
             for kind in ("random", "clustered"):
                 for s in SELECTIVITIES:
                     category = f"{kind[0]}{s}"
                     passing = np.array([category in c.split("|") for c in cats])
-                    for mode, (exact_max, exponent) in modes.items():
+                    for mode, (exact_max, exponent, list_probing) in modes.items():
                         candidates.NPROBE_EXPONENT = exponent
                         searcher = Searcher(version, no_embed, exact_max=exact_max)
+                        if not list_probing:
+                            searcher.shards._prober = None
                         row = {"filter": kind, "selectivity": round(float(passing.mean()), 4), "mode": mode,
                                **measure_filtered(searcher, xb, passing, xq, cats, category)}
                         rows.append(row)
@@ -176,7 +182,7 @@ def plot(rows: list[dict]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("random", "clustered"), strict=True):
-        for mode in ("selector, fixed nprobe", "selector, adaptive", "default"):
+        for mode in ("selector, nprobe fixed", "selector, nprobe / sqrt(s)", "selector, list probing", "default"):
             points = [(r["selectivity"], r["recall_at_10"]) for r in rows if r["filter"] == kind and r["mode"] == mode]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
         ax.axhline(0.9, color="grey", linestyle="--", linewidth=1)

@@ -9,8 +9,10 @@ internal ids from the version's filter columns (filters.npz), and then either
   only returns passing vectors (pre-filtering: no candidates wasted on products that fail).
 
 With a selector, the nearest passing vectors lie farther out than the nearest vectors overall, so
-nprobe grows as the filter gets more selective (`nprobe_for`); when the probed lists still hold
-fewer than k passing vectors, nprobe doubles until every list is probed (then the result is complete).
+each query probes lists until it has seen enough *passing* vectors (engine.probing: per-query probe
+counts from the passing vectors per list). Shards that do not allow that (IVF inside an IDMap)
+use a uniform nprobe grown with the selectivity (`nprobe_for`), doubled while the probed lists hold
+fewer than k passing vectors, up to every list (then the result is complete).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
+from engine.probing import ListProber
 from engine.types import SearchFilter
 from indexer.version import Filters, IndexVersion
 
@@ -76,6 +79,7 @@ class FilterPlan:
     flat: faiss.IndexFlatIP | None = None  # their stored vectors, row i = ids[i] (Faiss: threads as configured)
     selector: faiss.IDSelector | None = None  # IDSelectorBitmap over the passing ids
     bitmap: np.ndarray | None = None  # the selector's bits (kept alive while the selector is used)
+    list_passing: np.ndarray | None = None  # passing vectors per IVF list (engine.probing), when known
 
     @property
     def selectivity(self) -> float:
@@ -121,6 +125,13 @@ class ShardSearch:
         self.nlist: int | None = max(nlists) if nlists else None  # None: flat shards (exact, no nprobe)
         self._plans: OrderedDict[SearchFilter, FilterPlan] = OrderedDict()
         self._lock = threading.Lock()
+        self._prober: ListProber | None | bool = False  # False: not built yet (built on the first filter)
+
+    def prober(self) -> ListProber | None:
+        """The filter-aware list prober of these shards (None when they do not allow one)."""
+        if self._prober is False:
+            self._prober = ListProber.create(self.shards, self.version.count)
+        return self._prober if isinstance(self._prober, ListProber) else None
 
     def plan(self, search_filter: SearchFilter) -> FilterPlan:
         """The cached FilterPlan of `search_filter` (built on first use)."""
@@ -130,6 +141,10 @@ class ShardSearch:
                 self._plans.move_to_end(search_filter)
                 return plan
         plan = create_filter_plan(self.version, search_filter, self.exact_max)
+        prober = self.prober() if plan.bitmap is not None else None
+        if prober is not None and plan.bitmap is not None:
+            mask = np.unpackbits(plan.bitmap, bitorder="little")[:plan.count].astype(bool)
+            plan = dataclasses.replace(plan, list_passing=prober.passing_per_list(mask))
         with self._lock:
             self._plans[search_filter] = plan
             while len(self._plans) > PLAN_CACHE_SIZE:
@@ -147,6 +162,10 @@ class ShardSearch:
         probe = self.version.default_nprobe if nprobe is None else nprobe
         if self.nlist is None or probe is None:
             return self._fan_out(xq, k, None, plan.selector)
+        prober = self.prober() if plan.list_passing is not None else None
+        if prober is not None and plan.list_passing is not None:
+            parts = prober.search(xq, k, probe, plan.list_passing, plan.selectivity, plan.selector)
+            return merge_topk([d for d, _ in parts], [i for _, i in parts], k)
         probe = nprobe_for(probe, plan.selectivity, self.nlist)
         while True:
             D, I = self._fan_out(xq, k, probe, plan.selector)  # noqa: E741
