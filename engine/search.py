@@ -244,17 +244,19 @@ class Searcher:
         """The first top_k hits without `exclude` (and, when asked, one per product: its best image)."""
         hits: list[SearchHit] = []
         seen: set[str] = set()
-        batch = top_k + 8
-        for start in range(0, len(ids), batch):
-            chunk = ids[start:start + batch]
-            for product, score in zip(self.version.products(chunk.tolist()), scores[start:start + batch],
-                                      strict=True):
+        start = 0
+        while start < len(ids):
+            # Read just the products still needed (catalog reads dominate the per-query cost).
+            end = start + top_k - len(hits) + (1 if exclude is not None and exclude not in seen else 0)
+            chunk = ids[start:end]
+            for product, score in zip(self.version.products(chunk.tolist()), scores[start:end], strict=True):
                 if product.product_id == exclude or (one_per_product and product.product_id in seen):
                     continue
                 seen.add(product.product_id)
                 hits.append(SearchHit(product_id=product.product_id, score=float(score), product=product))
                 if len(hits) == top_k:
                     return hits
+            start = end
         return hits
 
     def get_product(self, product_id: str) -> Product:

@@ -17,7 +17,7 @@ from engine_fixtures import build_engine_index
 
 from engine.client import VisualSearchClient
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(400)
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ def test_serve_with_file_env_and_flags_then_query(tmp_path: Path) -> None:
                                "--grace-s", "1"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=5.0) as client:  # the flag's port wins
-            client.wait_ready(timeout_s=60.0)
+            client.wait_ready(timeout_s=240.0)
         query = [sys.executable, "-m", "vitrine", "query", "--target", f"127.0.0.1:{port}"]
         info = subprocess.run([*query, "--info"], env=env, capture_output=True, text=True, timeout=60)
         assert info.returncode == 0, info.stderr

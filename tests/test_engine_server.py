@@ -15,7 +15,7 @@ from engine.client import VisualSearchClient, format_results_table
 from engine.server import ServerConfig, ServerStartError, create_server
 from engine.types import SearchFilter, SearchOptions
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(400)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_serve_stops_cleanly_on_sigterm(engine_index: EngineIndex, tmp_path) -> 
     process = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     try:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=2.0) as client:
-            client.wait_ready(timeout_s=60.0)
+            client.wait_ready(timeout_s=240.0)
             assert client.search_product(engine_index.products[0].product_id, top_k=1).hits
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
