@@ -39,7 +39,7 @@ def test_serve_with_file_env_and_flags_then_query(tmp_path: Path) -> None:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=5.0) as client:  # the flag's port wins
             client.wait_ready(timeout_s=240.0)
         query = [sys.executable, "-m", "vitrine", "query", "--target", f"127.0.0.1:{port}"]
-        info = subprocess.run([*query, "--info"], env=env, capture_output=True, text=True, timeout=60)
+        info = subprocess.run([*query, "--info"], env=env, capture_output=True, text=True, timeout=180)
         assert info.returncode == 0, info.stderr
         assert json.loads(info.stdout)["version"] == index.version_path.name
         first, second = (index.products[i].product_id for i in (3, 4))
@@ -48,7 +48,7 @@ def test_serve_with_file_env_and_flags_then_query(tmp_path: Path) -> None:
             (folder / f"{pid}.jpg").write_bytes(index.images[pid])
         batch = subprocess.run([*query, "--image", str(folder / f"{first}.jpg"), "--image",
                                 str(folder / f"{second}.jpg"), "--top-k", "2", "--brand", ""],
-                               env=env, capture_output=True, text=True, timeout=60)
+                               env=env, capture_output=True, text=True, timeout=180)
         assert batch.returncode == 0, batch.stderr
         assert batch.stdout.count("== ") == 2 and batch.stdout.count("2 hits from index version") == 2
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
