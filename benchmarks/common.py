@@ -78,12 +78,17 @@ def time_repeated(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
-def write_result(name: str, config: dict[str, Any], results: dict[str, Any], markdown: str) -> Path:
-    """Write results/<name>.json (config, git SHA, hardware, results) and results/<name>.md."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, config: dict[str, Any], results: dict[str, Any], markdown: str,
+                 out_dir: Path | None = None) -> Path:
+    """Write <out_dir>/<name>.json (config, git SHA, hardware, results) and <out_dir>/<name>.md.
+
+    out_dir defaults to benchmarks/results.
+    """
+    out = RESULTS_DIR if out_dir is None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "git_sha": git_sha(), "hardware": hardware(), "config": config, "results": results}
-    path = RESULTS_DIR / f"{name}.json"
+    path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    (RESULTS_DIR / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
     return path

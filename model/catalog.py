@@ -35,6 +35,7 @@ class CatalogConfig:
     attribute_columns: tuple[str, ...] = (
         "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year", "usage")
     split_column: str | None = "split"  # None: no split
+    split_file: str | None = None  # an "id,split" CSV (path relative to the catalog CSV's folder); wins over the column
     overflow_column: str | None = "productDisplayName"  # extra fields of a too-long row are joined back here
 
     def to_json(self) -> dict[str, Any]:
@@ -188,6 +189,19 @@ def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counte
         attributes={c: cell(c) for c in config.attribute_columns}, split=split)
 
 
+def load_split_file(csv_path: str | Path, split_file: str) -> dict[str, str]:
+    """{product id: split} from an "id,split" CSV (path relative to the catalog CSV's folder)."""
+    path = Path(split_file)
+    path = path if path.is_absolute() else Path(csv_path).parent / path
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} (split_file in the catalog config) does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or len(rows[0]) < 2:
+        raise ValueError(f"split file {path} must be a CSV with a header and two columns: id,split")
+    return {row[0].strip(): row[1].strip() for row in rows[1:] if len(row) >= 2 and row[1].strip()}
+
+
 def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
                  images_dir: str | Path | None = None) -> CatalogTable:
     """Read a catalog CSV into Products with a report of counts (never drops a row silently).
@@ -200,6 +214,7 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
     products: list[Product] = []
     seen: set[str] = set()
     checked = False
+    splits = load_split_file(csv_path, config.split_file) if config.split_file else None
     for header, row in iter_csv_rows(csv_path, config.overflow_column, report):
         if not checked:
             _check_columns(header, config, csv_path)
@@ -208,6 +223,8 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
             if not value.strip():
                 report[f"empty_cells/{column}"] += 1
         product = _product_from_row(row, config, report)
+        if splits is not None:
+            product = dataclasses.replace(product, split=splits.get(product.product_id))
         if not product.product_id:
             report["rows_bad"] += 1
             report["rows_bad/missing_id"] += 1

@@ -16,6 +16,15 @@ from model.networks import ModelConfig, VitrineModel, create_model
 WEIGHTS_FILE = "model.pt"
 CARD_FILE = "model_card.json"
 CARD_FORMAT = "vitrine-model/1"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"  # the committed default model
+
+
+def default_model_path() -> Path:
+    """The committed default model (used when no model is named); a clear error when it is missing."""
+    if not (DEFAULT_MODEL_DIR / CARD_FILE).is_file() or not (DEFAULT_MODEL_DIR / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"no default model at {DEFAULT_MODEL_DIR}: name a checkpoint with --model, or "
+                                "reproduce the default with scripts/train_default_model.sh")
+    return DEFAULT_MODEL_DIR
 
 
 def save_checkpoint(folder: str | Path, model: VitrineModel, card: dict[str, Any]) -> Path:
@@ -33,7 +42,7 @@ def save_checkpoint(folder: str | Path, model: VitrineModel, card: dict[str, Any
     config = model.config
     full_card = {"format": CARD_FORMAT, **card, "model_config": config.to_json(), "timm_name": config.timm_name,
                  "timm_kwargs": {**config.timm_kwargs(), "img_size": list(config.image_size)},
-                 "input_size": list(config.image_size), "embedding_dim": config.embedding_dim,
+                 "input_size": list(config.image_size), "embedding_dim": model.embedding_dim,
                  "weights_sha256": sha256_file(tmp / WEIGHTS_FILE)}
     (tmp / CARD_FILE).write_text(json.dumps(full_card, indent=2, sort_keys=True), encoding="utf-8")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

@@ -21,6 +21,10 @@ class Embedder:
 
     def __init__(self, model: VitrineModel, card: dict[str, Any], fingerprint: str, device: str = "cpu") -> None:
         self.model = model.eval().to(device)
+        # CNN trunks run about 1.8x faster channels-last on CPU; ViTs do not care
+        self.channels_last = not model.config.is_vit
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.model_card = card
         self.fingerprint = fingerprint
         self.device = device
@@ -52,6 +56,8 @@ class Embedder:
             for begin in range(0, len(images), batch_size):
                 batch = np.stack([self.preprocess(im) for im in images[begin:begin + batch_size]])
                 tensor = torch.from_numpy(batch).to(self.device)
+                if self.channels_last:
+                    tensor = tensor.to(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
                     embedded = self.model.embed(tensor)
                 parts.append(embedded.float().cpu().numpy())

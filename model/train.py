@@ -1,9 +1,13 @@
-"""Training: a VitrineModel on shard records with the normalized-softmax loss for one label column.
+"""Training: both stages of the paper's recipe on shard records, single process or `torchrun` DDP.
 
-AdamW, linear warm-up then cosine decay, gradient clipping, light augmentation (mild random resized crop,
-horizontal flip), per-step metrics in metrics.jsonl, deterministic under the seed (CPU, num_workers=0).
-The checkpoint folder holds the weights and a model card (label map, data fingerprint, timings, metrics,
-resolved config).
+Stage "pretrain": the trunk learns the weak labels mined from text (model.annotate) with a multi-label
+head. Stage "finetune": the unified embedding learns every task at once (articleType, baseColour, ...),
+each a normalized-softmax head on the same L2-normalised embedding, tasks mixed in every batch, losses
+masked where a record lacks a label, then summed; optionally distilled from a CNN teacher's logits.
+AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast where the hardware has it,
+seeded per-example augmentation, a training state every `checkpoint_every` steps and an exact resume,
+a progress bar with loss and images/s, per-step metrics in metrics.jsonl, and a checkpoint folder with a
+model card (config, label maps, data fingerprint, timings, metrics).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,37 +27,52 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchvision import transforms
-from tqdm import tqdm
 
-from model.checkpoint import save_checkpoint
-from model.data.shards import ShardDataset, iter_shard_records, product_label
-from model.losses import NormalizedSoftmaxLoss
-from model.networks import ModelConfig, VitrineModel, create_model
+from model.annotate import load_weak_labels
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data.shards import ShardDataset
+from model.losses import MultiTaskLoss
+from model.networks import IMAGENET_LITE0, LITE0_MEAN, LITE0_STD, ModelConfig, VitrineModel, create_model
+from model.train_loop import LoopState, run_epochs
+from model.training_data import Augment, load_teacher, make_targets, scan_label_maps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_TASKS = ("articleType", "baseColour", "gender", "usage", "season", "masterCategory", "subCategory")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run (paths, optimisation, model size, data selection)."""
+    """One training run (paths, stage, optimisation, model size, data selection)."""
 
     shards_dir: Path | str
     out_dir: Path | str  # checkpoint folder (model.pt + model_card.json + metrics.jsonl)
-    label_column: str = "articleType"
+    stage: str = "finetune"  # "pretrain" (weak labels) or "finetune" (multi-task)
+    tasks: tuple[str, ...] = ("articleType",)  # label columns of the finetune stage (one head each)
+    task_weights: tuple[float, ...] = ()  # per task; empty: 1.0 each
+    weak_labels: Path | str | None = None  # model.annotate output (required by the pretrain stage)
+    init_from: Path | str | None = None  # checkpoint whose trunk (and neck) start this run (stage 2)
+    distill_from: Path | str | None = None  # teacher logits .npz (model.distill); None: no distillation
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
     train_splits: tuple[str, ...] = ("train",)  # records whose split is in here (or who have none) are trained on
     max_records: int | None = None  # None: all matching records; else a deterministic subset of N
+    min_class_count: int = 1  # classes with fewer training records are not learned
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.05
     warmup: float = 0.1  # fraction of all steps spent warming up linearly
     grad_clip: float = 1.0  # max gradient L2 norm
+    label_smoothing: float = 0.0
     seed: int = 0
-    num_workers: int = 0  # dataloader worker processes
-    device: str = "cpu"
+    num_workers: int = 0  # dataloader worker processes per rank
+    shuffle_buffer: int = 8192  # records
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "auto" (bf16 where the hardware has it)
+    checkpoint_every: int = 200  # steps between training states (resume points); 0: never
     timm_name: str = "vit_tiny_patch16_224"
+    pretrained: str = ""  # "" or model.networks.IMAGENET_LITE0 (the CNN trunk)
     image_height: int = 80  # pixels
     image_width: int = 64  # pixels
     patch_size: int = 8  # pixels
@@ -60,8 +81,6 @@ class TrainConfig:
     num_heads: int = 4
     embedding_dim: int = 128
     temperature: float = 0.05
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
     progress: bool = True  # tqdm bar
 
     def to_json(self) -> dict[str, Any]:
@@ -69,12 +88,32 @@ class TrainConfig:
         return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
 
-    def model_config(self, num_classes: int) -> ModelConfig:
-        """The ModelConfig of this run, with one head for the label column."""
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return (LITE0_MEAN, LITE0_STD) if self.pretrained == IMAGENET_LITE0 else (IMAGENET_MEAN, IMAGENET_STD)
+
+    def model_config(self, label_maps: dict[str, list[str]], weak_labels: int) -> ModelConfig:
+        """The ModelConfig of this run: one head per task (finetune) or the weak-label head (pretrain)."""
         return ModelConfig(timm_name=self.timm_name, image_size=(self.image_height, self.image_width),
                            patch_size=self.patch_size, width=self.width, depth=self.depth,
                            num_heads=self.num_heads, embedding_dim=self.embedding_dim,
-                           temperature=self.temperature, heads={self.label_column: num_classes})
+                           temperature=self.temperature, pretrained=self.pretrained,
+                           heads={t: len(c) for t, c in label_maps.items()}, weak_labels=weak_labels)
+
+    def validate(self) -> None:
+        """Raise ValueError on a config that cannot run, before any work."""
+        if self.stage not in ("pretrain", "finetune"):
+            raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
+        if self.stage == "pretrain" and not self.weak_labels:
+            raise ValueError("the pretrain stage needs weak labels: run `vitrine annotate` and pass --weak-labels")
+        if self.stage == "finetune" and not self.tasks:
+            raise ValueError("the finetune stage needs at least one task (a label column)")
+        if self.task_weights and len(self.task_weights) != len(self.tasks):
+            raise ValueError(f"{len(self.task_weights)} task weights for {len(self.tasks)} tasks")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
 
 
 def seed_everything(seed: int) -> None:
@@ -82,37 +121,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def scan_training_records(config: TrainConfig) -> tuple[list[str], set[str], int]:
-    """(sorted label names, ids of the records to train on, their count) — a pass over the metadata.
-
-    A record without a split (a catalog with no split column) is a training record. With `max_records`,
-    a deterministic spread-out subset is kept (ids ordered by SHA-1), not the first N.
-    """
-    eligible: dict[str, str] = {}
-    for record in iter_shard_records(config.shards_dir):
-        product = record.product
-        label = product_label(product, config.label_column)
-        if (product.split is None or product.split in config.train_splits) and label:
-            eligible[product.product_id] = label
-    if not eligible:
-        raise ValueError(f"no records in {config.shards_dir} with split in {config.train_splits} and a "
-                         f"non-empty {config.label_column!r}: nothing to train on")
-    ids = sorted(eligible, key=lambda i: hashlib.sha1(i.encode()).hexdigest())[:config.max_records]
-    return sorted({eligible[i] for i in ids}), set(ids), len(ids)
-
-
-def train_transform(config: TrainConfig) -> transforms.Compose:
-    """Light augmentation: mild random resized crop to (H, W), horizontal flip, normalise."""
-    aspect = config.image_width / config.image_height
-    return transforms.Compose([
-        transforms.RandomResizedCrop((config.image_height, config.image_width), scale=(0.8, 1.0),
-                                     ratio=(aspect * 0.9, aspect * 1.1), antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(config.mean, config.std),
-    ])
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -128,82 +136,119 @@ def data_fingerprint(shards_dir: Path | str) -> str:
     return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
-def _make_loader(config: TrainConfig, label_map: dict[str, int], ids: set[str]) -> tuple[ShardDataset, DataLoader]:
-    """The shuffled training dataset and its DataLoader (seeded)."""
-    dataset = ShardDataset(config.shards_dir, train_transform(config), config.label_column, label_map,
-                           splits=None, seed=config.seed, allowed_ids=ids)  # ids already hold the split rule
-    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
-                        generator=torch.Generator().manual_seed(config.seed),
-                        persistent_workers=False, drop_last=False)
-    return dataset, loader
+def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if config.device == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(config.device)
 
 
-def _train_epochs(config: TrainConfig, model: VitrineModel, loader: DataLoader, dataset: ShardDataset,
-                  n_records: int, metrics_path: Path) -> dict[str, Any]:
-    """The optimisation loop; returns summary metrics (final loss, steps, images/s)."""
-    device = torch.device(config.device)
-    loss_fn = NormalizedSoftmaxLoss({config.label_column: 1.0})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(n_records / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = max(1, int(config.warmup * total_steps))
-    step, seen, start = 0, 0, time.perf_counter()
-    recent: list[float] = []
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not config.progress)
-    with open(metrics_path, "w", encoding="utf-8") as metrics_file:
-        for epoch in range(config.epochs):
-            dataset.set_epoch(epoch)
-            model.train()
-            for images, labels in loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * lr_factor(step, total_steps, warmup_steps)
-                losses = loss_fn(model(images.to(device)), {k: v.to(device) for k, v in labels.items()})
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                step, seen = step + 1, seen + len(images)
-                rate = seen / max(time.perf_counter() - start, 1e-9)
-                row = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "images_per_s": round(rate, 2),
-                       **{k: float(v.detach()) for k, v in losses.items()}}
-                metrics_file.write(json.dumps(row) + "\n")
-                recent = (recent + [row["loss"]])[-steps_per_epoch:]
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{rate:.0f}")
-    bar.close()
-    seconds = time.perf_counter() - start
-    return {"final_train_loss": float(np.mean(recent)) if recent else float("nan"), "steps": step,
-            "images_seen": seen, "train_seconds": round(seconds, 3),
-            "images_per_s": round(seen / max(seconds, 1e-9), 2), "skipped_records": dict(dataset.skipped)}
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or "auto" on a CUDA GPU with bf16 or a CPU with AVX512-BF16/AMX."""
+    if config.precision == "bf16":
+        return True
+    if config.precision == "auto":
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(config, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, device
+
+
+def _warm_start(model: VitrineModel, checkpoint: Path | str) -> dict[str, Any]:
+    """Copy the trunk (and the neck when shapes match) of a checkpoint into the model; heads start fresh."""
+    source, card = load_checkpoint(checkpoint)
+    own = model.state_dict()
+    taken = {k: v for k, v in source.state_dict().items()
+             if k.startswith(("trunk.", "neck.")) and k in own and own[k].shape == v.shape}
+    if not any(k.startswith("trunk.") for k in taken):
+        raise ValueError(f"{checkpoint} has no trunk matching this model ({model.config.timm_name}): "
+                         "init_from must be a checkpoint of the same architecture")
+    model.load_state_dict(taken, strict=False)
+    return {"init_from": str(checkpoint), "init_weights_sha256": card.get("weights_sha256"),
+            "init_tensors": len(taken)}
+
+
+def _build_model(config: TrainConfig, label_maps: dict[str, list[str]], n_weak: int) -> tuple[VitrineModel, dict]:
+    model = create_model(config.model_config(label_maps, n_weak))
+    init = _warm_start(model, config.init_from) if config.init_from else {}
+    return model, init
 
 
 def train(config: TrainConfig) -> Path:
-    """Train a model on the shards and save a checkpoint in config.out_dir; returns that folder."""
+    """Run one stage and save a checkpoint in config.out_dir (rank 0); returns that folder.
+
+    A run interrupted after a training state was written resumes from it when started again with the same
+    config (exactly, in a single process).
+    """
+    config.validate()
     start = time.perf_counter()
+    rank, world, device = _init_distributed(config)
     seed_everything(config.seed)
-    labels, ids, n_records = scan_training_records(config)
-    label_map = {name: index for index, name in enumerate(labels)}
-    model = create_model(config.model_config(len(labels))).to(config.device)
-    dataset, loader = _make_loader(config, label_map, ids)
+    pretrain = config.stage == "pretrain"
+    tasks = () if pretrain else config.tasks
+    label_maps, ids = scan_label_maps(config.shards_dir, tasks, config.train_splits, config.max_records,
+                                      config.min_class_count) if tasks else ({}, None)
+    if ids is None:
+        _, ids = scan_label_maps(config.shards_dir, (), config.train_splits, config.max_records)
+    weak = load_weak_labels(config.weak_labels) if pretrain and config.weak_labels else None
+    teacher = load_teacher(config.distill_from, label_maps) if config.distill_from else None
+    model, init = _build_model(config, label_maps, len(weak.labels) if weak else 0)
+    model.to(device)
+    mean, std = config.mean_std
+    dataset = ShardDataset(config.shards_dir, Augment((config.image_height, config.image_width), mean, std),
+                           make_targets(label_maps, ids, weak, teacher), seed=config.seed,
+                           shuffle_buffer=config.shuffle_buffer)
+    loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
+                        persistent_workers=False, drop_last=False)
+    weights = config.task_weights or (1.0,) * len(tasks)
+    loss_fn = MultiTaskLoss(dict(zip(tasks, weights, strict=True)), weak_weight=1.0 if pretrain else 0.0,
+                            distill_weight=config.distill_weight if teacher else 0.0,
+                            distill_temperature=config.distill_temperature, label_smoothing=config.label_smoothing)
     out_dir = Path(config.out_dir)
-    scratch = out_dir.with_name(f".{out_dir.name}.metrics")
-    scratch.mkdir(parents=True, exist_ok=True)
-    summary = _train_epochs(config, model, loader, dataset, n_records, scratch / "metrics.jsonl")
-    card = {
-        "architecture": "vit + layernorm(no affine) + linear + l2norm; normalized-softmax heads",
-        "mean": list(config.mean), "std": list(config.std),
-        "label_maps": {config.label_column: labels},
-        "data_fingerprint": data_fingerprint(config.shards_dir),
-        "train_records": n_records,
-        "metrics": {k: summary[k] for k in ("final_train_loss", "steps", "images_seen", "images_per_s")},
-        "timings": {"train_seconds": summary["train_seconds"],
-                    "total_seconds": round(time.perf_counter() - start, 3)},
-        "skipped_records": summary["skipped_records"],
-        "config": config.to_json(),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    save_checkpoint(out_dir, model.cpu(), card)
-    (scratch / "metrics.jsonl").replace(out_dir / "metrics.jsonl")
-    scratch.rmdir()
+    work = out_dir.with_name(f".{out_dir.name}.work")
+    state = LoopState(config=config, model=model, loader=loader, dataset=dataset, loss_fn=loss_fn,
+                      steps_per_epoch=math.ceil(len(ids) / world / config.batch_size), work_dir=work, rank=rank,
+                      world=world, device=device, bf16=use_bf16(config, device))
+    summary = run_epochs(state)
+    if rank == 0:
+        card = {
+            "architecture": f"{config.timm_name} + layernorm(no affine) + linear + l2norm; normalized-softmax "
+                            "heads" + ("; weak-label multi-label head" if pretrain else ""),
+            "stage": config.stage, "mean": list(mean), "std": list(std), "label_maps": label_maps,
+            "weak_labels": {"path": str(config.weak_labels), "labels": len(weak.labels)} if weak else None,
+            "distillation": {"teacher": str(config.distill_from), "weight": config.distill_weight,
+                             "temperature": config.distill_temperature} if teacher else None,
+            **init, "data_fingerprint": data_fingerprint(config.shards_dir), "train_records": len(ids),
+            "world_size": world, "device": str(device), "bf16": state.bf16,
+            "metrics": {k: summary[k] for k in ("final_train_loss", "steps", "images_seen", "images_per_s")},
+            "timings": {"train_seconds": summary["train_seconds"],
+                        "total_seconds": round(time.perf_counter() - start, 3)},
+            "skipped_records": summary["skipped_records"], "config": config.to_json(),
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        save_checkpoint(out_dir, model.cpu(), card)
+        (work / "metrics.jsonl").replace(out_dir / "metrics.jsonl")
+        shutil.rmtree(work, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return out_dir
+
+
+def config_summary(config: TrainConfig) -> str:
+    """One line naming the run (logged at start)."""
+    return json.dumps({k: v for k, v in config.to_json().items() if v not in (None, "", [], ())})

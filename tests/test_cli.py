@@ -17,7 +17,8 @@ from vitrine.demo import DemoConfig, run_demo
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "data" / "mini-catalog"
 
-SUBCOMMANDS = [["ingest"], ["train"], ["index"], ["index", "build"], ["index", "list"], ["index", "rollback"],
+SUBCOMMANDS = [["ingest"], ["annotate"], ["teacher"], ["train"], ["index"], ["index", "build"], ["index", "list"],
+               ["index", "rollback"],
                ["serve"], ["query"],
                ["demo"]]
 
@@ -49,7 +50,7 @@ def _free_port() -> int:
 def demo_work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real demo run with a one-epoch model: every stage (ingest, train, index, serve, query) real."""
     work = tmp_path_factory.mktemp("demo")
-    summary = run_demo(DemoConfig(work_dir=work, epochs=1, html_queries=5))
+    summary = run_demo(DemoConfig(work_dir=work, train=True, epochs=1, html_queries=5))
     assert summary["queries"] >= 100
     return work
 
@@ -110,11 +111,14 @@ def test_own_catalog_with_other_columns_and_no_split(tmp_path: Path) -> None:
     work = tmp_path / "work"
     assert main(["ingest", "--csv", str(tmp_path / "my.csv"), "--images", str(images), "--out", str(work / "shards"),
                  "--catalog-config", str(tmp_path / "cols.json")]) == 0
-    assert main(["train", "--shards", str(work / "shards"), "--out", str(work / "model"), "--label-column", "type",
-                 "--epochs", "1"]) == 0
+    assert main(["annotate", "--shards", str(work / "shards"), "--out", str(work / "weak_labels.json")]) == 0
+    assert main(["train", "--stage", "pretrain", "--shards", str(work / "shards"), "--weak-labels",
+                 str(work / "weak_labels.json"), "--out", str(work / "pretrain"), "--epochs", "1"]) == 0
+    assert main(["train", "--shards", str(work / "shards"), "--init-from", str(work / "pretrain"), "--tasks",
+                 "type,brand", "--out", str(work / "model"), "--epochs", "1"]) == 0
     assert main(["index", "build", "--shards", str(work / "shards"), "--model", str(work / "model"),
                  "--index-root", str(work / "index")]) == 0
     card = json.loads((work / "model" / "model_card.json").read_text())
-    assert card["embedding_dim"] > 0
+    assert card["embedding_dim"] > 0 and set(card["label_maps"]) == {"type", "brand"} and card["init_from"]
     manifest = json.loads(next((work / "index").glob("*/manifest.json")).read_text())
     assert manifest["count"] == 30

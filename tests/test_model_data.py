@@ -81,21 +81,102 @@ def test_record_encoding_round_trip(shards: Path) -> None:
         decode_record(b"\x00\x00\x01\x00{}")
 
 
-def _to_tensor(image: object) -> torch.Tensor:
-    return torch.zeros(3, 4, 4)
+def _to_tensor(image: object, seed: int) -> torch.Tensor:
+    return torch.full((1,), float(seed))
 
 
-def test_shard_dataset_filters_splits_and_splits_shards_over_workers(shards: Path) -> None:
+def _category_targets(label_map: dict[str, int], split: str | None = "train"):  # type: ignore[no-untyped-def]
+    def targets(product):  # type: ignore[no-untyped-def]
+        if split is not None and product.split != split:
+            return None
+        return {"label/articleType": label_map[product.category], "id": product.product_id}
+    return targets
+
+
+def test_shard_dataset_filters_and_reshuffles_per_epoch(shards: Path) -> None:
     records = list(iter_shard_records(shards))
-    labels = sorted({r.product.category for r in records})
-    label_map = {name: i for i, name in enumerate(labels)}
+    label_map = {name: i for i, name in enumerate(sorted({r.product.category for r in records}))}
     train_count = sum(r.product.split == "train" for r in records)
-    dataset = ShardDataset(shards, _to_tensor, "articleType", label_map, splits=("train",), seed=1)
+    dataset = ShardDataset(shards, _to_tensor, _category_targets(label_map), seed=1, shuffle_buffer=100)
     examples = list(dataset)
-    assert len(examples) == train_count and dataset.skipped["split"] == len(records) - train_count
-    assert set(examples[0][1]) == {"articleType"}
-    loader = DataLoader(dataset, batch_size=64, num_workers=2)
-    assert sum(len(batch[1]["articleType"]) for batch in loader) == train_count
+    assert len(examples) == train_count and dataset.skipped["targets"] == len(records) - train_count
+    assert set(examples[0][1]) == {"label/articleType", "id"}
+    assert list(dataset) == examples  # same epoch, same order and same augmentation seeds
     dataset.set_epoch(1)
-    reordered = [label["articleType"] for _, label in dataset]
-    assert reordered != [label["articleType"] for _, label in examples]
+    reordered = [t["id"] for _, t in dataset]
+    assert reordered != [t["id"] for _, t in examples] and sorted(reordered) == sorted(t["id"] for _, t in examples)
+
+
+@pytest.mark.parametrize("world, workers", [(1, 2), (2, 1), (2, 2)])
+def test_every_record_exactly_once_per_epoch_across_ranks_and_workers(shards: Path, world: int,
+                                                                      workers: int) -> None:
+    """4 shards over world x workers readers: the union of what every reader saw is each record once."""
+    records = list(iter_shard_records(shards))
+    label_map = {name: i for i, name in enumerate(sorted({r.product.category for r in records}))}
+    for epoch in (0, 1):
+        seen: list[str] = []
+        for rank in range(world):
+            dataset = ShardDataset(shards, _to_tensor, _category_targets(label_map, split=None), seed=3,
+                                   rank=rank, world_size=world, shuffle_buffer=50)
+            dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_size=32, num_workers=workers)
+            seen += [i for batch in loader for i in batch[1]["id"]]
+        assert len(seen) == len(records) and set(seen) == {r.product.product_id for r in records}
+
+
+def test_corrupt_record_is_counted_and_skipped(shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import lmdb
+
+    from model.data.shards import record_key
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    first = load_shards_manifest(copy)["shards"][0]["path"]
+    env = lmdb.open(str(copy / first), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        product, _ = decode_record(txn.get(record_key(0)))
+        txn.put(record_key(0), encode_record(product, b"not an image"))
+    env.close()
+    records = list(iter_shard_records(copy))
+    label_map = {name: i for i, name in enumerate(sorted({r.product.category for r in records}))}
+    dataset = ShardDataset(copy, _to_tensor, _category_targets(label_map, split=None), shuffle=False)
+    assert len(list(dataset)) == len(records) - 1 and dataset.skipped["image"] == 1
+    # counted in dataloader workers too, and visible to the trainer's process
+    dataset = ShardDataset(copy, _to_tensor, _category_targets(label_map, split=None), shuffle=False)
+    seen = sum(len(batch[0]) for batch in DataLoader(dataset, batch_size=50, num_workers=2))
+    assert seen == len(records) - 1 and dataset.skipped == {"targets": 0, "image": 1}
+
+
+def test_parallel_ingest_matches_serial_and_reencodes(tmp_path: Path) -> None:
+    serial = build_shards(MINI / "styles.csv", MINI / "images", tmp_path / "a", CatalogConfig(), workers=1,
+                          progress=False)
+    parallel = build_shards(MINI / "styles.csv", MINI / "images", tmp_path / "b", CatalogConfig(), workers=2,
+                            progress=False)
+    assert serial.records == parallel.records
+    assert [e["sha256"] for e in load_shards_manifest(tmp_path / "a")["shards"]] == \
+        [e["sha256"] for e in load_shards_manifest(tmp_path / "b")["shards"]]
+    small = build_shards(MINI / "styles.csv", MINI / "images", tmp_path / "c", CatalogConfig(), workers=2,
+                         max_side=40, progress=False)
+    assert small.records == serial.records
+    from model.images import decode_image
+
+    record = next(iter_shard_records(tmp_path / "c"))
+    assert max(decode_image(record.image_bytes).size) == 40
+
+
+def test_split_file_sets_the_split(tmp_path: Path) -> None:
+    lines = (MINI / "styles.csv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    at = header.index("split")
+    (tmp_path / "styles.csv").write_text("\n".join(
+        [",".join(f for k, f in enumerate(line.split(",")) if k != at) if i == 0 else line.rsplit(",", 1)[0]
+         for i, line in enumerate(lines[:6])]) + "\n", encoding="utf-8")
+    ids = [line.split(",")[0] for line in lines[1:6]]
+    (tmp_path / "splits.csv").write_text("id,split\n" + "".join(f"{i},{'test' if k % 2 else 'train'}\n"
+                                                                for k, i in enumerate(ids)))
+    table = read_catalog(tmp_path / "styles.csv", CatalogConfig(split_column=None, split_file="splits.csv"))
+    assert [p.split for p in table.products] == ["train", "test", "train", "test", "train"]
+    with pytest.raises(FileNotFoundError, match="split file"):
+        read_catalog(tmp_path / "styles.csv", CatalogConfig(split_column=None, split_file="nope.csv"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ MINI = Path(__file__).resolve().parents[1] / "data" / "mini-catalog"
 
 def _tiny_config(shards: Path, out: Path, **overrides: object) -> TrainConfig:
     values = {"max_records": 200, "epochs": 1, "batch_size": 50, "width": 64, "depth": 1, "num_heads": 2,
-              "embedding_dim": 32, "progress": False, "seed": 7, **overrides}
+              "embedding_dim": 32, "progress": False, "seed": 7, "tasks": ("articleType",), **overrides}
     return TrainConfig(shards_dir=shards, out_dir=out, **values)  # type: ignore[arg-type]
 
 
@@ -105,3 +107,99 @@ def test_lr_schedule_warms_up_then_decays(step: int, expected: float) -> None:
 def test_records_iterate_in_stable_order(checkpoint: Path) -> None:
     ids = [r.product.product_id for r in iter_shard_records(checkpoint.parent / "shards")]
     assert len(ids) == len(set(ids)) >= 1000
+
+
+def test_multitask_loss_masks_missing_labels_and_sums_tasks() -> None:
+    from model.losses import IGNORE_LABEL, MultiTaskLoss
+
+    model = create_model(ModelConfig(width=64, depth=1, num_heads=2, embedding_dim=16, heads={"a": 4, "b": 2},
+                                     weak_labels=5))
+    outputs = model(torch.randn(3, 3, 80, 64))
+    weak = torch.tensor([[1.0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
+    targets = {"label/a": torch.tensor([0, 1, 3]), "label/b": torch.full((3,), IGNORE_LABEL), "weak": weak}
+    losses = MultiTaskLoss({"a": 1.0, "b": 1.0}, weak_weight=0.5)(outputs, targets)
+    assert float(losses["loss/b"]) == 0.0 and torch.isfinite(losses["loss"])
+    torch.testing.assert_close(losses["loss"], losses["loss/a"] + 0.5 * losses["loss/weak"])
+    # the image without weak labels does not count: same loss as the two labelled rows alone
+    alone = MultiTaskLoss({}, weak_weight=1.0)({"logits/weak": outputs["logits/weak"][[0, 2]]},
+                                               {"weak": weak[[0, 2]]})
+    torch.testing.assert_close(alone["loss"], losses["loss/weak"])
+
+
+def test_two_stages_weak_label_pretrain_then_multitask_finetune(checkpoint: Path, tmp_path: Path) -> None:
+    from model.annotate import WeakLabelConfig, build_weak_labels, save_weak_labels
+
+    shards = checkpoint.parent / "shards"
+    weak = build_weak_labels((r.product for r in iter_shard_records(shards)),
+                             WeakLabelConfig(min_count=3, head_min_count=30, tail_clusters=4))
+    save_weak_labels(weak, tmp_path / "weak.json")
+    pre = train(_tiny_config(shards, tmp_path / "pre", stage="pretrain", weak_labels=tmp_path / "weak.json"))
+    pre_card = json.loads((pre / "model_card.json").read_text())
+    assert pre_card["stage"] == "pretrain" and pre_card["model_config"]["weak_labels"] == len(weak.labels)
+    fine = train(_tiny_config(shards, tmp_path / "fine", init_from=pre, tasks=("articleType", "baseColour", "usage")))
+    card = json.loads((fine / "model_card.json").read_text())
+    assert set(card["label_maps"]) == {"articleType", "baseColour", "usage"} and card["init_tensors"] > 10
+    assert card["init_weights_sha256"] == pre_card["weights_sha256"]
+    rows = [json.loads(line) for line in (fine / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/articleType", "loss/baseColour", "loss/usage"} <= set(rows[-1])
+    assert Embedder.load(fine).embed_bytes([(MINI / "images" / "28625.jpg").read_bytes()]).shape == (1, 32)
+    with pytest.raises(ValueError, match="weak labels"):
+        train(_tiny_config(shards, tmp_path / "bad", stage="pretrain"))
+
+
+def _train_cli(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vitrine", "train", "--shards", str(shards), "--out", str(out),
+            "--label-column", "articleType", "--max-records", "100", "--epochs", "2", "--batch-size", "20",
+            "--width", "64", "--depth", "1", "--heads", "2", "--embedding-dim", "32", "--image-size", "160x128",
+            "--seed", "5", "--checkpoint-every", "3", *extra]
+
+
+def test_killed_run_resumes_exactly(checkpoint: Path, tmp_path: Path) -> None:
+    """SIGKILL a training process after its first training state; rerunning it gives the same weights as a
+    run that was never interrupted."""
+    import signal
+    import subprocess
+    import time
+
+    shards = checkpoint.parent / "shards"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(_train_cli(shards, tmp_path / "whole"), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "resumed"
+    state = tmp_path / ".resumed.work" / "state.pt"
+    process = subprocess.Popen(_train_cli(shards, out), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (out / "model.pt").exists()
+    killed_at = torch.load(state, weights_only=False)["step"]
+    assert 3 <= killed_at < 10
+    again = subprocess.run(_train_cli(shards, out), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    whole_state = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    resumed_state = torch.load(out / "model.pt", weights_only=True)
+    for key, value in whole_state.items():
+        torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=0)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 10
+    assert not (tmp_path / ".resumed.work").exists()
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo): shards split over ranks, every record trained on once per epoch."""
+    import subprocess
+
+    shards = tmp_path / "shards"
+    build_shards(MINI / "styles.csv", MINI / "images", shards, CatalogConfig(), max_records_per_shard=100,
+                 progress=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vitrine", "train", "--shards", str(shards), "--out", str(tmp_path / "ddp"),
+               "--label-column", "articleType", "--epochs", "1", "--batch-size", "64", "--width", "32",
+               "--depth", "1", "--heads", "2", "--embedding-dim", "16"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads((tmp_path / "ddp" / "model_card.json").read_text())
+    assert card["world_size"] == 2 and card["metrics"]["images_seen"] == card["train_records"] > 700
+    assert Embedder.load(tmp_path / "ddp").dim == 16

@@ -12,14 +12,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vitrine import commands
+from vitrine import commands, model_cli
 
 DESCRIPTION = """\
 vitrine: visual shopping search. A shopper's photo goes in; visually similar products come out.
 
 Typical flow (see README.md):
   vitrine ingest --csv styles.csv --images images/ --out work/shards
-  vitrine train --shards work/shards --out work/model
+  vitrine annotate --shards work/shards --out work/weak_labels.json
+  vitrine train --stage pretrain --shards work/shards --weak-labels work/weak_labels.json --out work/pretrain
+  vitrine train --shards work/shards --init-from work/pretrain --tasks category,colour --out work/model
   vitrine index build --shards work/shards --model work/model --index-root work/index
   vitrine serve --index-root work/index --port 50051
   vitrine query --target localhost:50051 --image photo.jpg
@@ -39,22 +41,11 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="JSON file with the column mapping (model.catalog.CatalogConfig fields); "
                         "default fits the fashion-product-images dataset")
     p.add_argument("--max-records-per-shard", type=int, default=None, help="records per LMDB shard")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes decoding and validating images (default 0: one per CPU core)")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="downscale and re-encode (JPEG) images whose longer side exceeds this many pixels")
     p.set_defaults(handler=commands.cmd_ingest)
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the ViT embedding model on ingested shards",
-                       description="Train a timm Vision Transformer with a normalized-softmax embedding head on "
-                                   "a label column of the shards, and save a checkpoint folder with a model card.")
-    p.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
-    p.add_argument("--out", required=True, help="checkpoint folder to write (model.pt + model_card.json)")
-    p.add_argument("--label-column", default="articleType", help="attribute column used as the class label")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (training is deterministic under it)")
-    p.add_argument("--workers", type=int, default=None, help="dataloader worker processes")
-    p.set_defaults(handler=commands.cmd_train)
 
 
 def _add_index(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +58,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
                                     "size threshold, IVF-PQ above; see indexer.plan), validate recall against "
                                     "exact search, write the version folder and replace CURRENT atomically.")
     b.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
-    b.add_argument("--model", required=True, help="checkpoint folder written by `vitrine train`")
+    b.add_argument("--model", default=None,
+                   help="checkpoint folder written by `vitrine train` (default: the committed default model)")
     b.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     b.add_argument("--factory", default=None, help="Faiss factory string (default: planned from catalog size)")
     b.add_argument("--batch-size", type=int, default=None, help="images per embedding batch")
@@ -144,7 +136,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default="work/demo", help="folder for every artifact of the demo")
     p.add_argument("--catalog", default=None, help="catalog folder with styles.csv and images/ "
                                                    "(default: the bundled data/mini-catalog)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
+    p.add_argument("--model", default=None, help="checkpoint to index with (default: the committed default model)")
+    p.add_argument("--train", action="store_true",
+                   help="train a small model on the catalog instead of using the default model")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs with --train (default: the demo's setting)")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first and redo every stage")
     p.set_defaults(handler=commands.cmd_demo)
 
@@ -154,7 +150,8 @@ def create_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_ingest, _add_train, _add_index, _add_serve, _add_query, _add_demo):
+    for add in (_add_ingest, model_cli.add_annotate, model_cli.add_teacher, model_cli.add_train, _add_index,
+                _add_serve, _add_query, _add_demo):
         add(sub)
     return parser
 
@@ -166,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is not news
     try:
         return int(args.handler(args))
-    except (commands.UserError, ValueError, FileExistsError) as err:  # bad input: say what, no traceback
+    except (commands.UserError, ValueError, FileExistsError, FileNotFoundError) as err:  # bad input: say what
         print(f"vitrine {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -32,6 +32,13 @@ def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, A
     return {field: getattr(args, flag) for flag, field in mapping.items() if getattr(args, flag) is not None}
 
 
+def _default_or_existing_model(path: str | None) -> Path:
+    """The named checkpoint (which must exist), or the committed default model when none is named."""
+    from model.checkpoint import default_model_path
+
+    return _existing(path, "model checkpoint") if path else default_model_path()
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from model.catalog import CatalogConfig, load_catalog_config
     from model.data.ingest import build_shards
@@ -41,21 +48,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = load_catalog_config(_existing(args.catalog_config, "catalog config")) if args.catalog_config \
         else CatalogConfig()
     kwargs = {} if args.max_records_per_shard is None else {"max_records_per_shard": args.max_records_per_shard}
-    report = build_shards(csv_path, images, Path(args.out), config, **kwargs)
+    report = build_shards(csv_path, images, Path(args.out), config, workers=args.workers, max_side=args.max_side,
+                          **kwargs)
     print(json.dumps(report.to_json(), indent=2))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from model.train import TrainConfig, train
-
-    shards = _existing(args.shards, "shards folder")
-    config = TrainConfig(shards_dir=shards, out_dir=Path(args.out))
-    config = dataclasses.replace(config, **_overrides(args, {
-        "label_column": "label_column", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-        "seed": "seed", "workers": "num_workers"}))
-    checkpoint = train(config)
-    print(f"checkpoint written: {checkpoint}")
     return 0
 
 
@@ -63,7 +58,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from indexer.build import IndexBuildConfig, build_index
 
     config = IndexBuildConfig(shards_dir=_existing(args.shards, "shards folder"),
-                              model=_existing(args.model, "model checkpoint"), index_root=Path(args.index_root))
+                              model=_default_or_existing_model(args.model), index_root=Path(args.index_root))
     config = dataclasses.replace(config, **_overrides(args, {"factory": "factory", "batch_size": "batch_size"}))
     version = build_index(config)
     print(f"published index version: {version}")
@@ -155,7 +150,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vitrine.demo import DemoConfig, run_demo
 
-    config = DemoConfig(work_dir=Path(args.work_dir), fresh=args.fresh)
+    config = DemoConfig(work_dir=Path(args.work_dir), fresh=args.fresh, train=args.train,
+                        model=_existing(args.model, "model checkpoint") if args.model else None)
     if args.catalog:
         config = dataclasses.replace(config, catalog_dir=_existing(args.catalog, "catalog folder"))
     if args.epochs is not None:

@@ -32,7 +32,9 @@ MINI_CATALOG = REPO_ROOT / "data" / "mini-catalog"
 class DemoConfig:
     work_dir: Path = Path("work/demo")
     catalog_dir: Path = MINI_CATALOG  # holds styles.csv and images/
-    epochs: int = 12  # training passes over the train split (about a minute per 4 epochs here)
+    model: Path | None = None  # checkpoint to index with; None: the committed default model (model/default)
+    train: bool = False  # train a small model on the catalog instead (ingest -> train -> index)
+    epochs: int = 12  # training passes over the train split when training (about a minute per 4 epochs here)
     top_k: int = 5  # results shown per query
     html_queries: int = 60  # queries shown on the HTML page
     fresh: bool = False  # delete work_dir first
@@ -55,6 +57,7 @@ def build_offline(config: DemoConfig) -> dict[str, Path]:
     """Ingest, train and index the catalog in config.work_dir (each stage skipped when done)."""
     from indexer.build import IndexBuildConfig, build_index
     from model.catalog import CatalogConfig
+    from model.checkpoint import default_model_path
     from model.data.ingest import build_shards
     from model.train import TrainConfig, train
 
@@ -64,7 +67,10 @@ def build_offline(config: DemoConfig) -> dict[str, Path]:
         report = build_shards(config.catalog_dir / "styles.csv", config.catalog_dir / "images", paths["shards"],
                               CatalogConfig())
         print(json.dumps(report.to_json(), indent=2))
-    if _stage("train", (paths["model"] / "model_card.json").exists()):
+    if not config.train:
+        paths["model"] = config.model or default_model_path()
+        print(f"\n== model: {paths['model']} (pass --train to train one on the catalog instead)", flush=True)
+    elif _stage("train", (paths["model"] / "model_card.json").exists()):
         train(TrainConfig(shards_dir=paths["shards"], out_dir=paths["model"], epochs=config.epochs))
     if _stage("index build", (paths["index"] / "CURRENT").exists()):
         build_index(IndexBuildConfig(shards_dir=paths["shards"], model=paths["model"], index_root=paths["index"]))

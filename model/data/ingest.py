@@ -8,7 +8,9 @@ output is never taken for a finished one; a finished output is reused (idempoten
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import multiprocessing
 import os
 import shutil
 import struct
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+from PIL import Image
 from tqdm import tqdm
 
 from model.catalog import CatalogConfig, Product, read_catalog
@@ -53,19 +56,32 @@ class IngestReport:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-def _load_valid_image(path: Path, report: IngestReport, reasons: Counter[str]) -> bytes | None:
-    """The image file's bytes when it exists and decodes; None (counted with a reason) otherwise."""
-    if not path.is_file():
-        report.missing_images += 1
-        return None
-    data = path.read_bytes()
+def prepare_image(path: str, max_side: int | None = None) -> tuple[bytes | None, str]:
+    """(bytes to store, "") when the image file exists and decodes, else (None, reason).
+
+    With `max_side`, an image whose longer side exceeds it is downscaled and re-encoded as JPEG (quality
+    90), so shards of phone photos stay small; other images are stored as given (no generation loss).
+    Runs in ingest worker processes, hence plain arguments and no exceptions for bad input.
+    """
+    file = Path(path)
+    if not file.is_file():
+        return None, "missing"
+    data = file.read_bytes()
     try:
-        decode_image(data)
+        image = decode_image(data)
     except ImageDecodeError as exc:
-        report.bad_images += 1
-        reasons[str(exc).split(":")[0][:80]] += 1
-        return None
-    return data
+        return None, str(exc).split(":")[0][:80]
+    if max_side is not None and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        buffer = io.BytesIO()
+        image.resize(size, Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+        data = buffer.getvalue()
+    return data, ""
+
+
+def _prepare_star(args: tuple[str, int | None]) -> tuple[bytes | None, str]:
+    return prepare_image(*args)
 
 
 def _write_shard(path: Path, records: list[tuple[Product, bytes]]) -> dict[str, Any]:
@@ -100,8 +116,11 @@ def _existing_report(out_dir: Path) -> IngestReport | None:
 
 def build_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Path, config: CatalogConfig, *,
                  max_records_per_shard: int = DEFAULT_MAX_RECORDS_PER_SHARD, overwrite: bool = False,
-                 progress: bool = True) -> IngestReport:
+                 progress: bool = True, workers: int = 0, max_side: int | None = None) -> IngestReport:
     """Ingest a catalog into `out_dir/shard-00000.lmdb`, ... and `out_dir/manifest.json`.
+
+    `workers` processes decode and validate images (0: one per CPU core); `max_side` (pixels) downscales
+    and re-encodes larger images.
 
     When `out_dir` already holds a finished ingest it is kept and its report returned, unless `overwrite`.
     """
@@ -120,10 +139,11 @@ def build_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    entries = _write_all_shards(table.products, images_dir, tmp, config, max_records_per_shard, report, progress)
+    options = {"workers": workers, "max_side": max_side, "progress": progress}
+    entries = _write_all_shards(table.products, images_dir, tmp, config, max_records_per_shard, report, options)
     report.shards, report.records = len(entries), sum(e["records"] for e in entries)
     report.seconds = round(time.perf_counter() - start, 3)
-    manifest = {"format": SHARDS_FORMAT, "catalog_config": config.to_json(), "shards": entries,
+    manifest = {"format": SHARDS_FORMAT, "catalog_config": config.to_json(), "max_side": max_side, "shards": entries,
                 "records": report.records, "report": report.to_json()}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     if out_dir.exists():
@@ -133,19 +153,37 @@ def build_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
 
 
 def _write_all_shards(products: list[Product], images_dir: Path, tmp: Path, config: CatalogConfig,
-                      max_records: int, report: IngestReport, progress: bool) -> list[dict[str, Any]]:
-    """Validate each product's image and write shards of at most `max_records` records."""
+                      max_records: int, report: IngestReport, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """Validate (and maybe re-encode) images in worker processes; write shards of at most `max_records`.
+
+    Workers decode in parallel while this process writes shards in catalog order (`imap` keeps order),
+    so the output is the same whatever the number of workers.
+    """
     reasons: Counter[str] = Counter()
     entries: list[dict[str, Any]] = []
     pending: list[tuple[Product, bytes]] = []
-    for product in tqdm(products, desc="ingest", unit="img", disable=not progress, mininterval=1.0):
-        data = _load_valid_image(images_dir / config.image_pattern.format(id=product.product_id), report, reasons)
-        if data is None:
-            continue
-        pending.append((product, data))
-        if len(pending) == max_records:
-            entries.append(_write_shard(tmp / f"shard-{len(entries):05d}.lmdb", pending))
-            pending = []
+    jobs = [(str(images_dir / config.image_pattern.format(id=p.product_id)), options["max_side"]) for p in products]
+    workers = options["workers"] or os.cpu_count() or 1
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_prepare_star, jobs, chunksize=64) if pool else map(_prepare_star, jobs)
+        for product, (data, reason) in tqdm(zip(products, results, strict=True), total=len(products),
+                                            desc="ingest", unit="img", disable=not options["progress"],
+                                            mininterval=1.0):
+            if data is None:
+                if reason == "missing":
+                    report.missing_images += 1
+                else:
+                    report.bad_images += 1
+                    reasons[reason] += 1
+                continue
+            pending.append((product, data))
+            if len(pending) == max_records:
+                entries.append(_write_shard(tmp / f"shard-{len(entries):05d}.lmdb", pending))
+                pending = []
+    finally:
+        if pool is not None:
+            pool.terminate()
     if pending:
         entries.append(_write_shard(tmp / f"shard-{len(entries):05d}.lmdb", pending))
     report.bad_image_reasons = dict(sorted(reasons.items()))

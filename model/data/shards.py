@@ -7,6 +7,7 @@ the encoded image bytes as given by the catalog.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import struct
@@ -103,10 +104,11 @@ def iter_shard_records(shards_dir: str | Path) -> Iterator[ShardRecord]:
 
 
 def product_label(product: Product, column: str) -> str:
-    """The product's value for a label column: an attribute, or the category for "category" ("" if none)."""
+    """The product's value for a label column: an attribute, or the mapped category / brand for "category" /
+    "brand" ("" if none)."""
     if column in product.attributes:
         return product.attributes[column]
-    return product.category if column == "category" else ""
+    return {"category": product.category, "brand": product.brand}.get(column, "")
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -116,90 +118,103 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-class ShardDataset(IterableDataset):
-    """Training examples from shards: (transform(image), {label_column: class index}).
+def example_seed(seed: int, epoch: int, shard: int, index: int) -> int:
+    """Seed of one example's augmentation: fixed by (seed, epoch, record), whoever reads it and whenever.
 
-    Shards are split across distributed ranks and dataloader workers (shard i goes to reader i mod n);
-    within a reader the records of all its shards are shuffled together, deterministically per epoch
-    (`set_epoch`). Records whose split
-    is not in `splits`, whose label is not in `label_map` or whose image does not decode are skipped and
-    counted in `skipped` (per reader process).
+    This is what makes a resumed run (or one with another number of workers) augment exactly as before.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{shard}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+Targets = Callable[[Product], "dict[str, Any] | None"]
+_MAX_WORKERS = 64  # slots of the shared skip counters (dataloader workers per process, plus the main one)
+
+
+class ShardDataset(IterableDataset):
+    """Training examples from shards: (transform(image, example_seed), targets(product)).
+
+    Reading is split by shard: shard i goes to reader i mod (ranks x workers), so across all distributed
+    ranks and dataloader workers every record is read exactly once per epoch. Each epoch a reader visits
+    its shards in a seeded order, reads each sequentially (LMDB pages in order, the fast path on disks and
+    network storage) and passes the records through a seeded shuffle buffer of `shuffle_buffer` records
+    (0: no buffer; a buffer larger than a shard mixes shards, which matters for catalogs sorted by
+    category). `targets` returns the label dict of a product or None to skip it; skipped records and
+    images that do not decode are counted in `skipped` (per reader process).
     """
 
-    def __init__(self, shards_dir: str | Path, transform: Callable[[Any], torch.Tensor], label_column: str,
-                 label_map: dict[str, int], *, splits: Sequence[str] | None = None, shuffle: bool = True,
-                 seed: int = 0, allowed_ids: set[str] | None = None) -> None:
+    def __init__(self, shards_dir: str | Path, transform: Callable[[Any, int], torch.Tensor], targets: Targets, *,
+                 shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 8192,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         self.shards_dir = Path(shards_dir)
         self.entries = load_shards_manifest(shards_dir)["shards"]
         self.transform = transform
-        self.label_column = label_column
-        self.label_map = dict(label_map)
-        self.splits = None if splits is None else set(splits)
+        self.targets = targets
         self.shuffle = shuffle
         self.seed = seed
-        self.allowed_ids = allowed_ids
+        self.shuffle_buffer = shuffle_buffer
+        self.rank, self.world_size = rank, world_size  # None: from torch.distributed
         self.epoch = 0
-        self.skipped: dict[str, int] = {"split": 0, "label": 0, "image": 0}
+        # skip counts per dataloader worker, in shared memory so that the workers' counts reach the trainer
+        self._skips = torch.zeros((_MAX_WORKERS, 2), dtype=torch.int64).share_memory_()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Records skipped so far by every reader of this process and its dataloader workers, by reason."""
+        totals = self._skips.sum(dim=0).tolist()
+        return {"targets": int(totals[0]), "image": int(totals[1])}
+
+    def _count_skip(self, reason: int) -> None:
+        info = get_worker_info()
+        self._skips[(0 if info is None else info.id + 1) % _MAX_WORKERS, reason] += 1
 
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffle order (call before each epoch, as with DistributedSampler)."""
         self.epoch = epoch
 
     def _my_shards(self) -> list[int]:
-        """Shard positions read by this rank and dataloader worker."""
+        """Shard positions read by this rank and dataloader worker, in this epoch's order."""
         rank, world = _rank_and_world()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader, readers = rank * workers + worker, world * workers
-        return list(range(len(self.entries)))[reader::readers]
-
-    def _label(self, product: Product) -> int | None:
-        """Class index of the product for the label column, or None when unusable (counted)."""
-        if self.splits is not None and product.split not in self.splits:
-            self.skipped["split"] += 1
-            return None
-        if self.allowed_ids is not None and product.product_id not in self.allowed_ids:
-            self.skipped["split"] += 1
-            return None
-        value = product_label(product, self.label_column)
-        if value not in self.label_map:
-            self.skipped["label"] += 1
-            return None
-        return self.label_map[value]
-
-    def _records(self) -> Iterator[ShardRecord]:
-        """This reader's records; with `shuffle`, in one permutation across all its shards (seed, epoch).
-
-        Shuffling across shards matters: catalogs are often sorted by category, so a shard alone holds few
-        classes. Every assigned shard stays open while reading (fine for the shard counts of one reader).
-        """
-        positions = self._my_shards()
-        order = [(p, i) for p in positions for i in range(int(self.entries[p]["records"]))]
+        mine = list(range(len(self.entries)))[reader::readers]
         if self.shuffle:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        envs = {p: _open_shard(self.shards_dir / self.entries[p]["path"]) for p in positions}
-        try:
-            txns = {p: env.begin(buffers=False) for p, env in envs.items()}
-            for position, index in order:
-                value = txns[position].get(record_key(index))
-                if value is None:
-                    raise ValueError(f"shard {self.entries[position]['path']} lacks record {index}")
-                product, image_bytes = decode_record(value)
-                yield ShardRecord(product, image_bytes, position, index)
-            for txn in txns.values():
-                txn.abort()
-        finally:
-            for env in envs.values():
-                env.close()
+            random.Random(f"shards:{self.seed}:{self.epoch}:{reader}").shuffle(mine)
+        return mine
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, int]]]:
-        for record in self._records():
-            label = self._label(record.product)
-            if label is None:
+    def _sequential(self) -> Iterator[ShardRecord]:
+        for position in self._my_shards():
+            yield from iter_shard(self.shards_dir / self.entries[position]["path"], shard=position)
+
+    def records(self) -> Iterator[ShardRecord]:
+        """This reader's records for the current epoch (shard order, then the shuffle buffer)."""
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from self._sequential()
+            return
+        rng = random.Random(f"buffer:{self.seed}:{self.epoch}")
+        buffer: list[ShardRecord] = []
+        for record in self._sequential():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(record)
+                continue
+            slot = rng.randrange(len(buffer))
+            buffer[slot], record = record, buffer[slot]
+            yield record
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        for record in self.records():
+            targets = self.targets(record.product)
+            if targets is None:
+                self._count_skip(0)
                 continue
             try:
                 image = decode_image(record.image_bytes)
             except ImageDecodeError:
-                self.skipped["image"] += 1
+                self._count_skip(1)
                 continue
-            yield self.transform(image), {self.label_column: label}
+            yield self.transform(image, example_seed(self.seed, self.epoch, record.shard, record.index)), targets

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Reproduce vitrine's default model (model/default/) from the fashion-product-images-small catalog.
+# Every step is resumable: run it again after an interruption and it continues where it stopped.
+# Usage: scripts/train_default_model.sh [WORK_DIR]   (default work/default-model; needs ../shared/datasets)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-work/default-model}
+DATA=${VITRINE_DATA:-../shared/datasets/fashion-product-images-small}
+V=${VITRINE:-.venv/bin/vitrine}
+mkdir -p "$WORK"
+echo '{"split_column": null, "split_file": "splits.csv"}' > "$WORK/catalog.json"
+# 1. ingest: CSV + images -> LMDB shards (parallel decoding; ~30 s)
+[ -f "$WORK/shards/manifest.json" ] || $V ingest --csv "$DATA/styles.csv" --images "$DATA/images" \
+    --out "$WORK/shards" --catalog-config "$WORK/catalog.json" > "$WORK/ingest.json"
+# 2. weak labels from the training split's titles (~10 s)
+[ -f "$WORK/weak_labels.json" ] || $V annotate --shards "$WORK/shards" --out "$WORK/weak_labels.json" --splits train
+# 3. stage 1: pretrain the ViT on the weak labels
+ARCH=(--image-size 64x48 --patch-size 8 --width 192 --depth 6 --heads 3 --embedding-dim 256
+      --batch-size 128 --lr 1e-3 --precision auto --workers 1 --checkpoint-every 100)
+[ -f "$WORK/pretrain/model_card.json" ] || $V train --stage pretrain --shards "$WORK/shards" \
+    --weak-labels "$WORK/weak_labels.json" --epochs ${PRETRAIN_EPOCHS:-6} "${ARCH[@]}" --out "$WORK/pretrain"
+# 4. stage 2: multi-task fine-tune of the unified embedding, from the pretrained trunk
+[ -f "$WORK/model/model_card.json" ] || $V train --stage finetune --shards "$WORK/shards" \
+    --init-from "$WORK/pretrain" --tasks articleType,baseColour,gender,usage,season,masterCategory,subCategory \
+    --epochs ${FINETUNE_EPOCHS:-10} "${ARCH[@]}" --out "$WORK/model"
+echo "default model: $WORK/model"

