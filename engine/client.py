@@ -16,7 +16,16 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import convert
-from engine.types import IndexInfo, SearchFilter, SearchOptions, SearchQuery, SearchRequest, SearchResult
+from engine.types import (
+    BatchItem,
+    Embedding,
+    IndexInfo,
+    SearchFilter,
+    SearchOptions,
+    SearchQuery,
+    SearchRequest,
+    SearchResult,
+)
 from model.catalog import Product
 from protos.vitrine.v1 import search_pb2, search_pb2_grpc
 
@@ -74,6 +83,29 @@ class VisualSearchClient:
                        options: SearchOptions | None = None) -> SearchResult:
         """Products similar to a catalog product (itself left out unless options say otherwise)."""
         return self.search(_request(SearchQuery(product_id=product_id), top_k, filter, options))
+
+    def batch_search(self, requests: list[SearchRequest]) -> list[BatchItem]:
+        """Run many SearchRequests in one call; one BatchItem (result, or status code and message) per request."""
+        message = convert.batch_request_to_proto(requests)
+        response = self._call(lambda: self._stub.BatchSearch(message, timeout=self.timeout_s))
+        return convert.batch_response_from_proto(response)
+
+    def search_vectors(self, vectors: np.ndarray, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
+                       options: SearchOptions | None = None) -> list[SearchResult]:
+        """BatchSearch of the rows of `vectors` (n, dim); raises grpc.RpcError-like RuntimeError on a failed row."""
+        requests = [_request(SearchQuery(vector=np.asarray(row, np.float32)), top_k, filter, options)
+                    for row in np.atleast_2d(vectors)]
+        results = []
+        for row, item in enumerate(self.batch_search(requests)):
+            if item.result is None:
+                raise RuntimeError(f"query {row} of the batch failed with {item.code}: {item.message}")
+            results.append(item.result)
+        return results
+
+    def embed(self, data: bytes) -> Embedding:
+        """The server model's embedding of an encoded image (JPEG/PNG/WebP bytes)."""
+        response = self._call(lambda: self._stub.Embed(search_pb2.EmbedRequest(image=data), timeout=self.timeout_s))
+        return convert.embedding_from_proto(response)
 
     def get_product(self, product_id: str) -> Product:
         """The catalog record of one product of the served index version."""

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import datetime as dt
 
+import grpc
 import numpy as np
 
-from engine.types import IndexInfo, SearchFilter, SearchHit, SearchOptions, SearchQuery, SearchRequest, SearchResult
+from engine.types import (
+    BatchItem,
+    Embedding,
+    IndexInfo,
+    SearchFilter,
+    SearchHit,
+    SearchOptions,
+    SearchQuery,
+    SearchRequest,
+    SearchResult,
+)
 from model.catalog import Product
 from protos.vitrine.v1 import search_pb2 as pb
 
@@ -38,7 +49,8 @@ def product_from_proto(message: pb.Product) -> Product:
 
 def filter_to_proto(search_filter: SearchFilter) -> pb.Filter:
     """A SearchFilter as a protobuf Filter; the price range is set only when a bound is."""
-    message = pb.Filter(categories=list(search_filter.categories), in_stock_only=search_filter.in_stock_only)
+    message = pb.Filter(categories=list(search_filter.categories), brands=list(search_filter.brands),
+                        in_stock_only=search_filter.in_stock_only)
     if search_filter.min_price is not None:
         message.price.min = float(search_filter.min_price)
     if search_filter.max_price is not None:
@@ -49,24 +61,27 @@ def filter_to_proto(search_filter: SearchFilter) -> pb.Filter:
 def filter_from_proto(message: pb.Filter) -> SearchFilter:
     """A protobuf Filter as a SearchFilter (unset price bounds are open)."""
     price = message.price
-    return SearchFilter(categories=tuple(message.categories),
+    return SearchFilter(categories=tuple(message.categories), brands=tuple(message.brands),
                         min_price=price.min if price.HasField("min") else None,
                         max_price=price.max if price.HasField("max") else None,
                         in_stock_only=message.in_stock_only)
 
 
 def options_to_proto(options: SearchOptions) -> pb.SearchOptions:
-    """SearchOptions as protobuf (nprobe None -> 0, the wire's "version default")."""
-    message = pb.SearchOptions(nprobe=options.nprobe or 0)
+    """SearchOptions as protobuf (nprobe None -> 0, the wire's "version default"; booleans always set)."""
+    message = pb.SearchOptions(nprobe=options.nprobe or 0, exact_rerank=options.exact_rerank,
+                               one_per_product=options.one_per_product)
     if options.exclude_query_product is not None:
         message.exclude_query_product = options.exclude_query_product
     return message
 
 
 def options_from_proto(message: pb.SearchOptions) -> SearchOptions:
-    """Protobuf SearchOptions as SearchOptions (nprobe 0 -> None; unset exclusion -> None)."""
+    """Protobuf SearchOptions as SearchOptions (nprobe 0 -> None; unset exclusion -> None; unset flags -> True)."""
     exclude = message.exclude_query_product if message.HasField("exclude_query_product") else None
-    return SearchOptions(nprobe=message.nprobe or None, exclude_query_product=exclude)
+    return SearchOptions(nprobe=message.nprobe or None, exclude_query_product=exclude,
+                         exact_rerank=message.exact_rerank if message.HasField("exact_rerank") else True,
+                         one_per_product=message.one_per_product if message.HasField("one_per_product") else True)
 
 
 def query_to_proto(query: SearchQuery, message: pb.SearchRequest) -> None:
@@ -145,3 +160,54 @@ def index_info_from_proto(message: pb.GetIndexInfoResponse) -> IndexInfo:
                      model_fingerprint=message.model_fingerprint,
                      metric=_METRIC_NAMES.get(message.metric, "unspecified"), created_utc=created,
                      shard_count=message.shard_count, default_nprobe=message.default_nprobe or None)
+
+
+def batch_request_to_proto(requests: list[SearchRequest]) -> pb.BatchSearchRequest:
+    """Many SearchRequests as one protobuf BatchSearchRequest."""
+    return pb.BatchSearchRequest(requests=[request_to_proto(r) for r in requests])
+
+
+def batch_request_from_proto(message: pb.BatchSearchRequest) -> list[SearchRequest]:
+    """A protobuf BatchSearchRequest as SearchRequests, in order."""
+    return [request_from_proto(r) for r in message.requests]
+
+
+def batch_item_to_proto(item: BatchItem) -> pb.BatchSearchResult:
+    """One BatchItem as protobuf: the status code number, the message, and the response when OK."""
+    message = pb.BatchSearchResult(code=grpc.StatusCode[item.code].value[0], message=item.message)
+    if item.result is not None:
+        message.response.CopyFrom(result_to_proto(item.result))
+    return message
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def batch_item_from_proto(message: pb.BatchSearchResult) -> BatchItem:
+    """A protobuf BatchSearchResult as a BatchItem (result None unless the code is OK)."""
+    code = _CODE_NAMES.get(message.code, "UNKNOWN")
+    result = result_from_proto(message.response) if code == "OK" else None
+    return BatchItem(result=result, code=code, message=message.message)
+
+
+def batch_response_to_proto(items: list[BatchItem], index_version: str, took_us: int) -> pb.BatchSearchResponse:
+    """The BatchItems of a batch as a protobuf BatchSearchResponse."""
+    return pb.BatchSearchResponse(results=[batch_item_to_proto(i) for i in items], index_version=index_version,
+                                  took_us=took_us)
+
+
+def batch_response_from_proto(message: pb.BatchSearchResponse) -> list[BatchItem]:
+    """A protobuf BatchSearchResponse as BatchItems, in request order."""
+    return [batch_item_from_proto(r) for r in message.results]
+
+
+def embedding_to_proto(embedding: Embedding) -> pb.EmbedResponse:
+    """An Embedding as a protobuf EmbedResponse."""
+    return pb.EmbedResponse(vector=pb.Vector(values=np.asarray(embedding.vector, np.float32).ravel().tolist()),
+                            model_fingerprint=embedding.model_fingerprint, took_us=embedding.took_us)
+
+
+def embedding_from_proto(message: pb.EmbedResponse) -> Embedding:
+    """A protobuf EmbedResponse as an Embedding (float32 vector)."""
+    return Embedding(vector=np.asarray(message.vector.values, dtype=np.float32),
+                     model_fingerprint=message.model_fingerprint, took_us=message.took_us)

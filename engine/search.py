@@ -1,11 +1,12 @@
-"""Search over one loaded index version: query -> embedding -> candidates -> filter -> exact re-rank.
+"""Search over one loaded index version: queries -> embeddings -> filtered candidates -> re-rank -> hits.
 
-The Searcher holds the version and the embedder read-only: search parameters (top_k, nprobe,
-filter) travel with each request, so one Searcher serves many threads. Filtering (foundation):
-over-fetch candidates from the Faiss index (top_k * 4, growing 4x until enough pass the filter),
-then apply the version's filter columns; when the index runs out (IVF probes too few lists, or a
-very selective filter), the products passing the filter are scored exactly. A later version can
-push filters into Faiss with ID selectors behind the same interface.
+The Searcher holds the version read-only: search parameters (top_k, nprobe, filter, options) travel
+with each request, so one Searcher serves many threads. `search_batch` answers many requests at
+once: image queries are embedded together, and queries sharing a filter and nprobe go to Faiss as
+one (nq, dim) batch (engine.candidates: filters pushed into Faiss, shard fan-out and merge). Then,
+per request, candidates are re-scored exactly with the stored float16 vectors (unless switched
+off) and grouped to one hit per product; when grouping leaves fewer than top_k hits while the
+index has more, the request is searched again with 4x the candidates.
 """
 
 from __future__ import annotations
@@ -14,20 +15,25 @@ import dataclasses
 import datetime as dt
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import numpy as np
+from PIL import Image
 
-from engine.errors import InvalidQuery, ProductNotFound
-from engine.types import MAX_TOP_K, IndexInfo, SearchFilter, SearchHit, SearchRequest, SearchResult
-from indexer.version import Filters, IndexVersion
+from engine.candidates import EXACT_MAX, ShardSearch, filter_mask
+from engine.errors import DeadlineExceeded, EngineError, InvalidQuery, ProductNotFound
+from engine.types import MAX_TOP_K, IndexInfo, SearchHit, SearchRequest, SearchResult
+from indexer.version import IndexVersion
 from model.catalog import Product
-from model.embedder import Embedder
-from model.images import decode_image
+from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
 
-OVERFETCH = 4  # candidates fetched per wanted hit, and the growth factor when too few pass the filter
-EXACT_FALLBACK_MAX = 200_000  # most filter-passing products scored exactly when the index runs out of candidates
+__all__ = ["Searcher", "QueryVector", "filter_mask", "normalize", "OVERFETCH"]
+
+OVERFETCH = 4  # candidates fetched per wanted hit for exact re-rank, and the growth factor when short
+RERANK_DEPTH = 100  # fewest candidates re-ranked exactly (PQ orders near neighbours coarsely)
+EmbedFn = Callable[[Sequence[Image.Image], "float | None"], np.ndarray]  # (images, deadline) -> (n, dim)
+ObserveFn = Callable[[str, float], None]  # (stage, seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,28 +42,6 @@ class QueryVector:
 
     vector: np.ndarray  # (dim,) float32, unit norm
     exclude_product_id: str | None = None
-
-
-def filter_mask(filters: Filters, ids: np.ndarray | None, search_filter: SearchFilter) -> np.ndarray:
-    """Boolean mask of the internal ids `ids` (None: every row) that pass `search_filter`.
-
-    Prices compare as float32 (the column's precision), so a bound equal to a stored price matches;
-    products with an unknown price (NaN) never pass a set price bound.
-    """
-    def column(values: np.ndarray) -> np.ndarray:
-        return values if ids is None else values[ids]
-
-    mask = np.ones(len(filters) if ids is None else len(ids), dtype=bool)
-    if search_filter.categories:
-        codes = [c for c in map(filters.category_code, search_filter.categories) if c is not None]
-        mask &= np.isin(column(filters.category), np.asarray(codes, dtype=np.int32))
-    if search_filter.min_price is not None:
-        mask &= column(filters.price) >= np.float32(search_filter.min_price)
-    if search_filter.max_price is not None:
-        mask &= column(filters.price) <= np.float32(search_filter.max_price)
-    if search_filter.in_stock_only:
-        mask &= column(filters.in_stock)
-    return mask
 
 
 def normalize(vector: np.ndarray, what: str) -> np.ndarray:
@@ -71,28 +55,138 @@ def normalize(vector: np.ndarray, what: str) -> np.ndarray:
     return vector / norm
 
 
-class Searcher:
-    """Answers SearchRequests over one IndexVersion with one Embedder (both shared, never mutated)."""
+def check_deadline(deadline: float | None, stage: str) -> None:
+    """DeadlineExceeded when the monotonic `deadline` has passed (checked between stages)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(f"the deadline passed before {stage}; give the call more time")
 
-    def __init__(self, version: IndexVersion, embedder: Embedder, *, default_top_k: int = 10,
-                 max_top_k: int = MAX_TOP_K) -> None:
-        if embedder.dim != version.dim:
-            raise ValueError(f"the model embeds into {embedder.dim} dimensions but index version {version.name} "
-                             f"holds {version.dim}-dimensional vectors")
+
+@dataclasses.dataclass
+class _Job:
+    """One request of a batch while it is being answered."""
+
+    request: SearchRequest
+    top_k: int = 0
+    query: QueryVector | None = None
+    image: Image.Image | None = None
+    outcome: SearchResult | Exception | None = None
+
+
+class Searcher:
+    """Answers SearchRequests over one IndexVersion (shared by threads, never mutated per request).
+
+    `embed` turns decoded images into unit embeddings (the server passes its micro-batcher);
+    `observe(stage, seconds)` receives stage timings (decode, embed, search, rerank, fetch).
+    """
+
+    def __init__(self, version: IndexVersion, embed: EmbedFn, *, default_top_k: int = 10,
+                 max_top_k: int = MAX_TOP_K, exact_max: int = EXACT_MAX, max_image_bytes: int = DEFAULT_MAX_BYTES,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS, rerank_depth: int = RERANK_DEPTH,
+                 observe: ObserveFn | None = None) -> None:
         self.version = version
-        self.embedder = embedder
+        self.embed = embed
         self.default_top_k = default_top_k
         self.max_top_k = max_top_k
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.rerank_depth = rerank_depth
+        self.shards = ShardSearch(version, exact_max)
+        self.observe: ObserveFn = observe or (lambda stage, seconds: None)
 
-    def search(self, request: SearchRequest) -> SearchResult:
+    def search(self, request: SearchRequest, deadline: float | None = None) -> SearchResult:
         """The top_k hits for `request`, best first; raises InvalidQuery / ProductNotFound / ImageDecodeError."""
+        outcome = self.search_batch([request], deadline)[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def search_batch(self, requests: Sequence[SearchRequest],
+                     deadline: float | None = None) -> list[SearchResult | Exception]:
+        """Answer many requests: one result or domain error per request, in order.
+
+        Errors of single requests (bad input) are returned in place; a passed deadline raises.
+        """
         start = time.perf_counter()
-        top_k = self._check_request(request)
-        query = self.query_vector(request)
-        ids, scores = self._candidates(query.vector, top_k, request)
-        hits = self._hits(ids, scores, top_k, query.exclude_product_id)
+        jobs = [_Job(request) for request in requests]
+        for job in jobs:
+            self._prepare(job)
+        self._embed_images([job for job in jobs if job.image is not None], deadline)
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            if job.outcome is None:
+                groups.setdefault((job.request.filter, job.request.options.nprobe), []).append(job)
+        for group in groups.values():
+            check_deadline(deadline, "the index search")
+            self._answer_group(group)
         took_us = int((time.perf_counter() - start) * 1e6)
-        return SearchResult(hits=tuple(hits), index_version=self.version.name, took_us=took_us)
+        return [_with_time(job.outcome, took_us) for job in jobs]
+
+    def _prepare(self, job: _Job) -> None:
+        """Validate the request and resolve vector/product queries; decode image queries (errors kept)."""
+        try:
+            job.top_k = self._check_request(job.request)
+            query = job.request.query
+            if query.kind == "image":
+                began = time.perf_counter()
+                assert query.image is not None
+                job.image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+                self.observe("decode", time.perf_counter() - began)
+            else:
+                job.query = self.query_vector(job.request)
+        except (EngineError, ValueError) as exc:  # ImageDecodeError is a ValueError
+            job.outcome = exc
+
+    def _embed_images(self, jobs: list[_Job], deadline: float | None) -> None:
+        if not jobs:
+            return
+        check_deadline(deadline, "embedding the query image")
+        began = time.perf_counter()
+        vectors = self.embed([cast(Image.Image, job.image) for job in jobs], deadline)
+        self.observe("embed", time.perf_counter() - began)
+        for job, vector in zip(jobs, vectors, strict=True):
+            try:
+                job.query = QueryVector(normalize(vector, "image embedding"))
+            except InvalidQuery as exc:
+                job.outcome = exc
+
+    def _answer_group(self, jobs: list[_Job]) -> None:
+        """One Faiss call for all jobs sharing a filter and nprobe, then re-rank and group each."""
+        request = jobs[0].request
+        plan = self.shards.plan(request.filter)
+        k = max(self._fetch_k(job.top_k, job.request) for job in jobs)
+        xq = np.stack([cast(QueryVector, job.query).vector for job in jobs])
+        began = time.perf_counter()
+        D, I = self.shards.search(xq, k, request.options.nprobe, plan)  # noqa: E741
+        self.observe("search", time.perf_counter() - began)
+        for row, job in enumerate(jobs):
+            job.outcome = self._finish(job, D[row], I[row], k, plan.passing)
+
+    def _fetch_k(self, top_k: int, request: SearchRequest) -> int:
+        """Candidates to fetch: over-fetch for exact re-rank, one spare for an excluded or duplicate image."""
+        if request.options.exact_rerank:
+            return min(self.version.count, max(top_k * OVERFETCH + 1, self.rerank_depth))
+        return min(self.version.count, top_k + 1)
+
+    def _finish(self, job: _Job, scores: np.ndarray, ids: np.ndarray, k: int, passing: int) -> SearchResult:
+        """Re-rank and group one request's candidates; search again with more candidates when short."""
+        query = cast(QueryVector, job.query)
+        options = job.request.options
+        while True:
+            valid = ids >= 0
+            ids, scores = ids[valid], scores[valid]
+            if options.exact_rerank:
+                began = time.perf_counter()
+                ids, scores = self.rerank(query.vector, ids)
+                self.observe("rerank", time.perf_counter() - began)
+            began = time.perf_counter()
+            hits = self._hits(ids, scores, job.top_k, query.exclude_product_id, options.one_per_product)
+            self.observe("fetch", time.perf_counter() - began)
+            if len(hits) >= job.top_k or len(ids) < k or k >= passing:
+                return SearchResult(hits=tuple(hits), index_version=self.version.name)
+            k = min(passing, k * OVERFETCH)  # duplicates or the excluded product used up the candidates
+            plan = self.shards.plan(job.request.filter)
+            D, I = self.shards.search(query.vector[None, :], k, options.nprobe, plan)  # noqa: E741
+            scores, ids = D[0], I[0]
 
     def _check_request(self, request: SearchRequest) -> int:
         """Validate top_k, nprobe and the price range; returns the effective top_k."""
@@ -111,13 +205,9 @@ class Searcher:
         return top_k
 
     def query_vector(self, request: SearchRequest) -> QueryVector:
-        """Resolve the query to a unit embedding: embed the image, check the vector, or look up the product."""
+        """Resolve a vector or product-id query to a unit embedding (image queries: see search_batch)."""
         query = request.query
         kind = query.kind
-        if kind == "image":
-            assert query.image is not None
-            image = decode_image(query.image)
-            return QueryVector(normalize(self.embedder.embed_images([image])[0], "image embedding"))
         if kind == "vector":
             assert query.vector is not None
             vector = np.asarray(query.vector, dtype=np.float32).ravel()
@@ -128,6 +218,10 @@ class Searcher:
         if kind == "product_id":
             assert query.product_id is not None
             return self._product_query(query.product_id, request.options.exclude_query_product)
+        if kind == "image":
+            assert query.image is not None
+            image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+            return QueryVector(normalize(self.embed([image], None)[0], "image embedding"))
         if kind == "ambiguous":
             raise InvalidQuery("the query sets more than one of image, vector and product_id; set exactly one")
         raise InvalidQuery("the query is empty: set one of image, vector or product_id")
@@ -137,26 +231,6 @@ class Searcher:
         vector = normalize(self.version.vector(internal_id), f"stored vector of product {product_id!r}")
         return QueryVector(vector, product_id if exclude is None or exclude else None)
 
-    def _candidates(self, xq: np.ndarray, top_k: int, request: SearchRequest) -> tuple[np.ndarray, np.ndarray]:
-        """Internal ids passing the filter and their exact scores, best first (enough for top_k hits)."""
-        search_filter, count = request.filter, self.version.count
-        # One spare per possible excluded or duplicate image; grown 4x while too few pass.
-        want = top_k + 1
-        k = min(count, max(want * OVERFETCH, 16))
-        while True:
-            _, I = self.version.search(xq[None, :], k, request.options.nprobe)  # noqa: E741
-            ids = I[0][I[0] >= 0]
-            returned = len(ids)
-            ids = ids[filter_mask(self.version.filters, ids, search_filter)]
-            if len(ids) >= want or returned == count:  # enough, or the whole index was seen
-                break
-            if returned < k or k >= count:  # the index ran out of candidates (IVF probed too few lists)
-                passing = np.flatnonzero(filter_mask(self.version.filters, None, search_filter))
-                ids = passing if len(passing) <= EXACT_FALLBACK_MAX else ids
-                break
-            k = min(count, k * OVERFETCH)
-        return self.rerank(xq, ids)
-
     def rerank(self, xq: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact inner products of `ids`' stored float16 vectors with `xq`; (ids, scores) sorted best first."""
         if len(ids) == 0:
@@ -165,21 +239,24 @@ class Searcher:
         order = np.argsort(-scores, kind="stable")
         return ids[order].astype(np.int64), scores[order].astype(np.float32)
 
-    def _hits(self, ids: np.ndarray, scores: np.ndarray, top_k: int, exclude: str | None) -> list[SearchHit]:
-        """The first top_k distinct products (one hit per product: its best image), without `exclude`."""
+    def _hits(self, ids: np.ndarray, scores: np.ndarray, top_k: int, exclude: str | None,
+              one_per_product: bool) -> list[SearchHit]:
+        """The first top_k hits without `exclude` (and, when asked, one per product: its best image)."""
         hits: list[SearchHit] = []
-        seen = {exclude} if exclude is not None else set()
-        batch = top_k + 8
-        for start in range(0, len(ids), batch):
-            chunk = ids[start:start + batch]
-            for product, score in zip(self.version.products(chunk.tolist()), scores[start:start + batch],
-                                      strict=True):
-                if product.product_id in seen:
+        seen: set[str] = set()
+        start = 0
+        while start < len(ids):
+            # Read just the products still needed (catalog reads dominate the per-query cost).
+            end = start + top_k - len(hits) + (1 if exclude is not None and exclude not in seen else 0)
+            chunk = ids[start:end]
+            for product, score in zip(self.version.products(chunk.tolist()), scores[start:end], strict=True):
+                if product.product_id == exclude or (one_per_product and product.product_id in seen):
                     continue
                 seen.add(product.product_id)
                 hits.append(SearchHit(product_id=product.product_id, score=float(score), product=product))
                 if len(hits) == top_k:
                     return hits
+            start = end
         return hits
 
     def get_product(self, product_id: str) -> Product:
@@ -207,3 +284,8 @@ class Searcher:
                          factory=self.version.factory, model_fingerprint=self.version.model_fingerprint,
                          metric=str(manifest.get("metric", "inner_product")), created_utc=created,
                          shard_count=len(manifest["shards"]), default_nprobe=self.version.default_nprobe)
+
+
+def _with_time(outcome: SearchResult | Exception | None, took_us: int) -> SearchResult | Exception:
+    assert outcome is not None, "every job of a batch ends with a result or an error"
+    return dataclasses.replace(outcome, took_us=took_us) if isinstance(outcome, SearchResult) else outcome

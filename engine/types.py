@@ -47,6 +47,7 @@ class SearchFilter:
     """Which products may be returned; every set condition must hold. Defaults accept everything."""
 
     categories: tuple[str, ...] = ()  # accepted categories (any of them); empty: every category
+    brands: tuple[str, ...] = ()  # accepted brands (any of them); empty: every brand
     min_price: float | None = None  # inclusive lower price bound; None: open
     max_price: float | None = None  # inclusive upper price bound; None: open
     in_stock_only: bool = False  # only products in stock
@@ -54,7 +55,8 @@ class SearchFilter:
     @property
     def is_empty(self) -> bool:
         """True when the filter accepts every product."""
-        return not self.categories and self.min_price is None and self.max_price is None and not self.in_stock_only
+        return (not self.categories and not self.brands and self.min_price is None and self.max_price is None
+                and not self.in_stock_only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,8 @@ class SearchOptions:
 
     nprobe: int | None = None  # inverted lists probed; None (or 0 on the wire): the version's default
     exclude_query_product: bool | None = None  # None: True for product-id queries, else no effect
+    exact_rerank: bool = True  # re-score candidates with the stored float16 vectors (else the index's scores)
+    one_per_product: bool = True  # at most one hit per product (its best image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,3 +110,27 @@ class IndexInfo:
     created_utc: dt.datetime | None  # timezone-aware UTC; None when the manifest has none
     shard_count: int
     default_nprobe: int | None = None  # None: the index has no nprobe (flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """The outcome of one search of a BatchSearch: a result, or the status code name and message."""
+
+    result: SearchResult | None  # set when code == "OK"
+    code: str = "OK"  # grpc.StatusCode name: "OK", "INVALID_ARGUMENT", "NOT_FOUND", ...
+    message: str = ""  # what was wrong, when code is not "OK"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Embedding:
+    """The embedding of one image (Embed) and the fingerprint of the model that made it."""
+
+    vector: np.ndarray  # (dim,) float32, unit norm
+    model_fingerprint: str
+    took_us: int = 0
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Embedding):
+            return NotImplemented
+        return (np.array_equal(self.vector, other.vector) and self.model_fingerprint == other.model_fingerprint
+                and self.took_us == other.took_us)

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from engine import convert
-from engine.types import IndexInfo, SearchFilter, SearchHit, SearchOptions, SearchQuery, SearchRequest, SearchResult
+from engine.types import (
+    BatchItem,
+    Embedding,
+    IndexInfo,
+    SearchFilter,
+    SearchHit,
+    SearchOptions,
+    SearchQuery,
+    SearchRequest,
+    SearchResult,
+)
 from model.catalog import Product
 from protos.vitrine.v1 import search_pb2 as pb
 
@@ -32,6 +42,7 @@ def test_product_round_trip(price: float | None) -> None:
     SearchFilter(categories=("Shirts", "Tshirts"), min_price=0.0, max_price=50.0, in_stock_only=True),
     SearchFilter(min_price=10.0),
     SearchFilter(max_price=0.0),
+    SearchFilter(brands=("Acme", "Nike"), in_stock_only=True),
 ])
 def test_filter_round_trip(search_filter: SearchFilter) -> None:
     message = pb.Filter.FromString(convert.filter_to_proto(search_filter).SerializeToString())
@@ -39,7 +50,9 @@ def test_filter_round_trip(search_filter: SearchFilter) -> None:
 
 
 @pytest.mark.parametrize("options", [SearchOptions(), SearchOptions(nprobe=32, exclude_query_product=False),
-                                     SearchOptions(exclude_query_product=True)])
+                                     SearchOptions(exclude_query_product=True),
+                                     SearchOptions(exact_rerank=False, one_per_product=False),
+                                     SearchOptions(nprobe=1, exact_rerank=False)])
 def test_options_round_trip(options: SearchOptions) -> None:
     message = pb.SearchOptions.FromString(convert.options_to_proto(options).SerializeToString())
     assert convert.options_from_proto(message) == options
@@ -83,3 +96,33 @@ def test_index_info_round_trip(created: dt.datetime | None) -> None:
     message = pb.GetIndexInfoResponse.FromString(convert.index_info_to_proto(info).SerializeToString())
     assert message.metric == pb.METRIC_INNER_PRODUCT
     assert convert.index_info_from_proto(message) == info
+
+
+def test_options_unset_flags_mean_true() -> None:
+    options = convert.options_from_proto(pb.SearchOptions())  # what an older client sends
+    assert options.exact_rerank and options.one_per_product and options.exclude_query_product is None
+
+
+def test_batch_request_round_trip() -> None:
+    requests = [SearchRequest(query=SearchQuery(vector=np.ones(4, np.float32)), top_k=3),
+                SearchRequest(query=SearchQuery(product_id="p-9"), filter=SearchFilter(brands=("Acme",)),
+                              options=SearchOptions(one_per_product=False))]
+    message = pb.BatchSearchRequest.FromString(convert.batch_request_to_proto(requests).SerializeToString())
+    assert convert.batch_request_from_proto(message) == requests
+
+
+def test_batch_response_round_trip() -> None:
+    ok = SearchResult(hits=(SearchHit("p-1", 0.5, _product()),), index_version="v1", took_us=7)
+    items = [BatchItem(result=ok), BatchItem(result=None, code="NOT_FOUND", message="no product 'x'"),
+             BatchItem(result=None, code="INVALID_ARGUMENT", message="top_k must be between 1 and 1000")]
+    message = pb.BatchSearchResponse.FromString(
+        convert.batch_response_to_proto(items, "v1", 99).SerializeToString())
+    assert message.results[1].code == 5 and message.index_version == "v1" and message.took_us == 99
+    assert convert.batch_response_from_proto(message) == items
+
+
+def test_embedding_round_trip() -> None:
+    embedding = Embedding(vector=np.array([0.6, 0.8, 0.0], dtype=np.float32), model_fingerprint="cd" * 32,
+                          took_us=42)
+    message = pb.EmbedResponse.FromString(convert.embedding_to_proto(embedding).SerializeToString())
+    assert convert.embedding_from_proto(message) == embedding

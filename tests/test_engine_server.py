@@ -15,7 +15,7 @@ from engine.client import VisualSearchClient, format_results_table
 from engine.server import ServerConfig, ServerStartError, create_server
 from engine.types import SearchFilter, SearchOptions
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(400)
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +168,9 @@ def test_not_serving_until_loaded(engine_index: EngineIndex, tmp_path, monkeypat
     shutil.copytree(engine_index.index_root, index_root)
     release, real_load = threading.Event(), server_module.load_searcher
 
-    def slow_load(config: ServerConfig):
+    def slow_load(config: ServerConfig, *args):
         assert release.wait(30)
-        return real_load(config)
+        return real_load(config, *args)
 
     monkeypatch.setattr(server_module, "load_searcher", slow_load)
     with socket.socket() as sock:
@@ -227,7 +227,7 @@ def test_serve_stops_cleanly_on_sigterm(engine_index: EngineIndex, tmp_path) -> 
     process = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
     try:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=2.0) as client:
-            client.wait_ready(timeout_s=60.0)
+            client.wait_ready(timeout_s=240.0)
             assert client.search_product(engine_index.products[0].product_id, top_k=1).hits
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)

@@ -118,7 +118,7 @@ def test_multitask_loss_masks_missing_labels_and_sums_tasks() -> None:
     weak = torch.tensor([[1.0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]])
     targets = {"label/a": torch.tensor([0, 1, 3]), "label/b": torch.full((3,), IGNORE_LABEL), "weak": weak}
     losses = MultiTaskLoss({"a": 1.0, "b": 1.0}, weak_weight=0.5)(outputs, targets)
-    assert float(losses["loss/b"]) == 0.0 and torch.isfinite(losses["loss"])
+    assert float(losses["loss/b"].detach()) == 0.0 and torch.isfinite(losses["loss"])
     torch.testing.assert_close(losses["loss"], losses["loss/a"] + 0.5 * losses["loss/weak"])
     # the image without weak labels does not count: same loss as the two labelled rows alone
     alone = MultiTaskLoss({}, weak_weight=1.0)({"logits/weak": outputs["logits/weak"][[0, 2]]},

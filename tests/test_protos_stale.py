@@ -35,6 +35,6 @@ def test_generated_modules_import() -> None:
 
     service = search_pb2.DESCRIPTOR.services_by_name["VisualSearch"]
     assert service.full_name == "vitrine.v1.VisualSearch"
-    assert {m.name for m in service.methods} == {"Search", "GetIndexInfo", "GetProduct"}
+    assert {m.name for m in service.methods} == {"Search", "BatchSearch", "Embed", "GetIndexInfo", "GetProduct"}
     assert hasattr(search_pb2_grpc, "VisualSearchStub")
     assert search_pb2.SearchRequest.DESCRIPTOR.oneofs_by_name["query"].fields

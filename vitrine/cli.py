@@ -124,28 +124,52 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC VisualSearch server on the live index version",
                        description="Load <index-root>/CURRENT and its model, warm up, then serve "
-                                   "vitrine.v1.VisualSearch with gRPC health and reflection until SIGINT/SIGTERM.")
-    p.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
+                                   "vitrine.v1.VisualSearch with gRPC health and reflection until SIGINT/SIGTERM, "
+                                   "hot-swapping to newly published versions. Settings: flags > VITRINE_* "
+                                   "environment variables (e.g. VITRINE_PORT) > --config file > defaults.")
+    p.add_argument("--config", default=None, help="JSON or TOML file of ServerConfig settings")
+    p.add_argument("--index-root", default=None, help="folder holding index versions and CURRENT")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the one the index was built with)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port)")
-    p.add_argument("--workers", type=int, default=None, help="gRPC worker threads")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=None, help="port to bind (default 50051; 0: any free port)")
+    p.add_argument("--workers", dest="max_workers", type=int, default=None, help="gRPC worker threads")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=None,
+                   help="requests in progress at once; more are answered RESOURCE_EXHAUSTED")
+    p.add_argument("--max-message-bytes", type=int, default=None, help="largest request/response (bytes)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--no-watch", dest="watch", action="store_const", const=False, default=None,
+                   help="do not watch CURRENT for new versions (no hot swap)")
+    p.add_argument("--poll-s", type=float, default=None, help="seconds between two reads of CURRENT")
+    p.add_argument("--no-micro-batch", dest="micro_batch", action="store_const", const=False, default=None,
+                   help="embed each image query on its own (no dynamic batching)")
+    p.add_argument("--max-batch", type=int, default=None, help="most images per embedding batch")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="longest wait for a batch to fill (ms)")
+    p.add_argument("--batch-workers", type=int, default=None, help="threads running embedding batches")
+    p.add_argument("--faiss-threads", type=int, default=None, help="OpenMP threads per Faiss call")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per forward pass")
+    p.add_argument("--grace-s", type=float, default=None, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--log-json", action="store_const", const=True, default=None, help="JSON log lines")
     p.set_defaults(handler=commands.cmd_serve)
 
 
 def _add_query(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("query", help="query a running server by image file or product id",
-                       description="Send one Search request and print the results as a table.")
+                       description="Send one Search request (or, with several --image files, one BatchSearch) "
+                                   "and print the results as a table.")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
     q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--image", help="image file to search with (JPEG, PNG, WebP)")
+    q.add_argument("--image", action="append", help="image file to search with (JPEG, PNG, WebP); repeatable")
     q.add_argument("--product-id", help="search for products similar to this catalog product")
+    q.add_argument("--info", action="store_true", help="print the served index version's description")
     p.add_argument("--top-k", type=int, default=10, help="number of results")
     p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
+    p.add_argument("--brand", action="append", default=None, help="only this brand (repeatable)")
     p.add_argument("--min-price", type=float, default=None, help="minimum price")
     p.add_argument("--max-price", type=float, default=None, help="maximum price")
     p.add_argument("--in-stock", action="store_true", help="only products in stock")
     p.add_argument("--nprobe", type=int, default=0, help="IVF lists to visit (0: the index default)")
+    p.add_argument("--no-rerank", action="store_true", help="skip the exact re-rank (faster, approximate scores)")
+    p.add_argument("--all-images", action="store_true", help="allow several hits of one product")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     p.set_defaults(handler=commands.cmd_query)
 

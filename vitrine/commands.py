@@ -151,13 +151,22 @@ def cmd_index_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.server import ServerConfig, serve
+_SERVE_FLAGS = ("index_root", "model", "host", "port", "max_workers", "max_concurrent_rpcs", "max_message_bytes",
+                "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
+                "faiss_threads", "torch_threads",
+                "grace_s", "log_json")
 
-    config = ServerConfig(index_root=_existing(args.index_root, "index root"),
-                          model=Path(args.model) if args.model else None, host=args.host, port=args.port)
-    if args.workers is not None:
-        config = dataclasses.replace(config, max_workers=args.workers)
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.config import ConfigError, load_server_config
+    from engine.server import serve
+
+    if args.index_root is not None:
+        _existing(args.index_root, "index root")
+    try:
+        config = load_server_config(args.config, None, {flag: getattr(args, flag) for flag in _SERVE_FLAGS})
+    except ConfigError as err:
+        raise UserError(str(err)) from err
     return serve(config)
 
 
@@ -165,16 +174,26 @@ def cmd_query(args: argparse.Namespace) -> int:
     import grpc
 
     from engine.client import VisualSearchClient, format_results_table
-    from engine.types import SearchFilter, SearchOptions
+    from engine.types import SearchFilter, SearchOptions, SearchQuery, SearchRequest
 
-    search_filter = SearchFilter(categories=tuple(args.category or ()), min_price=args.min_price,
-                                 max_price=args.max_price, in_stock_only=args.in_stock)
-    options = SearchOptions(nprobe=args.nprobe)
-    data = _existing(args.image, "image file").read_bytes() if args.image else None
+    search_filter = SearchFilter(categories=tuple(args.category or ()), brands=tuple(args.brand or ()),
+                                 min_price=args.min_price, max_price=args.max_price, in_stock_only=args.in_stock)
+    options = SearchOptions(nprobe=args.nprobe, exact_rerank=not args.no_rerank, one_per_product=not args.all_images)
+    images = [_existing(path, "image file").read_bytes() for path in args.image or ()]
     try:
         with VisualSearchClient(args.target, timeout_s=args.timeout) as client:
-            if data is not None:
-                result = client.search_image(data, top_k=args.top_k, filter=search_filter, options=options)
+            if args.info:
+                print(json.dumps(dataclasses.asdict(client.index_info()), indent=2, default=str))
+                return 0
+            if len(images) > 1:
+                requests = [SearchRequest(SearchQuery(image=data), args.top_k, search_filter, options)
+                            for data in images]
+                for path, item in zip(args.image, client.batch_search(requests), strict=True):
+                    print(f"== {path}")
+                    print(format_results_table(item.result) if item.result else f"{item.code}: {item.message}")
+                return 0
+            if images:
+                result = client.search_image(images[0], top_k=args.top_k, filter=search_filter, options=options)
             else:
                 result = client.search_product(args.product_id, top_k=args.top_k, filter=search_filter,
                                                options=options)

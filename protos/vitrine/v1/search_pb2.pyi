@@ -34,22 +34,28 @@ class PriceRange(_message.Message):
     def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
 
 class Filter(_message.Message):
-    __slots__ = ("categories", "price", "in_stock_only")
+    __slots__ = ("categories", "price", "in_stock_only", "brands")
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     PRICE_FIELD_NUMBER: _ClassVar[int]
     IN_STOCK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    BRANDS_FIELD_NUMBER: _ClassVar[int]
     categories: _containers.RepeatedScalarFieldContainer[str]
     price: PriceRange
     in_stock_only: bool
-    def __init__(self, categories: _Optional[_Iterable[str]] = ..., price: _Optional[_Union[PriceRange, _Mapping]] = ..., in_stock_only: _Optional[bool] = ...) -> None: ...
+    brands: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, categories: _Optional[_Iterable[str]] = ..., price: _Optional[_Union[PriceRange, _Mapping]] = ..., in_stock_only: _Optional[bool] = ..., brands: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("nprobe", "exclude_query_product")
+    __slots__ = ("nprobe", "exclude_query_product", "exact_rerank", "one_per_product")
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_QUERY_PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    EXACT_RERANK_FIELD_NUMBER: _ClassVar[int]
+    ONE_PER_PRODUCT_FIELD_NUMBER: _ClassVar[int]
     nprobe: int
     exclude_query_product: bool
-    def __init__(self, nprobe: _Optional[int] = ..., exclude_query_product: _Optional[bool] = ...) -> None: ...
+    exact_rerank: bool
+    one_per_product: bool
+    def __init__(self, nprobe: _Optional[int] = ..., exclude_query_product: _Optional[bool] = ..., exact_rerank: _Optional[bool] = ..., one_per_product: _Optional[bool] = ...) -> None: ...
 
 class Product(_message.Message):
     __slots__ = ("product_id", "title", "category", "brand", "price", "currency", "image_url", "in_stock", "attributes")
@@ -115,6 +121,48 @@ class SearchResponse(_message.Message):
     index_version: str
     took_us: int
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., index_version: _Optional[str] = ..., took_us: _Optional[int] = ...) -> None: ...
+
+class BatchSearchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SearchRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SearchRequest, _Mapping]]] = ...) -> None: ...
+
+class BatchSearchResult(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: SearchResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[SearchResponse, _Mapping]] = ...) -> None: ...
+
+class BatchSearchResponse(_message.Message):
+    __slots__ = ("results", "index_version", "took_us")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOOK_US_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchSearchResult]
+    index_version: str
+    took_us: int
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchSearchResult, _Mapping]]] = ..., index_version: _Optional[str] = ..., took_us: _Optional[int] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("image",)
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    def __init__(self, image: _Optional[bytes] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("vector", "model_fingerprint", "took_us")
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOOK_US_FIELD_NUMBER: _ClassVar[int]
+    vector: Vector
+    model_fingerprint: str
+    took_us: int
+    def __init__(self, vector: _Optional[_Union[Vector, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., took_us: _Optional[int] = ...) -> None: ...
 
 class GetIndexInfoRequest(_message.Message):
     __slots__ = ()

@@ -44,6 +44,16 @@ class VisualSearchStub:
                 request_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
                 response_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.BatchSearch = channel.unary_unary(
+                '/vitrine.v1.VisualSearch/BatchSearch',
+                request_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.BatchSearchRequest.SerializeToString,
+                response_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.BatchSearchResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/vitrine.v1.VisualSearch/Embed',
+                request_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.GetIndexInfo = channel.unary_unary(
                 '/vitrine.v1.VisualSearch/GetIndexInfo',
                 request_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.GetIndexInfoRequest.SerializeToString,
@@ -68,15 +78,54 @@ class VisualSearchServicer:
         """Search returns the top_k products most similar to the query, best first.
 
         Status codes:
-        OK                 the hits (possibly fewer than top_k when the filter leaves fewer products).
-        INVALID_ARGUMENT   the image cannot be decoded, the vector has the wrong dimension or
-        non-finite values, the query is empty (no oneof field set), top_k is
-        negative or above 1000, nprobe is negative, or the price range is inverted.
+        OK                 the hits (fewer than top_k only when the filter leaves fewer products).
+        INVALID_ARGUMENT   the image cannot be decoded or is too large (bytes or pixels), the vector
+        has the wrong dimension, non-finite values or is all zeros, the query is
+        empty (no oneof field set), top_k is negative or above 1000, nprobe is
+        negative, or the price range is inverted or NaN.
         NOT_FOUND          query.product_id names no product of the index version.
-        RESOURCE_EXHAUSTED the request is larger than the server's message size limit (16 MiB by default).
+        RESOURCE_EXHAUSTED the request is larger than the server's message size limit (16 MiB by
+        default), or the server already runs its maximum of concurrent requests
+        (retry with backoff, or send fewer requests at once).
         UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff.
-        DEADLINE_EXCEEDED  the client's deadline passed before the answer was ready.
+        DEADLINE_EXCEEDED  the client's deadline passed before the answer was ready (the server
+        stops working on the request at the next stage boundary).
         INTERNAL           a bug or a corrupt index; the message says what failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchSearch(self, request, context):
+        """BatchSearch runs many searches in one call; vector and product-id queries sharing a filter and
+        nprobe go to Faiss as one batch, image queries are embedded as one batch. Each query gets its
+        own result or status (one bad query does not fail the others).
+
+        Status codes of the call:
+        OK                 one BatchSearchResponse.results entry per request, in order; each carries
+        the per-query status code (the codes of Search) and message.
+        INVALID_ARGUMENT   no requests, or more than the server's batch limit (1024 by default).
+        RESOURCE_EXHAUSTED the call is larger than the message size limit, or the server already
+        runs its maximum of concurrent requests.
+        UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff.
+        DEADLINE_EXCEEDED  the client's deadline passed before the answers were ready.
+        INTERNAL           a bug or a corrupt index; the message says what failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embed returns the model's embedding of an image (the vector a Search by image would use).
+
+        Status codes:
+        OK                 the L2-normalised embedding and the fingerprint of the model that made it.
+        INVALID_ARGUMENT   the image is empty, cannot be decoded or is too large (bytes or pixels).
+        RESOURCE_EXHAUSTED the image is larger than the message size limit, or the server already
+        runs its maximum of concurrent requests.
+        UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff.
+        DEADLINE_EXCEEDED  the client's deadline passed before the embedding was ready.
+        INTERNAL           a bug; the message says what failed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +166,16 @@ def add_VisualSearchServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.SearchRequest.FromString,
                     response_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+            ),
+            'BatchSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSearch,
+                    request_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.BatchSearchRequest.FromString,
+                    response_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.BatchSearchResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=protos_dot_vitrine_dot_v1_dot_search__pb2.EmbedRequest.FromString,
+                    response_serializer=protos_dot_vitrine_dot_v1_dot_search__pb2.EmbedResponse.SerializeToString,
             ),
             'GetIndexInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetIndexInfo,
@@ -161,6 +220,60 @@ class VisualSearch:
             '/vitrine.v1.VisualSearch/Search',
             protos_dot_vitrine_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
             protos_dot_vitrine_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitrine.v1.VisualSearch/BatchSearch',
+            protos_dot_vitrine_dot_v1_dot_search__pb2.BatchSearchRequest.SerializeToString,
+            protos_dot_vitrine_dot_v1_dot_search__pb2.BatchSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vitrine.v1.VisualSearch/Embed',
+            protos_dot_vitrine_dot_v1_dot_search__pb2.EmbedRequest.SerializeToString,
+            protos_dot_vitrine_dot_v1_dot_search__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,310 @@
+"""How fast is the gRPC query service compared with Faiss alone? Vector, image and batch queries.
+
+Index: 1M clustered synthetic unit vectors, dim 128, "IVF1024,PQ32" (nprobe 16, 2 shards), built
+once with indexer.build into work/bench_serving/index (reused when it is already there). Model:
+--model, else an untrained model of the demo's architecture (4-layer ViT, width 128, input 80x64,
+embedding dim 128): speed does not depend on the weights, and the vectors are synthetic anyway.
+
+Measured, in one run, on the same index and parameters (nprobe 16, top_k 10, one Faiss thread per
+call as the server runs it):
+- Search by vector through gRPC (a `vitrine serve` process, raw stubs with prebuilt requests from
+  client threads in this process) at concurrency 1, 8, 32: QPS, p50, p99;
+- the same queries in-process at the same concurrency: raw Faiss (`index.search`, k=10) and the
+  engine's whole Searcher (Faiss + exact re-rank of 100 candidates + catalog lookups);
+- Search by image (mini-catalog JPEGs) at concurrency 16 with and without micro-batching;
+- one BatchSearch of 64 vectors against 64 sequential Search calls.
+
+Run: `python benchmarks/bench_serving.py` (index build about 10 minutes the first time on 2
+cores, then about 5 minutes). Writes benchmarks/results/bench_serving.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import faiss
+import grpc
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS_DIR, time_repeated, write_result  # noqa: E402
+from engine.client import VisualSearchClient  # noqa: E402
+from engine.search import Searcher  # noqa: E402
+from engine.types import SearchQuery, SearchRequest  # noqa: E402
+from indexer.version import IndexVersion, current_version_path, open_version  # noqa: E402
+from model.catalog import Product  # noqa: E402
+from protos.vitrine.v1 import search_pb2, search_pb2_grpc  # noqa: E402
+
+
+def ensure_model(work: Path, model: Path | None) -> tuple[Path, str]:
+    """The checkpoint to serve: --model, else an untrained model of the demo architecture (same cost per image)."""
+    if model is not None:
+        return model, str(model)
+    target = work / "model"
+    source = "untrained model.networks.ModelConfig() (the demo architecture: ViT depth 4, width 128, 80x64, dim 128)"
+    if not (target / "model_card.json").exists():
+        import torch
+
+        from model.checkpoint import save_checkpoint
+        from model.networks import ModelConfig, create_model
+
+        torch.manual_seed(0)
+        card = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "label_maps": {}, "metrics": {}}
+        save_checkpoint(target, create_model(ModelConfig()), card)
+    return target, source
+
+
+def clustered(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
+    """Unit vectors around `clusters` random centres (made in chunks to bound memory)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        x = centres[rng.integers(0, clusters, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
+        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def ensure_index(work: Path, model_dir: Path, args: argparse.Namespace) -> Path:
+    """The version under work/index (built when missing or built with other settings)."""
+    from indexer.build import build_index_from_vectors
+    from model.embedder import Embedder
+
+    root = work / "index"
+    fingerprint = Embedder.load(model_dir).fingerprint
+    with contextlib.suppress(Exception), open_version(current_version_path(root)) as version:
+        if (version.count, version.dim, version.factory, version.model_fingerprint) == (
+                args.n, args.dim, args.factory, fingerprint):
+            return version.path
+    shutil.rmtree(root, ignore_errors=True)
+    xb = clustered(args.n, args.dim, seed=1)
+    products = [Product(product_id=f"p{i}", title=f"product {i}", category=f"c{i % 50}", brand=f"b{i % 20}",
+                        price=float(1 + i % 200), currency="EUR", in_stock=bool(i % 4), image_url="", attributes={},
+                        split=None) for i in range(args.n)]
+    start = time.perf_counter()
+    path = build_index_from_vectors(xb, products, root, fingerprint, model_dir, args.factory, nprobe=args.nprobe,
+                                    num_shards=2, min_recall_at_10=0.0, validation_queries=64)
+    print(f"built {args.factory} over {args.n} x {args.dim} in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server_process(work: Path, flags: list[str]) -> Iterator[int]:
+    """A `vitrine serve` process on a free port (stderr to work/server.log); yields the port."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = open(work / "server.log", "a")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--index-root", str(work / "index"),
+                                "--port", str(port), "--no-watch", "--faiss-threads", "1", *flags],
+                               env=env, stderr=log, cwd=REPO)
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=10.0) as client:
+            client.wait_ready(timeout_s=600.0)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(60)
+        log.close()
+
+
+def run_load(call: Callable[[int], object], concurrency: int, total: int) -> dict:
+    """`total` calls of call(i) from `concurrency` threads: QPS, p50 and p99 latency (ms)."""
+    latencies: list[float] = []
+    counter = iter(range(total))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            call(i)
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1e3
+    return {"qps": total / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "requests": total, "concurrency": concurrency}
+
+
+def vector_requests(xq: np.ndarray) -> list[search_pb2.SearchRequest]:
+    return [search_pb2.SearchRequest(vector=search_pb2.Vector(values=q.tolist()), top_k=10) for q in xq]
+
+
+def bench_vectors(port: int, version: IndexVersion, xq: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """gRPC Search by vector vs in-process Faiss and in-process Searcher, per concurrency."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = search_pb2_grpc.VisualSearchStub(channel)
+    requests = vector_requests(xq)
+    n = len(requests)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = args.nprobe
+    searcher = Searcher(version, lambda images, deadline: np.zeros((0, version.dim), np.float32))
+    plain = [SearchRequest(SearchQuery(vector=q), top_k=10) for q in xq]
+
+    def faiss_call(i: int) -> None:
+        for shard in version.shards:
+            shard.search(xq[i % n][None, :], 10, params=params)
+
+    rows = []
+    run_load(lambda i: stub.Search(requests[i % n], timeout=30), 8, 200)  # warm-up
+    for concurrency in (1, 8, 32):
+        total = args.requests if concurrency > 1 else args.requests // 2
+        row = {"concurrency": concurrency,
+               "grpc": run_load(lambda i: stub.Search(requests[i % n], timeout=30), concurrency, total),
+               "faiss_inprocess": run_load(faiss_call, concurrency, total),
+               "searcher_inprocess": run_load(lambda i: searcher.search(plain[i % n]), concurrency, total)}
+        row["ratio_grpc_to_faiss"] = row["grpc"]["qps"] / row["faiss_inprocess"]["qps"]
+        row["ratio_grpc_to_searcher"] = row["grpc"]["qps"] / row["searcher_inprocess"]["qps"]
+        print(row, flush=True)
+        rows.append(row)
+    channel.close()
+    return rows
+
+
+def bench_batch(port: int, xq: np.ndarray) -> dict:
+    """One BatchSearch of 64 vectors against 64 sequential Search calls (QPS of each)."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = search_pb2_grpc.VisualSearchStub(channel)
+    requests = vector_requests(xq[:64])
+    batch = search_pb2.BatchSearchRequest(requests=requests)
+    sequential = time_repeated(lambda: [stub.Search(r, timeout=30) for r in requests], repeats=5)
+    batched = time_repeated(lambda: stub.BatchSearch(batch, timeout=60), repeats=5)
+    channel.close()
+    result = {"sequential_qps": 64 / sequential["median_s"], "batch_qps": 64 / batched["median_s"],
+              "sequential_s": sequential, "batch_s": batched}
+    result["ratio"] = result["batch_qps"] / result["sequential_qps"]
+    print(result, flush=True)
+    return result
+
+
+def bench_images(work: Path, flags: list[str], images: list[bytes], total: int) -> dict:
+    """Search by image at concurrency 16 through a server started with `flags`."""
+    with server_process(work, flags) as port:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 16 << 20)])
+        stub = search_pb2_grpc.VisualSearchStub(channel)
+        requests = [search_pb2.SearchRequest(image=data, top_k=10) for data in images]
+        run_load(lambda i: stub.Search(requests[i % len(requests)], timeout=60), 16, 64)  # warm-up
+        result = run_load(lambda i: stub.Search(requests[i % len(requests)], timeout=60), 16, total)
+        channel.close()
+    print(flags, result, flush=True)
+    return result
+
+
+def mini_catalog_images(limit: int = 200) -> list[bytes]:
+    folder = REPO / "data" / "mini-catalog" / "images"
+    return [p.read_bytes() for p in sorted(folder.glob("*.jpg"))[:limit]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--factory", default="IVF1024,PQ32")
+    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=3000, help="calls per vector measurement")
+    parser.add_argument("--image-requests", type=int, default=400, help="calls per image measurement")
+    parser.add_argument("--work", type=Path, default=REPO / "work" / "bench_serving")
+    parser.add_argument("--model", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    faiss.omp_set_num_threads(1)
+    model_dir, model_source = ensure_model(args.work, args.model)
+    version_path = ensure_index(args.work, model_dir, args)
+    xq = clustered(1000, args.dim, seed=2)
+    results: dict = {"model": model_source, "version": version_path.name}
+    with server_process(args.work, ["--workers", "32", "--max-concurrent-rpcs", "1000"]) as port, \
+            open_version(version_path) as version:
+        results["vector"] = bench_vectors(port, version, xq, args)
+        results["batch"] = bench_batch(port, xq)
+    images = mini_catalog_images()
+    results["image"] = {
+        "micro_batching": bench_images(args.work, ["--workers", "32", "--max-batch", "32", "--max-wait-ms", "5"],
+                                       images, args.image_requests),
+        "no_batching": bench_images(args.work, ["--workers", "32", "--no-micro-batch"], images, args.image_requests)}
+    results["image"]["ratio"] = results["image"]["micro_batching"]["qps"] / results["image"]["no_batching"]["qps"]
+    write(args, results)
+    return 0
+
+
+def write(args: argparse.Namespace, results: dict) -> None:
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    lines = [f"{args.factory}, {args.n:,} x {args.dim} clustered synthetic, nprobe {args.nprobe}, top_k 10, "
+             f"2 shards; model: {results['model']}.", "",
+             "| concurrency | gRPC QPS | p50 ms | p99 ms | in-process Faiss QPS | in-process Searcher QPS "
+             "| gRPC / Faiss | gRPC / Searcher |", "|---|---|---|---|---|---|---|---|"]
+    for row in results["vector"]:
+        g = row["grpc"]
+        lines.append(f"| {row['concurrency']} | {g['qps']:.0f} | {g['p50_ms']:.2f} | {g['p99_ms']:.2f} "
+                     f"| {row['faiss_inprocess']['qps']:.0f} | {row['searcher_inprocess']['qps']:.0f} "
+                     f"| {row['ratio_grpc_to_faiss']:.2f} | {row['ratio_grpc_to_searcher']:.2f} |")
+    b, im = results["batch"], results["image"]
+    lines += ["", "| measurement | value |", "|---|---|",
+              f"| 64 sequential Search calls | {b['sequential_qps']:.0f} queries/s |",
+              f"| one BatchSearch of 64 vectors | {b['batch_qps']:.0f} queries/s ({b['ratio']:.1f}x) |",
+              f"| image search, concurrency 16, micro-batching | {im['micro_batching']['qps']:.1f} images/s "
+              f"(p50 {im['micro_batching']['p50_ms']:.0f} ms, p99 {im['micro_batching']['p99_ms']:.0f} ms) |",
+              f"| image search, concurrency 16, no batching | {im['no_batching']['qps']:.1f} images/s "
+              f"(p50 {im['no_batching']['p50_ms']:.0f} ms, p99 {im['no_batching']['p99_ms']:.0f} ms) |",
+              f"| micro-batching speed-up | {im['ratio']:.2f}x |"]
+    markdown = "\n".join(lines)
+    write_result("bench_serving", config, results, markdown)
+    plot(results)
+    print(markdown)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["vector"]
+    conc = [r["concurrency"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("grpc", "gRPC Search"), ("searcher_inprocess", "in-process Searcher"),
+                       ("faiss_inprocess", "in-process Faiss")):
+        ax.plot(conc, [r[key]["qps"] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("queries per second")
+    ax.set_title("Search by vector, 1M IVF-PQ, 2 cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / "bench_serving.png", dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

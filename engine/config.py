@@ -1,0 +1,135 @@
+"""The server's configuration: one frozen ServerConfig from defaults, a file, the environment and flags.
+
+Precedence, lowest first: the dataclass defaults < a JSON or TOML file (`--config`) < environment
+variables `VITRINE_<FIELD>` (e.g. `VITRINE_PORT=50052`, `VITRINE_INDEX_ROOT=/data/index`) < command
+line flags. Values from the file and the environment are converted to the field's type; an unknown
+key or a value that does not convert raises ConfigError naming the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "VITRINE_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or malformed; the message names the source and the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Configuration of one VisualSearch server."""
+
+    index_root: Path  # folder holding index versions and CURRENT
+    model: Path | None = None  # checkpoint folder; None: the version manifest's model_path
+    host: str = "127.0.0.1"  # interface to bind ("0.0.0.0": every interface)
+    port: int = 50051  # TCP port; 0: any free port (create_server returns the real one)
+    max_workers: int = 8  # threads serving requests concurrently
+    max_concurrent_rpcs: int = 64  # requests in progress at once; more are answered RESOURCE_EXHAUSTED
+    max_message_bytes: int = 16 << 20  # largest request/response in bytes (bounds query image size)
+    max_image_pixels: int = 40_000_000  # largest decoded query image, width * height pixels
+    max_batch_queries: int = 1024  # most searches in one BatchSearch call
+    default_top_k: int = 10  # hits returned when a request's top_k is 0
+    exact_max: int = 20_000  # filters passing at most this many vectors are answered by exact search
+    rerank_depth: int = 100  # fewest candidates re-scored exactly with the stored float16 vectors
+    device: str = "cpu"  # torch device of the embedder ("cuda" when present)
+    grace_s: float = 5.0  # seconds in-flight requests get to finish on shutdown
+    micro_batch: bool = True  # embed concurrent image queries together
+    max_batch: int = 32  # most images per embedding batch
+    max_wait_ms: float = 5.0  # longest a queued image waits for others to join its batch, milliseconds
+    batch_workers: int = 2  # threads running embedding batches (about one per core)
+    torch_threads: int = 1  # torch intra-op threads per forward pass (concurrency comes from requests/workers)
+    watch: bool = True  # poll <index_root>/CURRENT and hot-swap to a newly published version
+    poll_s: float = 2.0  # seconds between two reads of CURRENT
+    metrics_port: int | None = None  # Prometheus /metrics HTTP port; None: no metrics endpoint (0: any free port)
+    metrics_host: str = "127.0.0.1"  # interface of the metrics endpoint
+    faiss_threads: int = 1  # OpenMP threads per Faiss call (requests already run in parallel)
+    log_json: bool = False  # log one JSON object per line instead of plain text
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(ServerConfig)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """`value` (from a file or an environment string) converted to the field type `hint`."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"{value!r} is not a boolean")
+            return text in ("1", "true", "yes", "on")
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{value!r} is not an integer")
+        return hint(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}: {exc}") from exc
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw key/value table of a JSON (.json) or TOML (.toml) config file (a [server] table is unwrapped)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("server"), dict):
+        data = data["server"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings, not {type(data).__name__}")
+    return data
+
+
+def load_server_config(file: str | Path | None = None, env: Mapping[str, str] | None = None,
+                       overrides: Mapping[str, Any] | None = None) -> ServerConfig:
+    """Resolve a ServerConfig: defaults < `file` < `env` (VITRINE_*; default os.environ) < `overrides`.
+
+    `overrides` are already typed (command-line flags); None values in it mean "not given".
+    """
+    hints = _field_types()
+    values: dict[str, Any] = {}
+    if file is not None:
+        for key, value in load_config_file(file).items():
+            if key not in hints:
+                raise ConfigError(f"config file {file}: unknown setting {key!r} (known: {', '.join(hints)})")
+            values[key] = _convert(value, hints[key], f"config file {file}, {key}")
+    env = os.environ if env is None else env
+    for key, hint in hints.items():
+        name = ENV_PREFIX + key.upper()
+        if name in env:
+            values[key] = _convert(env[name], hint, f"environment variable {name}")
+    for key, value in (overrides or {}).items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting {key!r}")
+        if value is not None:
+            values[key] = _convert(value, hints[key], f"flag --{key.replace('_', '-')}")
+    if "index_root" not in values:
+        raise ConfigError(f"the index root is not set: pass --index-root, set {ENV_PREFIX}INDEX_ROOT "
+                          "or index_root in the config file")
+    return ServerConfig(**values)
+
+
+def config_to_json(config: ServerConfig) -> dict[str, Any]:
+    """The config as JSON-ready values (paths as strings), e.g. to log it at startup."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in dataclasses.asdict(config).items()}

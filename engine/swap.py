@@ -1,0 +1,145 @@
+"""Hot swap of the served index version: leases on the live Searcher and a watcher of CURRENT.
+
+Every request takes a *lease* on the Searcher in service for its whole duration. `install` puts a
+new Searcher in service atomically (new requests see it at once) and retires the old one: its
+version is closed by the last request still holding a lease on it (or at once when there is none),
+so in-flight requests finish on the version they started on, and nothing of it stays in memory.
+
+`VersionWatcher` polls `<index_root>/CURRENT`; when it names another version, the watcher opens it
+in the background, checks its model fingerprint against the server's model (a mismatch is refused
+and logged; the old version keeps serving), warms it up and installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from engine.errors import NotReady
+from engine.search import Searcher
+from indexer.version import VersionError, read_current
+
+logger = logging.getLogger("vitrine.engine")
+
+
+class _Entry:
+    """A Searcher with its lease count and whether it was retired."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+        self.leases = 0
+        self.retired = False
+
+
+class SearcherSlot:
+    """Holds the Searcher in service; leases keep a retired one open until its last request ends."""
+
+    def __init__(self) -> None:
+        self._entry: _Entry | None = None
+        self._lock = threading.Lock()
+        self.closed_versions = 0  # versions closed after retirement (tests and metrics read it)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Searcher]:
+        """The Searcher in service, held open until the block ends; NotReady when there is none."""
+        with self._lock:
+            entry = self._entry
+            if entry is None:
+                raise NotReady("the server is still loading its index and model (or shutting down); "
+                               "retry in a few seconds")
+            entry.leases += 1
+        try:
+            yield entry.searcher
+        finally:
+            with self._lock:
+                entry.leases -= 1
+                close = entry.retired and entry.leases == 0
+            if close:
+                self._close(entry)
+
+    @property
+    def current(self) -> Searcher | None:
+        """The Searcher in service (no lease: only for reading its name)."""
+        entry = self._entry
+        return None if entry is None else entry.searcher
+
+    def install(self, searcher: Searcher | None) -> None:
+        """Put `searcher` in service (None: none) and retire the previous one."""
+        with self._lock:
+            old, self._entry = self._entry, (None if searcher is None else _Entry(searcher))
+            close = old is not None and old.leases == 0
+            if old is not None:
+                old.retired = True
+        if close:
+            assert old is not None
+            self._close(old)
+
+    def _close(self, entry: _Entry) -> None:
+        logger.info("closing retired index version %s", entry.searcher.version.name)
+        entry.searcher.version.close()
+        self.closed_versions += 1
+
+
+class VersionWatcher:
+    """Polls CURRENT every `poll_s` and calls `load(name) -> Searcher` + `install` when it changes.
+
+    `load` raises to refuse a version (model mismatch, corrupt files, failed warm-up): the error is
+    logged once per version name and the served version stays.
+    """
+
+    def __init__(self, index_root: Path, slot: SearcherSlot, load: Callable[[str], Searcher], poll_s: float,
+                 on_result: Callable[[str], None] | None = None) -> None:
+        self.index_root = index_root
+        self.slot = slot
+        self.load = load
+        self.poll_s = poll_s
+        self.on_result = on_result or (lambda result: None)
+        self.refused: dict[str, str] = {}  # version name -> why it was refused
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vitrine-watcher", daemon=True)
+
+    def start(self) -> None:
+        """Start polling in a daemon thread."""
+        self._thread.start()
+
+    def check_once(self) -> str:
+        """Read CURRENT once and swap when it names a new loadable version; returns what happened."""
+        try:
+            name = read_current(self.index_root)
+        except VersionError as exc:
+            logger.warning("cannot read CURRENT: %s", exc)
+            return "unreadable"
+        current = self.slot.current
+        if (current is not None and current.version.name == name) or name in self.refused:
+            return "unchanged"
+        logger.info("CURRENT names %s; loading it in the background", name)
+        try:
+            searcher = self.load(name)
+        except Exception as exc:  # noqa: BLE001 - any failure refuses the version and keeps the old one
+            self.refused[name] = str(exc)
+            logger.error("refused index version %s, still serving %s: %s", name,
+                         current.version.name if current else "nothing", exc)
+            self.on_result("refused")
+            return "refused"
+        self.slot.install(searcher)
+        logger.info("swapped to index version %s (%s, %d vectors)", name, searcher.version.factory,
+                    searcher.version.count)
+        self.on_result("swapped")
+        return "swapped"
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check_once()
+            except Exception:  # noqa: BLE001 - the watcher must survive anything
+                logger.exception("the index watcher failed; retrying at the next poll")
+                self.on_result("failed")
+
+    def stop(self) -> None:
+        """Stop polling (waits for a load in progress)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

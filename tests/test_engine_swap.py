@@ -1,0 +1,130 @@
+"""Hot swap through a real server: CURRENT changes are picked up, in-flight requests finish on the old
+version, a version built with another model is refused (the old one keeps serving), and memory stays
+flat over 20 swaps."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from engine_fixtures import build_engine_index, load_products
+
+from engine.client import VisualSearchClient
+from engine.search import Searcher
+from engine.server import ServerConfig, create_server
+from indexer.build import build_index_from_vectors
+from indexer.version import publish_current
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def wait_for_version(client: VisualSearchClient, name: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.index_info().version != name:
+        assert time.monotonic() < deadline, f"the server never swapped to {name}"
+        time.sleep(0.02)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def synthetic_version(index_root: Path, fingerprint: str, model_dir: Path, n: int, dim: int, seed: int,
+                      name: str) -> Path:
+    """A version of n random vectors whose products repeat the mini catalog's (ids made unique)."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    xb = rng.normal(size=(n, dim)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    base, _ = load_products(50)
+    products = [dataclasses.replace(base[i % len(base)], product_id=f"s{seed}-{i}") for i in range(n)]
+    return build_index_from_vectors(xb, products, index_root, fingerprint, model_dir, "IVF64,Flat", nprobe=4,
+                                    min_recall_at_10=0.0, validation_queries=16, publish=False, name=name)
+
+
+def test_hot_swap_in_flight_requests_and_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    index = build_engine_index(tmp_path)
+    fingerprint = load_fingerprint(index.version_path)
+    new = synthetic_version(index.index_root, fingerprint, index.model_dir, 3000, index.dim, 1, "20990101T000000Z")
+    other_model = synthetic_version(index.index_root, "0" * 64, index.model_dir, 3000, index.dim, 2,
+                                    "20990101T000001Z")
+    server, port = create_server(ServerConfig(index_root=index.index_root, port=0, poll_s=0.05, max_workers=4))
+    entered, release = threading.Event(), threading.Event()
+    real_search = Searcher.search
+
+    def held_search(self: Searcher, request, deadline=None):  # noqa: ANN001, ANN202
+        if request.top_k == 7:  # only the request the test holds in flight
+            entered.set()
+            assert release.wait(30)
+        return real_search(self, request, deadline)
+
+    monkeypatch.setattr(Searcher, "search", held_search)
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=30.0) as client:
+            old = client.index_info().version
+            answers: list = []
+            held = threading.Thread(target=lambda: answers.append(
+                client.search_vector(np.ones(index.dim, np.float32), top_k=7)))
+            held.start()
+            assert entered.wait(30)
+            publish_current(index.index_root, new.name)
+            wait_for_version(client, new.name)  # new requests see the new version at once
+            assert server.slot.closed_versions == 0  # the old one is still leased by the held request
+            release.set()
+            held.join(30)
+            assert answers[0].index_version == old and len(answers[0].hits) == 7
+            assert server.slot.closed_versions == 1
+            assert client.search_product("s1-5", top_k=3).index_version == new.name
+            with caplog.at_level(logging.INFO, logger="vitrine.engine"):
+                publish_current(index.index_root, other_model.name)
+                deadline = time.monotonic() + 30
+                while "refused" not in caplog.text:
+                    assert time.monotonic() < deadline, "the mismatching version was never refused"
+                    time.sleep(0.05)
+            assert "fingerprint" in caplog.text and other_model.name in caplog.text
+            assert client.index_info().version == new.name  # the old version keeps serving
+            assert client.search_product("s1-5", top_k=3).hits
+            assert 'vitrine_index_swaps_total{result="refused"} 1.0' in server.metrics.text()
+    finally:
+        release.set()
+        server.stop(None).wait()
+
+
+def load_fingerprint(version_path: Path) -> str:
+    import json
+
+    return json.loads((version_path / "manifest.json").read_text())["model_fingerprint"]
+
+
+def test_memory_does_not_grow_over_20_swaps(tmp_path: Path) -> None:
+    index = build_engine_index(tmp_path)
+    fingerprint = load_fingerprint(index.version_path)
+    n = 150_000  # ~10 MB of Faiss index per version: a leaked version per swap would show clearly
+    versions = [synthetic_version(index.index_root, fingerprint, index.model_dir, n, index.dim, seed,
+                                  f"2099010{seed}T000000Z") for seed in (1, 2)]
+    version_mb = sum(f.stat().st_size for f in versions[0].glob("shard-*.faiss")) / 2**20
+    server, port = create_server(ServerConfig(index_root=index.index_root, port=0, poll_s=0.02, max_workers=2))
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=30.0) as client:
+            rss = []
+            for swap in range(20):
+                target = versions[swap % 2]
+                publish_current(index.index_root, target.name)
+                wait_for_version(client, target.name)
+                for _ in range(3):
+                    assert len(client.search_vector(np.ones(index.dim, np.float32), top_k=5).hits) == 5
+                rss.append(rss_mb())
+            assert server.slot.closed_versions == 20  # the first (fixture) version and 19 swapped-out ones
+        growth = rss[-1] - rss[3]
+        assert growth < 2 * version_mb, f"RSS grew {growth:.1f} MiB over 16 swaps (one version: {version_mb:.1f} MiB)"
+    finally:
+        server.stop(None).wait()

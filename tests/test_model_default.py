@@ -1,0 +1,46 @@
+"""The committed default model: small enough to ship, loadable, two-stage, and good on real photos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model.catalog import CatalogConfig, read_catalog
+from model.checkpoint import default_model_path
+from model.embedder import Embedder
+from model.networks import binary_codes
+
+MINI = Path(__file__).resolve().parents[1] / "data" / "mini-catalog"
+
+
+def test_default_model_is_small_and_documented() -> None:
+    folder = default_model_path()
+    assert (folder / "model.pt").stat().st_size <= 25 * 1024 * 1024
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["stage"] == "finetune" and card["init_from"] and card["init_tensors"] > 50  # two stages
+    assert {"articleType", "baseColour", "gender", "usage", "season", "masterCategory", "subCategory"} \
+        == set(card["label_maps"])
+    assert card["config"]["train_splits"] == ["train"] and card["timings"]["train_seconds"] > 0
+    assert card["model_config"]["timm_name"].startswith("vit_")
+
+
+def test_default_model_finds_the_same_article_type_on_real_photos() -> None:
+    """Mini catalog: test-split photos query the other photos; the first result's type must mostly match.
+
+    The mini catalog's test-split products were never trained on (the default model saw the train split only).
+    """
+    embedder = Embedder.load(default_model_path())
+    table = read_catalog(MINI / "styles.csv", CatalogConfig())
+    products = [p for p in table.products if (MINI / "images" / f"{p.product_id}.jpg").exists()]
+    vectors = embedder.embed_bytes([(MINI / "images" / f"{p.product_id}.jpg").read_bytes() for p in products])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    queries = [i for i, p in enumerate(products) if p.split == "test"]
+    scores = vectors[queries] @ vectors.T
+    scores[np.arange(len(queries)), queries] = -np.inf  # the query itself is not an answer
+    first = scores.argmax(axis=1)
+    top1 = np.mean([products[f].category == products[q].category for q, f in zip(queries, first, strict=True)])
+    assert len(queries) == 201 and top1 >= 0.7, top1  # 0.75 when committed; chance is 0.05
+    codes = binary_codes(vectors)
+    assert codes.shape == (len(products), embedder.dim // 8) and codes.dtype == np.uint8
