@@ -51,6 +51,7 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
                  strict_columns: list[str], query_split: str, max_queries: int | None = None) -> Gallery:
     """Every product with an image file; queries are those in `query_split` with a non-empty type."""
     from model.catalog import read_catalog
+    from model.data.shards import product_label
 
     table = read_catalog(csv_path, catalog_config)
     ids, paths, types, stricts, queries = [], [], [], [], []
@@ -58,8 +59,8 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
         path = images_dir / catalog_config.image_pattern.format(id=product.product_id)
         if not path.is_file():
             continue
-        value = product.attributes.get(type_column, product.category if type_column == "category" else "")
-        strict = "|".join([value] + [product.attributes.get(c, "") for c in strict_columns])
+        value = product_label(product, type_column)
+        strict = "|".join([value] + [product_label(product, c) for c in strict_columns])
         if product.split == query_split and value:
             queries.append(len(ids))
         ids.append(product.product_id)

@@ -123,14 +123,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def data_fingerprint(shards_dir: Path | str) -> str:
     """SHA-256 of the shards manifest (it holds each shard's sha256): names the training data."""
     return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
@@ -201,9 +193,7 @@ def train(config: TrainConfig) -> Path:
     pretrain = config.stage == "pretrain"
     tasks = () if pretrain else config.tasks
     label_maps, ids = scan_label_maps(config.shards_dir, tasks, config.train_splits, config.max_records,
-                                      config.min_class_count) if tasks else ({}, None)
-    if ids is None:
-        _, ids = scan_label_maps(config.shards_dir, (), config.train_splits, config.max_records)
+                                      config.min_class_count)  # no tasks (pretrain): only the record ids
     weak = load_weak_labels(config.weak_labels) if pretrain and config.weak_labels else None
     teacher = load_teacher(config.distill_from, label_maps) if config.distill_from else None
     model, init = _build_model(config, label_maps, len(weak.labels) if weak else 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,14 @@ class LoopState:
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     bf16: bool = False
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak learning rate: linear warm-up, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _save_state(path: Path, payload: dict[str, Any]) -> None:
@@ -77,7 +86,6 @@ def run_epochs(state: LoopState) -> dict[str, Any]:
     state.work_dir.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(state.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step, first_epoch, skip, prior_seconds, prior_seen = _load_state(state, optimizer)  # earlier sessions
-    from model.train import lr_factor  # the schedule lives with the config
 
     ddp: nn.Module = state.model
     if state.world > 1:

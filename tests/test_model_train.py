@@ -20,7 +20,8 @@ from model.embedder import Embedder
 from model.images import ImageDecodeError
 from model.losses import NormalizedSoftmaxLoss
 from model.networks import ModelConfig, create_model
-from model.train import TrainConfig, lr_factor, train
+from model.train import TrainConfig, train
+from model.train_loop import lr_factor
 
 MINI = Path(__file__).resolve().parents[1] / "data" / "mini-catalog"
 
