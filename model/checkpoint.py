@@ -71,6 +71,6 @@ def load_checkpoint(folder: str | Path) -> tuple[VitrineModel, dict[str, Any]]:
     weights = Path(folder) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no weights at {weights}")
-    model = create_model(ModelConfig.from_json(card["model_config"]))
+    model = create_model(ModelConfig.from_json(card["model_config"]), pretrained_weights=False)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval(), card

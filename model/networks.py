@@ -12,12 +12,14 @@ search are the sign bits of the embedding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer_hybrid import HybridEmbed
 from torch import nn
 
 
@@ -36,7 +38,13 @@ class ModelConfig:
     temperature: float = 0.05  # normalized-softmax temperature
     heads: dict[str, int] = field(default_factory=dict)  # task (label column) -> number of classes
     weak_labels: int = 0  # size of the multi-label weak-label head (0: none)
-    pretrained: str = ""  # "" (random init) or IMAGENET_LITE0 (CNN trunk with the package's ImageNet weights)
+    pretrained: str = ""  # "" (random init) or IMAGENET_LITE0 (the CNN trunk's, or the hybrid stem's, ImageNet weights)
+    # Hybrid ViT (Dosovitskiy et al. 2021, section 3.1): with stem_blocks k > 0 the patch embedding is
+    # EfficientNet-Lite0's conv stem and first k blocks (k=5: 112 channels at stride 16), projected 1x1 to the
+    # token width; the transformer blocks on top are trained by us. The conv stem and the first
+    # stem_frozen_blocks blocks stay frozen at their (ImageNet) weights, in eval mode.
+    stem_blocks: int = 0
+    stem_frozen_blocks: int = -1  # -1: nothing frozen; n >= 0: conv stem + blocks[:n] frozen
 
     @property
     def is_vit(self) -> bool:
@@ -47,7 +55,7 @@ class ModelConfig:
         if not self.is_vit:
             return {"pretrained": False, "num_classes": 0}
         return {"pretrained": False, "num_classes": 0, "img_size": tuple(self.image_size),
-                "patch_size": self.patch_size, "embed_dim": self.width, "depth": self.depth,
+                "patch_size": 1 if self.stem_blocks else self.patch_size, "embed_dim": self.width, "depth": self.depth,
                 "num_heads": self.num_heads, "global_pool": self.global_pool}
 
     def to_json(self) -> dict[str, Any]:
@@ -64,6 +72,43 @@ class ModelConfig:
         values["heads"] = {str(k): int(v) for k, v in values.get("heads", {}).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class Lite0Stem(nn.Module):
+    """EfficientNet-Lite0's conv stem + first `blocks` blocks: the patch embedding of a hybrid ViT.
+
+    The conv stem and blocks[:frozen_blocks] (when frozen_blocks >= 0) never get gradients and stay in eval
+    mode (their batch-norm statistics are ImageNet's); the rest trains.
+    """
+
+    def __init__(self, blocks: int, frozen_blocks: int = -1) -> None:
+        super().__init__()
+        if not 1 <= blocks <= 7 or frozen_blocks > blocks:
+            raise ValueError(f"a Lite0 stem has 1..7 blocks and at most that many frozen, got {blocks}, "
+                             f"{frozen_blocks}")
+        cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        self.conv_stem: nn.Module = cnn.get_submodule("conv_stem")
+        self.bn1: nn.Module = cnn.get_submodule("bn1")
+        self.blocks = nn.Sequential(*cnn.get_submodule("blocks")[:blocks])  # type: ignore[index]
+        self.frozen_blocks = frozen_blocks
+        for module in self._frozen():
+            module.requires_grad_(False)
+
+    def _frozen(self) -> list[nn.Module]:
+        return [] if self.frozen_blocks < 0 else [self.conv_stem, self.bn1, *self.blocks[:self.frozen_blocks]]
+
+    def train(self, mode: bool = True) -> Lite0Stem:
+        super().train(mode)
+        for module in self._frozen():
+            module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen_blocks < 0:
+            return self.blocks(self.bn1(self.conv_stem(x)))
+        with torch.no_grad():
+            x = self.blocks[:self.frozen_blocks](self.bn1(self.conv_stem(x)))
+        return self.blocks[self.frozen_blocks:](x)
 
 
 class NormalizedSoftmaxHead(nn.Module):
@@ -89,7 +134,13 @@ class VitrineModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.trunk = timm.create_model(config.timm_name, **config.timm_kwargs())
+        kwargs = config.timm_kwargs()
+        if config.stem_blocks:
+            if not config.is_vit:
+                raise ValueError(f"stem_blocks makes a hybrid ViT; {config.timm_name} is not a ViT")
+            kwargs["embed_layer"] = functools.partial(
+                HybridEmbed, backbone=Lite0Stem(config.stem_blocks, config.stem_frozen_blocks))
+        self.trunk = timm.create_model(config.timm_name, **kwargs)
         features: int = self.trunk.num_features  # type: ignore[assignment]
         self.neck: nn.Module = nn.Identity() if config.embedding_dim == 0 else nn.Sequential(
             nn.LayerNorm(features, elementwise_affine=False), nn.Linear(features, config.embedding_dim))
@@ -120,13 +171,29 @@ def head_key(task: str) -> str:
     return "task_" + task.replace(".", "_")
 
 
-def create_model(config: ModelConfig) -> VitrineModel:
-    """Build a VitrineModel: random weights, or the packaged ImageNet CNN trunk (never downloads anything)."""
+def create_model(config: ModelConfig, pretrained_weights: bool = True) -> VitrineModel:
+    """Build a VitrineModel: random weights, or the packaged ImageNet CNN trunk / hybrid stem (never downloads).
+
+    pretrained_weights=False skips loading the ImageNet weights (a checkpoint's own weights follow).
+    """
     model = VitrineModel(config)
     if config.pretrained == IMAGENET_LITE0:
-        if config.timm_name != "tf_efficientnet_lite0":
-            raise ValueError(f"{IMAGENET_LITE0} weights fit timm's tf_efficientnet_lite0, not {config.timm_name}")
-        model.trunk.load_state_dict(imagenet_lite0_state_dict(with_classifier=False))
+        if config.timm_name == "tf_efficientnet_lite0":
+            if pretrained_weights:
+                model.trunk.load_state_dict(imagenet_lite0_state_dict(with_classifier=False))
+        elif config.stem_blocks:
+            if pretrained_weights:
+                stem = model.trunk.get_submodule("patch_embed.backbone")
+                own = stem.state_dict()
+                missing, _ = stem.load_state_dict({k: v for k, v in imagenet_lite0_state_dict(False).items()
+                                                   if k in own}, strict=False)
+                if missing:
+                    raise ValueError(f"the ImageNet weights lack hybrid stem tensors {missing[:3]}")
+        else:
+            raise ValueError(f"{IMAGENET_LITE0} weights fit tf_efficientnet_lite0 or a hybrid ViT's stem, "
+                             f"not {config.timm_name}")
+    elif config.stem_frozen_blocks >= 0 and config.stem_blocks:
+        raise ValueError("a frozen stem needs pretrained weights (pretrained=IMAGENET_LITE0)")
     elif config.pretrained:
         raise ValueError(f"unknown pretrained weights {config.pretrained!r}; known: '' or {IMAGENET_LITE0!r}")
     return model

@@ -81,6 +81,8 @@ class TrainConfig:
     num_heads: int = 4
     embedding_dim: int = 128
     temperature: float = 0.05
+    stem_blocks: int = 0  # > 0: hybrid ViT whose patch embedding is EfficientNet-Lite0's stem + this many blocks
+    stem_frozen_blocks: int = -1  # hybrid: conv stem + this many blocks frozen (-1: none)
     progress: bool = True  # tqdm bar
 
     def to_json(self) -> dict[str, Any]:
@@ -98,6 +100,7 @@ class TrainConfig:
                            patch_size=self.patch_size, width=self.width, depth=self.depth,
                            num_heads=self.num_heads, embedding_dim=self.embedding_dim,
                            temperature=self.temperature, pretrained=self.pretrained,
+                           stem_blocks=self.stem_blocks, stem_frozen_blocks=self.stem_frozen_blocks,
                            heads={t: len(c) for t, c in label_maps.items()}, weak_labels=weak_labels)
 
     def validate(self) -> None:

@@ -14,13 +14,15 @@ echo '{"split_column": null, "split_file": "splits.csv"}' > "$WORK/catalog.json"
     --out "$WORK/shards" --catalog-config "$WORK/catalog.json" > "$WORK/ingest.json"
 # 2. weak labels from the training split's titles (~10 s)
 [ -f "$WORK/weak_labels.json" ] || $V annotate --shards "$WORK/shards" --out "$WORK/weak_labels.json" --splits train
-# 3. stage 1: pretrain the ViT on the weak labels
-ARCH=(--image-size 64x48 --patch-size 8 --width 192 --depth 6 --heads 3 --embedding-dim 256
-      --batch-size 128 --lr 1e-3 --precision auto --workers 1 --checkpoint-every 100)
+# 3. stage 1: pretrain the ViT on the weak labels. The ViT is a hybrid: its patch embedding is EfficientNet-Lite0's
+#    ImageNet conv stem + first 5 blocks (stride 16: 8x6 tokens at 128x96); the conv stem and blocks 0-2 stay
+#    frozen, blocks 3-4, the 1x1 projection and the 6 transformer blocks (width 192, 3 heads) train.
+ARCH=(--backbone vit-hybrid --stem-blocks 5 --stem-frozen-blocks 3 --image-size 128x96 --width 192 --depth 6
+      --heads 3 --embedding-dim 256 --batch-size 128 --lr 1e-3 --precision auto --workers 1 --checkpoint-every 100)
 [ -f "$WORK/pretrain/model_card.json" ] || $V train --stage pretrain --shards "$WORK/shards" \
-    --weak-labels "$WORK/weak_labels.json" --epochs ${PRETRAIN_EPOCHS:-6} "${ARCH[@]}" --out "$WORK/pretrain"
+    --weak-labels "$WORK/weak_labels.json" --epochs ${PRETRAIN_EPOCHS:-1} "${ARCH[@]}" --out "$WORK/pretrain"
 # 4. stage 2: multi-task fine-tune of the unified embedding, from the pretrained trunk
 [ -f "$WORK/model/model_card.json" ] || $V train --stage finetune --shards "$WORK/shards" \
     --init-from "$WORK/pretrain" --tasks articleType,baseColour,gender,usage,season,masterCategory,subCategory \
-    --epochs ${FINETUNE_EPOCHS:-10} "${ARCH[@]}" --out "$WORK/model"
+    --epochs ${FINETUNE_EPOCHS:-4} "${ARCH[@]}" --out "$WORK/model"
 echo "default model: $WORK/model"

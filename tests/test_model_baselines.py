@@ -52,3 +52,39 @@ def test_frozen_cnn_checkpoint_embeds_like_the_trunk(tmp_path: Path) -> None:
     assert vectors.shape == (3, 1280)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert save_frozen_cnn(tmp_path / "cnn") == folder  # reused, not rewritten
+
+
+def test_hybrid_vit_stem_is_the_imagenet_cnn_and_frozen_blocks_do_not_train(tmp_path: Path) -> None:
+    from model.checkpoint import load_checkpoint
+    from model.networks import IMAGENET_LITE0, ModelConfig, create_model
+
+    config = ModelConfig(image_size=(128, 96), width=32, depth=1, num_heads=2, embedding_dim=16,
+                         heads={"articleType": 4}, pretrained=IMAGENET_LITE0, stem_blocks=5, stem_frozen_blocks=3)
+    model = create_model(config)
+    cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    cnn.load_state_dict(imagenet_lite0_state_dict())
+    cnn.eval()
+    x = _batch()[:2, :, :128, :96]
+    stem = model.trunk.patch_embed.backbone
+    with torch.no_grad():  # the patch embedding's CNN is ImageNet's EfficientNet-Lite0 up to stride 16
+        expected = cnn.blocks[:5](cnn.bn1(cnn.conv_stem(x.clone())))
+        torch.testing.assert_close(stem.eval()(x), expected)
+    assert model.trunk.patch_embed.num_patches == (128 // 16) * (96 // 16)
+    model.train()
+    assert not stem.conv_stem.training and not stem.blocks[2].training and stem.blocks[3].training
+    before = {k: v.clone() for k, v in stem.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(x)["logits/articleType"].logsumexp(1).mean().backward()
+    optimizer.step()
+    after = stem.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("conv_stem", "bn1", "blocks.0.",
+                                                                                   "blocks.1.", "blocks.2.")))
+    assert not torch.equal(before["blocks.4.0.conv_pwl.weight"], after["blocks.4.0.conv_pwl.weight"])
+    from model.checkpoint import save_checkpoint
+    folder = save_checkpoint(tmp_path / "hybrid", model.eval(), {"mean": list(LITE0_MEAN), "std": list(LITE0_STD)})
+    loaded, card = load_checkpoint(folder)  # rebuilt from the card, weights from the checkpoint only
+    assert card["model_config"]["stem_blocks"] == 5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(x), model.embed(x))
+    with pytest.raises(ValueError, match="frozen stem needs pretrained"):
+        create_model(ModelConfig(stem_blocks=5, stem_frozen_blocks=2))

