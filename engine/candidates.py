@@ -21,13 +21,13 @@ import dataclasses
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
 
 from engine.probing import ListProber
-from engine.types import SearchFilter
+from engine.types import SearchFilter, ShardPart
 from indexer.version import Filters, IndexVersion
 
 EXACT_MAX = 20_000  # passing products at or below which a filtered query is scored exactly (no Faiss)
@@ -80,6 +80,7 @@ class FilterPlan:
     selector: faiss.IDSelector | None = None  # IDSelectorBitmap over the passing ids
     bitmap: np.ndarray | None = None  # the selector's bits (kept alive while the selector is used)
     list_passing: np.ndarray | None = None  # passing vectors per IVF list (engine.probing), when known
+    filter: SearchFilter = SearchFilter()  # the filter the plan applies (sent on to remote shard servers)
 
     @property
     def selectivity(self) -> float:
@@ -96,7 +97,7 @@ def create_filter_plan(version: IndexVersion, search_filter: SearchFilter, exact
     """The FilterPlan of `search_filter` over `version` (see the module docstring)."""
     count = version.count
     if search_filter.is_empty:
-        return FilterPlan(passing=count, count=count)
+        return FilterPlan(passing=count, count=count, filter=search_filter)
     mask = filter_mask(version.filters, None, search_filter)
     passing = int(mask.sum())
     if passing <= exact_max:
@@ -104,10 +105,27 @@ def create_filter_plan(version: IndexVersion, search_filter: SearchFilter, exact
         flat = faiss.IndexFlatIP(version.dim)
         if passing:
             flat.add(version.vectors_of(ids))
-        return FilterPlan(passing=passing, count=count, ids=ids, flat=flat)
+        return FilterPlan(passing=passing, count=count, ids=ids, flat=flat, filter=search_filter)
     bitmap = np.packbits(mask, bitorder="little")
     selector = faiss.IDSelectorBitmap(count, faiss.swig_ptr(bitmap))
-    return FilterPlan(passing=passing, count=count, selector=selector, bitmap=bitmap)
+    return FilterPlan(passing=passing, count=count, selector=selector, bitmap=bitmap, filter=search_filter)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """The merged top k of a batch of queries, and the shards whose candidates are missing (remote mode)."""
+
+    scores: np.ndarray  # (nq, k) float32, best first; -inf where there is no candidate
+    ids: np.ndarray  # (nq, k) int64 internal ids; -1 where there is no candidate
+    missing_shards: tuple[int, ...] = ()  # shards that did not answer (down, too slow, other version)
+
+
+def merge_parts(parts: Sequence[ShardPart], nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard parts in shard order (ties keep shard order); no parts: (nq, 0) empty results."""
+    if not parts:
+        return np.full((nq, 0), -np.inf, np.float32), np.full((nq, 0), -1, np.int64)
+    ordered = sorted(parts, key=lambda part: part.shard)
+    return merge_topk([p.scores for p in ordered], [p.ids for p in ordered], k)
 
 
 class ShardSearch:
@@ -115,12 +133,19 @@ class ShardSearch:
 
     Shared by all request threads: per-call parameters (nprobe, selector) travel in
     SearchParametersIVF, the shards are never mutated. Filter plans are cached per filter.
+    `other_shards` (a shard server holding part of the version) yields the version's other shards,
+    read only to learn which inverted list every internal id is in, so filter-aware probing counts
+    passing vectors over the whole version and probes exactly the lists one process holding every
+    shard would.
     """
 
-    def __init__(self, version: IndexVersion, exact_max: int = EXACT_MAX) -> None:
+    def __init__(self, version: IndexVersion, exact_max: int = EXACT_MAX,
+                 other_shards: Callable[[], Iterable[faiss.Index]] | None = None) -> None:
         self.version = version
         self.shards = list(version.shards)
+        self.shard_ids = list(version.shard_ids)
         self.exact_max = exact_max
+        self.other_shards = other_shards
         nlists = [ivf.nlist for ivf in map(faiss.try_extract_index_ivf, self.shards) if ivf is not None]
         self.nlist: int | None = max(nlists) if nlists else None  # None: flat shards (exact, no nprobe)
         self._plans: OrderedDict[SearchFilter, FilterPlan] = OrderedDict()
@@ -130,7 +155,8 @@ class ShardSearch:
     def prober(self) -> ListProber | None:
         """The filter-aware list prober of these shards (None when they do not allow one)."""
         if self._prober is False:
-            self._prober = ListProber.create(self.shards, self.version.count)
+            others = self.other_shards() if self.other_shards is not None else ()
+            self._prober = ListProber.create(self.shards, self.version.count, others)
         return self._prober if isinstance(self._prober, ListProber) else None
 
     def plan(self, search_filter: SearchFilter) -> FilterPlan:
@@ -153,24 +179,40 @@ class ShardSearch:
 
     def search(self, xq: np.ndarray, k: int, nprobe: int | None, plan: FilterPlan) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores float32, internal ids int64; -1 = none) of queries xq (nq, dim) passing `plan`."""
+        found = self.candidates(xq, k, nprobe, plan)
+        return found.scores, found.ids
+
+    def candidates(self, xq: np.ndarray, k: int, nprobe: int | None, plan: FilterPlan,
+                   deadline: float | None = None) -> Candidates:
+        """Like `search`, with the shards that did not answer (only a remote fan-out misses any)."""
         nq = xq.shape[0]
         k = max(1, min(k, plan.passing))
         if plan.passing == 0:
-            return np.full((nq, 0), -np.inf, np.float32), np.full((nq, 0), -1, np.int64)
+            return Candidates(np.full((nq, 0), -np.inf, np.float32), np.full((nq, 0), -1, np.int64))
         if plan.exact:
-            return self._exact(xq, k, plan)
+            return Candidates(*self._exact(xq, k, plan))
+        return self.fan_out(xq, k, nprobe, plan, deadline)
+
+    def fan_out(self, xq: np.ndarray, k: int, nprobe: int | None, plan: FilterPlan,
+                deadline: float | None) -> Candidates:
+        """The merged top k over the version's Faiss shards (here: in this process; engine.remote: over gRPC)."""
+        return Candidates(*merge_parts(self.search_parts(xq, k, nprobe, plan), xq.shape[0], k))
+
+    def search_parts(self, xq: np.ndarray, k: int, nprobe: int | None, plan: FilterPlan) -> list[ShardPart]:
+        """Per held shard, the top k of xq passing the plan's selector (never the exact path)."""
         probe = self.version.default_nprobe if nprobe is None else nprobe
         if self.nlist is None or probe is None:
             return self._fan_out(xq, k, None, plan.selector)
         prober = self.prober() if plan.list_passing is not None else None
         if prober is not None and plan.list_passing is not None:
-            parts = prober.search(xq, k, probe, plan.list_passing, plan.selectivity, plan.selector)
-            return merge_topk([d for d, _ in parts], [i for _, i in parts], k)
+            found = prober.search(xq, k, probe, plan.list_passing, plan.selectivity, plan.selector)
+            return [ShardPart(shard, scores, ids) for shard, (scores, ids) in zip(self.shard_ids, found, strict=True)]
         probe = nprobe_for(probe, plan.selectivity, self.nlist)
         while True:
-            D, I = self._fan_out(xq, k, probe, plan.selector)  # noqa: E741
+            parts = self._fan_out(xq, k, probe, plan.selector)
+            _, I = merge_parts(parts, xq.shape[0], k)  # noqa: E741
             if probe >= self.nlist or (I >= 0).sum(axis=1).min() >= k:
-                return D, I
+                return parts
             probe = min(self.nlist, probe * 2)  # the probed lists hold too few passing vectors
 
     def _exact(self, xq: np.ndarray, k: int, plan: FilterPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -179,15 +221,14 @@ class ShardSearch:
         return D, np.where(rows >= 0, plan.ids[np.maximum(rows, 0)], -1)
 
     def _fan_out(self, xq: np.ndarray, k: int, nprobe: int | None,
-                 selector: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
-        D_parts, I_parts = [], []
-        for shard in self.shards:
+                 selector: faiss.IDSelector | None) -> list[ShardPart]:
+        parts = []
+        for shard_id, shard in zip(self.shard_ids, self.shards, strict=True):
             if shard.ntotal == 0:
                 continue
             D, I = shard.search(xq, k, params=search_params(shard, nprobe, selector))  # noqa: E741
-            D_parts.append(D)
-            I_parts.append(I)
-        return merge_topk(D_parts, I_parts, k)
+            parts.append(ShardPart(shard_id, D, I))
+        return parts
 
 
 def search_params(index: faiss.Index, nprobe: int | None,

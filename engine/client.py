@@ -124,13 +124,14 @@ class VisualSearchClient:
         response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def wait_ready(self, timeout_s: float = 30.0, poll_s: float = 0.2) -> None:
-        """Block until the server reports SERVING; TimeoutError (with the last status seen) after timeout_s."""
+    def wait_ready(self, timeout_s: float = 30.0, poll_s: float = 0.2, service: str = SERVICE_NAME) -> None:
+        """Block until `service` reports SERVING (a shard server: "vitrine.v1.IndexShard" or "");
+        TimeoutError (with the last status seen) after timeout_s."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while True:
             try:
-                last = self.health()
+                last = self.health(service)
                 if last == "SERVING":
                     return
             except grpc.RpcError as err:

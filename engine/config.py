@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 ENV_PREFIX = "VITRINE_"
+ROLES = ("standalone", "root", "shard")  # every shard in one process; a fan-out root; a shard server
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,40 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"  # interface of the metrics endpoint
     faiss_threads: int = 1  # OpenMP threads per Faiss call (requests already run in parallel)
     log_json: bool = False  # log one JSON object per line instead of plain text
+    role: str = "standalone"  # "standalone": every Faiss shard here; "root": fan out to shard_servers; "shard"
+    shards: tuple[int, ...] = ()  # role shard: the manifest positions of the Faiss shards served ("0,1")
+    shard_servers: tuple[str, ...] = ()  # role root: the shard servers, host:port each ("h1:50061,h2:50061")
+    shard_timeout_ms: float = 1000.0  # role root: deadline of each shard call, ms (capped by the client's deadline)
+    require_all_shards: bool = False  # role root: a missing shard fails the call (UNAVAILABLE) instead of partial
+
+    def __post_init__(self) -> None:
+        check_role(self)
+
+
+def check_role(config: ServerConfig) -> None:
+    """ConfigError when the role settings do not fit together (e.g. a root without shard servers)."""
+    if config.role not in ROLES:
+        raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {config.role!r}")
+    if config.role == "shard" and not config.shards:
+        raise ConfigError("a shard server needs the shards it serves: --shards 0,1 (manifest positions)")
+    if config.role != "shard" and config.shards:
+        raise ConfigError(f"--shards is for --role shard; a {config.role} server holds every shard")
+    if config.role == "root" and not config.shard_servers:
+        raise ConfigError("a root needs its shard servers: --shard-servers host:port,host:port")
+    if config.role != "root" and config.shard_servers:
+        raise ConfigError(f"--shard-servers is for --role root, not {config.role}")
+    if any(shard < 0 for shard in config.shards):
+        raise ConfigError(f"shard numbers are manifest positions (0, 1, ...), got {list(config.shards)}")
+    bad = [target for target in config.shard_servers if not _is_host_port(target)]
+    if bad:
+        raise ConfigError(f"shard servers must be host:port, got {bad}")
+    if config.shard_timeout_ms <= 0:
+        raise ConfigError(f"shard_timeout_ms must be > 0, got {config.shard_timeout_ms}")
+
+
+def _is_host_port(target: str) -> bool:
+    host, _, port = target.rpartition(":")
+    return bool(host) and port.isdigit()
 
 
 def _field_types() -> dict[str, Any]:
@@ -67,6 +102,12 @@ def _field_types() -> dict[str, Any]:
 def _convert(value: Any, hint: Any, where: str) -> Any:
     """`value` (from a file or an environment string) converted to the field type `hint`."""
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:  # "0,1" or [0, 1] -> (0, 1)
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{where}: expected a comma-separated list, got {value!r}")
+        return tuple(_convert(item.strip() if isinstance(item, str) else item, args[0], where)
+                     for item in items if not (isinstance(item, str) and not item.strip()))
     if type(None) in args:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             return None
@@ -127,7 +168,10 @@ def load_server_config(file: str | Path | None = None, env: Mapping[str, str] | 
     if "index_root" not in values:
         raise ConfigError(f"the index root is not set: pass --index-root, set {ENV_PREFIX}INDEX_ROOT "
                           "or index_root in the config file")
-    return ServerConfig(**values)
+    try:
+        return ServerConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def config_to_json(config: ServerConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import datetime as dt
 import grpc
 import numpy as np
 
+from engine.errors import InvalidQuery
 from engine.types import (
     BatchItem,
     Embedding,
@@ -21,9 +22,13 @@ from engine.types import (
     SearchQuery,
     SearchRequest,
     SearchResult,
+    ShardAnswer,
+    ShardPart,
+    ShardQuery,
 )
 from model.catalog import Product
 from protos.vitrine.v1 import search_pb2 as pb
+from protos.vitrine.v1 import shard_pb2
 
 _METRICS = {"inner_product": pb.METRIC_INNER_PRODUCT, "l2": pb.METRIC_L2}
 _METRIC_NAMES = {code: name for name, code in _METRICS.items()}
@@ -133,13 +138,14 @@ def hit_from_proto(message: pb.Hit) -> SearchHit:
 def result_to_proto(result: SearchResult) -> pb.SearchResponse:
     """A SearchResult as a protobuf SearchResponse."""
     return pb.SearchResponse(hits=[hit_to_proto(h) for h in result.hits], index_version=result.index_version,
-                             took_us=result.took_us)
+                             took_us=result.took_us, partial=result.partial,
+                             missing_shards=list(result.missing_shards))
 
 
 def result_from_proto(message: pb.SearchResponse) -> SearchResult:
     """A protobuf SearchResponse as a SearchResult."""
     return SearchResult(hits=tuple(hit_from_proto(h) for h in message.hits), index_version=message.index_version,
-                        took_us=message.took_us)
+                        took_us=message.took_us, missing_shards=tuple(message.missing_shards))
 
 
 def index_info_to_proto(info: IndexInfo) -> pb.GetIndexInfoResponse:
@@ -211,3 +217,47 @@ def embedding_from_proto(message: pb.EmbedResponse) -> Embedding:
     """A protobuf EmbedResponse as an Embedding (float32 vector)."""
     return Embedding(vector=np.asarray(message.vector.values, dtype=np.float32),
                      model_fingerprint=message.model_fingerprint, took_us=message.took_us)
+
+
+def shard_query_to_proto(query: ShardQuery) -> shard_pb2.ShardSearchRequest:
+    """A ShardQuery as a protobuf ShardSearchRequest (nprobe None -> 0)."""
+    vectors = np.asarray(query.vectors, dtype=np.float32)
+    return shard_pb2.ShardSearchRequest(queries=[pb.Vector(values=row.tolist()) for row in vectors], k=query.k,
+                                        nprobe=query.nprobe or 0, filter=filter_to_proto(query.filter),
+                                        index_version=query.index_version)
+
+
+def shard_query_from_proto(message: shard_pb2.ShardSearchRequest) -> ShardQuery:
+    """A protobuf ShardSearchRequest as a ShardQuery (no queries: a (0, 0) array); InvalidQuery on ragged rows."""
+    rows = [np.asarray(q.values, dtype=np.float32) for q in message.queries]
+    dims = {len(row) for row in rows}
+    if len(dims) > 1:
+        raise InvalidQuery(f"the shard queries have different dimensions: {sorted(dims)}")
+    vectors = np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+    return ShardQuery(vectors=vectors, k=message.k, nprobe=message.nprobe or None,
+                      filter=filter_from_proto(message.filter), index_version=message.index_version)
+
+
+def shard_answer_to_proto(answer: ShardAnswer) -> shard_pb2.ShardSearchResponse:
+    """A ShardAnswer as a protobuf ShardSearchResponse (scores and ids flattened row-major)."""
+    candidates = [shard_pb2.ShardCandidates(shard=part.shard, k=int(part.ids.shape[1]),
+                                            scores=np.asarray(part.scores, np.float32).ravel().tolist(),
+                                            ids=np.asarray(part.ids, np.int64).ravel().tolist())
+                  for part in answer.parts]
+    return shard_pb2.ShardSearchResponse(candidates=candidates, shards=list(answer.shards),
+                                         index_version=answer.index_version, took_us=answer.took_us)
+
+
+def shard_answer_from_proto(message: shard_pb2.ShardSearchResponse) -> ShardAnswer:
+    """A protobuf ShardSearchResponse as a ShardAnswer ((nq, k) arrays per shard)."""
+    parts = []
+    for candidates in message.candidates:
+        k = max(int(candidates.k), 1)
+        scores = np.asarray(candidates.scores, dtype=np.float32).reshape(-1, k)
+        ids = np.asarray(candidates.ids, dtype=np.int64).reshape(-1, k)
+        if scores.shape != ids.shape:
+            raise ValueError(f"shard {candidates.shard} sent {scores.size} scores but {ids.size} ids")
+        parts.append(ShardPart(int(candidates.shard), scores, ids))
+    return ShardAnswer(parts=tuple(parts), shards=tuple(message.shards), index_version=message.index_version,
+                       took_us=message.took_us)
+

@@ -35,12 +35,22 @@ class DeadlineExceeded(EngineError):
     """The caller's deadline passed while the request was being served."""
 
 
+class ShardsUnavailable(EngineError):
+    """A root got no answer from any shard server, or missed one under the require-all-shards policy."""
+
+
+class VersionMismatch(EngineError):
+    """A shard server was asked for another index version than the one it serves."""
+
+
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidQuery, grpc.StatusCode.INVALID_ARGUMENT),
     (ImageDecodeError, grpc.StatusCode.INVALID_ARGUMENT),
     (ProductNotFound, grpc.StatusCode.NOT_FOUND),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ShardsUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (VersionMismatch, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

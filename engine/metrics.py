@@ -10,6 +10,10 @@ Names follow the Prometheus conventions (base units, `_seconds`, `_total`):
 - `vitrine_index_vectors`                         vectors in the served version
 - `vitrine_index_swaps_total{result}`             hot swaps: swapped, refused, failed
 - `vitrine_inflight_requests`                     RPCs in progress
+- `vitrine_shard_request_duration_seconds{shard_server}` (root) histogram of each shard server call's latency
+- `vitrine_shard_requests_total{shard_server,result}` (root) shard calls: ok, unavailable, deadline_exceeded,
+  version_mismatch, error
+- `vitrine_partial_responses_total{method}`       (root) searches answered without some shards
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ class Metrics:
         self.swaps = Counter("vitrine_index_swaps", "Hot swaps of the index version, by result", ["result"],
                              registry=r)
         self.inflight = Gauge("vitrine_inflight_requests", "RPCs in progress", registry=r)
+        self.shard_seconds = Histogram("vitrine_shard_request_duration_seconds",
+                                       "Latency of a root's call to one shard server in seconds", ["shard_server"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.shard_requests = Counter("vitrine_shard_requests", "A root's calls to shard servers, by result",
+                                      ["shard_server", "result"], registry=r)
+        self.partial = Counter("vitrine_partial_responses", "Searches answered without some shards (partial)",
+                               ["method"], registry=r)
         self._http: object | None = None
         self._lock = threading.Lock()
 
@@ -52,6 +63,11 @@ class Metrics:
     def observe_stage(self, stage: str, seconds: float) -> None:
         """Record the time one request spent in `stage`."""
         self.stage_seconds.labels(stage).observe(seconds)
+
+    def observe_shard_call(self, shard_server: str, result: str, seconds: float) -> None:
+        """Count one call of a root to a shard server: its result and latency."""
+        self.shard_seconds.labels(shard_server).observe(seconds)
+        self.shard_requests.labels(shard_server, result).inc()
 
     def set_index(self, version: str, factory: str, model_fingerprint: str, count: int) -> None:
         """Mark `version` as the served one (the previous version's info series is removed)."""

@@ -21,7 +21,7 @@ a uniform nprobe.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import faiss
@@ -40,24 +40,34 @@ class ListProber:
         self.list_of_id = list_of_id  # int32 list number of every internal id (-1: in no list)
 
     @classmethod
-    def create(cls, shards: Sequence[faiss.Index], count: int) -> ListProber | None:
-        """A prober over bare IVF shards with one shared quantizer; None when that does not hold."""
+    def create(cls, shards: Sequence[faiss.Index], count: int,
+               other_shards: Iterable[faiss.Index] = ()) -> ListProber | None:
+        """A prober over bare IVF shards with one shared quantizer; None when that does not hold.
+
+        `other_shards` are the version's shards searched elsewhere (remote shard servers): they are
+        read one at a time only for the list of every id, so passing vectors are counted over the
+        whole version and every shard server probes the same lists for a query.
+        """
         ivfs: list[Any] = [faiss.downcast_index(shard) for shard in shards]
         if not ivfs or not all(isinstance(ivf, faiss.IndexIVF) for ivf in ivfs):
             return None
         nlist = ivfs[0].nlist
         centroids = ivfs[0].quantizer.reconstruct_n(0, nlist)
-        for ivf in ivfs[1:]:
-            if ivf.nlist != nlist or not np.array_equal(ivf.quantizer.reconstruct_n(0, nlist), centroids):
-                return None
+
+        def same_lists(ivf: Any) -> bool:
+            return (isinstance(ivf, faiss.IndexIVF) and ivf.nlist == nlist
+                    and np.array_equal(ivf.quantizer.reconstruct_n(0, nlist), centroids))
+
+        if not all(map(same_lists, ivfs[1:])):
+            return None
         list_of_id = np.full(count, -1, dtype=np.int32)
         for ivf in ivfs:
-            invlists = ivf.invlists
-            for lst in range(nlist):
-                size = invlists.list_size(lst)
-                if size:
-                    ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
-                    list_of_id[ids[(ids >= 0) & (ids < count)]] = lst
+            record_lists(ivf, list_of_id)
+        for shard in other_shards:
+            other = faiss.downcast_index(shard)
+            if not same_lists(other):
+                return None
+            record_lists(other, list_of_id)
         return cls(ivfs, list_of_id)
 
     def passing_per_list(self, mask: np.ndarray) -> np.ndarray:
@@ -87,6 +97,16 @@ class ListProber:
         if selector is not None:
             params.sel = selector
         return [search_preassigned(ivf, xq, k, Iq, Dq, params) for ivf in self.ivfs]
+
+
+def record_lists(ivf: Any, list_of_id: np.ndarray) -> None:
+    """Write into `list_of_id` the inverted list number of every id stored in `ivf`."""
+    invlists, count = ivf.invlists, len(list_of_id)
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size)
+            list_of_id[ids[(ids >= 0) & (ids < count)]] = lst
 
 
 def search_preassigned(ivf: Any, xq: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray,

@@ -21,7 +21,7 @@ from typing import cast
 import numpy as np
 from PIL import Image
 
-from engine.candidates import EXACT_MAX, ShardSearch, filter_mask
+from engine.candidates import EXACT_MAX, Candidates, ShardSearch, filter_mask
 from engine.errors import DeadlineExceeded, EngineError, InvalidQuery, ProductNotFound
 from engine.types import MAX_TOP_K, IndexInfo, SearchHit, SearchRequest, SearchResult
 from indexer.version import IndexVersion
@@ -77,12 +77,14 @@ class Searcher:
 
     `embed` turns decoded images into unit embeddings (the server passes its micro-batcher);
     `observe(stage, seconds)` receives stage timings (decode, embed, search, rerank, fetch).
+    `shards` finds the candidates: by default the version's Faiss shards in this process; a root
+    passes an engine.remote.RemoteShardSearch that asks the shard servers.
     """
 
     def __init__(self, version: IndexVersion, embed: EmbedFn, *, default_top_k: int = 10,
                  max_top_k: int = MAX_TOP_K, exact_max: int = EXACT_MAX, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, rerank_depth: int = RERANK_DEPTH,
-                 observe: ObserveFn | None = None) -> None:
+                 observe: ObserveFn | None = None, shards: ShardSearch | None = None) -> None:
         self.version = version
         self.embed = embed
         self.default_top_k = default_top_k
@@ -90,7 +92,7 @@ class Searcher:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.rerank_depth = rerank_depth
-        self.shards = ShardSearch(version, exact_max)
+        self.shards = ShardSearch(version, exact_max) if shards is None else shards
         self.observe: ObserveFn = observe or (lambda stage, seconds: None)
 
     def search(self, request: SearchRequest, deadline: float | None = None) -> SearchResult:
@@ -117,7 +119,7 @@ class Searcher:
                 groups.setdefault((job.request.filter, job.request.options.nprobe), []).append(job)
         for group in groups.values():
             check_deadline(deadline, "the index search")
-            self._answer_group(group)
+            self._answer_group(group, deadline)
         took_us = int((time.perf_counter() - start) * 1e6)
         return [_with_time(job.outcome, took_us) for job in jobs]
 
@@ -149,17 +151,18 @@ class Searcher:
             except InvalidQuery as exc:
                 job.outcome = exc
 
-    def _answer_group(self, jobs: list[_Job]) -> None:
-        """One Faiss call for all jobs sharing a filter and nprobe, then re-rank and group each."""
+    def _answer_group(self, jobs: list[_Job], deadline: float | None) -> None:
+        """One Faiss call (or one fan-out) for all jobs sharing a filter and nprobe, then re-rank and group each."""
         request = jobs[0].request
         plan = self.shards.plan(request.filter)
         k = max(self._fetch_k(job.top_k, job.request) for job in jobs)
         xq = np.stack([cast(QueryVector, job.query).vector for job in jobs])
         began = time.perf_counter()
-        D, I = self.shards.search(xq, k, request.options.nprobe, plan)  # noqa: E741
+        found = self.shards.candidates(xq, k, request.options.nprobe, plan, deadline)
         self.observe("search", time.perf_counter() - began)
         for row, job in enumerate(jobs):
-            job.outcome = self._finish(job, D[row], I[row], k, plan.passing)
+            row_found = Candidates(found.scores[row], found.ids[row], found.missing_shards)
+            job.outcome = self._finish(job, row_found, k, plan.passing, deadline)
 
     def _fetch_k(self, top_k: int, request: SearchRequest) -> int:
         """Candidates to fetch: over-fetch for exact re-rank, one spare for an excluded or duplicate image."""
@@ -167,10 +170,11 @@ class Searcher:
             return min(self.version.count, max(top_k * OVERFETCH + 1, self.rerank_depth))
         return min(self.version.count, top_k + 1)
 
-    def _finish(self, job: _Job, scores: np.ndarray, ids: np.ndarray, k: int, passing: int) -> SearchResult:
+    def _finish(self, job: _Job, found: Candidates, k: int, passing: int, deadline: float | None) -> SearchResult:
         """Re-rank and group one request's candidates; search again with more candidates when short."""
         query = cast(QueryVector, job.query)
         options = job.request.options
+        scores, ids, missing = found.scores, found.ids, set(found.missing_shards)
         while True:
             valid = ids >= 0
             ids, scores = ids[valid], scores[valid]
@@ -182,11 +186,14 @@ class Searcher:
             hits = self._hits(ids, scores, job.top_k, query.exclude_product_id, options.one_per_product)
             self.observe("fetch", time.perf_counter() - began)
             if len(hits) >= job.top_k or len(ids) < k or k >= passing:
-                return SearchResult(hits=tuple(hits), index_version=self.version.name)
+                return SearchResult(hits=tuple(hits), index_version=self.version.name,
+                                    missing_shards=tuple(sorted(missing)))
             k = min(passing, k * OVERFETCH)  # duplicates or the excluded product used up the candidates
             plan = self.shards.plan(job.request.filter)
-            D, I = self.shards.search(query.vector[None, :], k, options.nprobe, plan)  # noqa: E741
-            scores, ids = D[0], I[0]
+            check_deadline(deadline, "searching again for more candidates")
+            again = self.shards.candidates(query.vector[None, :], k, options.nprobe, plan, deadline)
+            scores, ids = again.scores[0], again.ids[0]
+            missing.update(again.missing_shards)
 
     def _check_request(self, request: SearchRequest) -> int:
         """Validate top_k, nprobe and the price range; returns the effective top_k."""

@@ -5,20 +5,19 @@ version and the model, refuses a model whose fingerprint differs from the one th
 with, runs a warm-up query and only then reports SERVING. It then watches CURRENT and hot-swaps
 to newly published versions (engine.swap). `serve(config)` wraps it for the command line and stops
 cleanly on SIGINT/SIGTERM (NOT_SERVING first, then a grace period for in-flight requests).
+
+Roles (ServerConfig.role): "standalone" holds every Faiss shard of the version; "root" holds the
+model, catalog, filters and stored vectors but no Faiss shard, and asks the shard servers for
+candidates (engine.remote); "shard" is engine.shard_server (create_server hands it over).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from collections.abc import Sequence
-from concurrent import futures
 from pathlib import Path
-from typing import Any
 
 import faiss
-import grpc
 import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,9 +25,11 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
 from engine.batcher import BatcherConfig, MicroBatcher
-from engine.config import ServerConfig, config_to_json
-from engine.logs import configure_logging
+from engine.config import ServerConfig
+from engine.errors import ShardsUnavailable
+from engine.lifecycle import ServerStartError, VitrineServer, bind, run_until_signal, set_health
 from engine.metrics import Metrics
+from engine.remote import RemoteShardSearch, ShardFanout
 from engine.search import Searcher
 from engine.service import VisualSearchServicer
 from engine.swap import SearcherSlot, VersionWatcher
@@ -42,10 +43,6 @@ __all__ = ["ServerConfig", "ServerStartError", "VitrineServer", "create_server",
 logger = logging.getLogger("vitrine.engine")
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["VisualSearch"].full_name  # "vitrine.v1.VisualSearch"
-
-
-class ServerStartError(RuntimeError):
-    """The server cannot start serving: no index version, unreadable model, or a model/index mismatch."""
 
 
 class ModelRunner:
@@ -106,17 +103,28 @@ def check_model(fingerprint: str, version: IndexVersion, model_path: str) -> Non
             "(see the manifest's model_path) or rebuild the index with this model")
 
 
-def create_searcher(version: IndexVersion, runner: ModelRunner, config: ServerConfig, metrics: Metrics) -> Searcher:
-    """A warmed-up Searcher over `version` (closes the version and raises ServerStartError on failure)."""
+def open_served_version(config: ServerConfig, path: Path) -> IndexVersion:
+    """The version at `path` as this role needs it: every Faiss shard (standalone) or none (root)."""
+    return open_version(path, shards=() if config.role == "root" else None)
+
+
+def create_searcher(version: IndexVersion, runner: ModelRunner, config: ServerConfig, metrics: Metrics,
+                    fanout: ShardFanout | None = None) -> Searcher:
+    """A warmed-up Searcher over `version` (closes the version and raises ServerStartError on failure).
+
+    With `fanout` (a root), candidates come from the shard servers instead of local Faiss shards.
+    """
     try:
         if runner.embedder.dim != version.dim:
             raise ServerStartError(f"the model embeds into {runner.embedder.dim} dimensions but index version "
                                    f"{version.name} holds {version.dim}-dimensional vectors")
         check_model(runner.embedder.fingerprint, version, str(config.model or "the server's model"))
+        remote = None if fanout is None else RemoteShardSearch(version, fanout, config.exact_max,
+                                                               config.require_all_shards)
         searcher = Searcher(version, runner.embed, default_top_k=config.default_top_k, exact_max=config.exact_max,
                             rerank_depth=config.rerank_depth,
                             max_image_bytes=config.max_message_bytes, max_image_pixels=config.max_image_pixels,
-                            observe=metrics.observe_stage)
+                            observe=metrics.observe_stage, shards=remote)
         warm_up(searcher)
     except Exception as exc:
         version.close()
@@ -126,10 +134,11 @@ def create_searcher(version: IndexVersion, runner: ModelRunner, config: ServerCo
     return searcher
 
 
-def load_searcher(config: ServerConfig, metrics: Metrics | None = None) -> tuple[Searcher, ModelRunner]:
+def load_searcher(config: ServerConfig, metrics: Metrics | None = None,
+                  fanout: ShardFanout | None = None) -> tuple[Searcher, ModelRunner]:
     """Open the CURRENT version and its model, check they belong together, warm up; ServerStartError if not."""
     try:
-        version = open_version(current_version_path(config.index_root))
+        version = open_served_version(config, current_version_path(config.index_root))
     except Exception as exc:
         raise ServerStartError(f"cannot open the index under {config.index_root}: {exc}") from exc
     metrics = metrics or Metrics()
@@ -139,7 +148,7 @@ def load_searcher(config: ServerConfig, metrics: Metrics | None = None) -> tuple
         version.close()
         raise
     try:
-        return create_searcher(version, runner, config, metrics), runner
+        return create_searcher(version, runner, config, metrics, fanout), runner
     except BaseException:
         runner.close()
         raise
@@ -153,71 +162,13 @@ def warm_up(searcher: Searcher) -> None:
         raise ServerStartError(f"warm-up: the model returned an embedding of shape {embedding.shape} "
                                f"(expected (1, {searcher.version.dim})) or non-finite values")
     vector = embedding[0] if np.linalg.norm(embedding[0]) > 0 else np.ones(searcher.version.dim, np.float32)
-    result = searcher.search(SearchRequest(query=SearchQuery(vector=vector), top_k=1))
-    if searcher.version.count and not result.hits:
-        raise ServerStartError(f"warm-up: a search of index version {searcher.version.name} returned no hits")
-
-
-class VitrineServer:
-    """The started grpc.Server with what it holds: the Searcher slot, model, watcher and metrics.
-
-    `stop(grace)` stops gRPC like grpc.Server.stop, then stops the watcher and the micro-batcher
-    and closes the served index version, so the same version can be opened again in this process.
-    Every other attribute is the grpc.Server's.
-    """
-
-    def __init__(self, server: grpc.Server, slot: SearcherSlot, runner: ModelRunner, metrics: Metrics,
-                 health_servicer: health.HealthServicer, watcher: VersionWatcher | None,
-                 metrics_port: int | None) -> None:
-        self._server = server
-        self.slot = slot
-        self.runner = runner
-        self.metrics = metrics
-        self.health_servicer = health_servicer
-        self.watcher = watcher
-        self.metrics_port = metrics_port  # the bound /metrics port; None when not exposed
-
-    def stop(self, grace: float | None) -> threading.Event:
-        """Stop serving; the returned event is set once requests finished and the version is closed."""
-        set_health(self.health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.watcher is not None:
-            self.watcher.stop()
-        stopped = self._server.stop(grace)
-        closed = threading.Event()
-
-        def close_when_stopped() -> None:
-            stopped.wait()
-            self.runner.close()
-            self.slot.install(None)
-            self.metrics.close()
-            closed.set()
-
-        threading.Thread(target=close_when_stopped, name="vitrine-stop").start()
-        return closed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._server, name)
-
-
-def set_health(health_servicer: health.HealthServicer, status: Any) -> None:
-    """Set the health status of both the server ("") and the VisualSearch service."""
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, status)
-
-
-def _bind(config: ServerConfig) -> tuple[grpc.Server, int]:
-    options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options,
-                         maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise ServerStartError(f"cannot bind {address}: {exc}") from exc
-    if port == 0:
-        raise ServerStartError(f"cannot bind {address} (in use, or not a local interface)")
-    return server, port
+        result = searcher.search(SearchRequest(query=SearchQuery(vector=vector), top_k=1))
+    except ShardsUnavailable as exc:  # a root serves without its shards: searches answer UNAVAILABLE until they do
+        logger.warning("warm-up of index version %s: %s; serving anyway", searcher.version.name, exc)
+        return
+    if searcher.version.count and not result.hits and not result.partial:
+        raise ServerStartError(f"warm-up: a search of index version {searcher.version.name} returned no hits")
 
 
 def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
@@ -225,13 +176,19 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
 
     Returns the started server and the bound port (the real one when config.port is 0). Loading
     happens before returning; on failure the server is stopped and ServerStartError is raised.
+    A config with role "shard" starts a shard server (engine.shard_server.create_shard_server).
     """
+    if config.role == "shard":
+        from engine.shard_server import create_shard_server
+
+        return create_shard_server(config)
     faiss.omp_set_num_threads(config.faiss_threads)  # process-wide: parallelism comes from concurrent requests
     torch.set_num_threads(config.torch_threads)
-    server, port = _bind(config)
-    slot, metrics = SearcherSlot(), Metrics()
+    server, port = bind(config)
+    slot: SearcherSlot[Searcher] = SearcherSlot()
+    metrics = Metrics()
     health_servicer = health.HealthServicer()
-    set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING, (SERVICE_NAME,))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     runner_box: list[ModelRunner] = []
     servicer = VisualSearchServicer(slot, lambda images, deadline: runner_box[0].embed(images, deadline), "", metrics,
@@ -242,22 +199,28 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     server.start()
     logger.info("listening on %s:%d (NOT_SERVING while loading %s)", config.host, port, config.index_root)
+    fanout = ShardFanout(config.shard_servers, metrics, config.shard_timeout_ms / 1e3, config.max_message_bytes) \
+        if config.role == "root" else None
     try:
-        searcher, runner = load_searcher(config, metrics)
+        searcher, runner = load_searcher(config, metrics, fanout)
         metrics_port = metrics.serve_http(config.metrics_port, config.metrics_host) \
             if config.metrics_port is not None else None
     except BaseException:
         server.stop(None)
+        if fanout is not None:
+            fanout.close()
         raise
     runner_box.append(runner)
     servicer.model_fingerprint = runner.embedder.fingerprint
     slot.install(searcher)
     _set_index_metrics(metrics, searcher)
-    watcher = _start_watcher(config, slot, runner, metrics) if config.watch else None
-    set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("SERVING index version %s (%s, %d vectors, dim %d)", searcher.version.name, searcher.version.factory,
-                searcher.version.count, searcher.version.dim)
-    return VitrineServer(server, slot, runner, metrics, health_servicer, watcher, metrics_port), port
+    watcher = _start_watcher(config, slot, runner, metrics, fanout) if config.watch else None
+    set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING, (SERVICE_NAME,))
+    logger.info("SERVING index version %s (%s, %d vectors, dim %d)%s", searcher.version.name,
+                searcher.version.factory, searcher.version.count, searcher.version.dim,
+                f" as a root over shard servers {', '.join(config.shard_servers)}" if fanout else "")
+    return VitrineServer(server, slot, runner, metrics, health_servicer, watcher, metrics_port,
+                         service_names=(SERVICE_NAME,), closeables=[fanout] if fanout else []), port
 
 
 def _set_index_metrics(metrics: Metrics, searcher: Searcher) -> None:
@@ -265,10 +228,11 @@ def _set_index_metrics(metrics: Metrics, searcher: Searcher) -> None:
     metrics.set_index(version.name, version.factory, version.model_fingerprint, version.count)
 
 
-def _start_watcher(config: ServerConfig, slot: SearcherSlot, runner: ModelRunner, metrics: Metrics) -> VersionWatcher:
+def _start_watcher(config: ServerConfig, slot: SearcherSlot[Searcher], runner: ModelRunner, metrics: Metrics,
+                   fanout: ShardFanout | None) -> VersionWatcher[Searcher]:
     def load(name: str) -> Searcher:
-        version = open_version(Path(config.index_root) / name)
-        searcher = create_searcher(version, runner, config, metrics)
+        version = open_served_version(config, Path(config.index_root) / name)
+        searcher = create_searcher(version, runner, config, metrics, fanout)
         _set_index_metrics(metrics, searcher)
         return searcher
 
@@ -279,30 +243,8 @@ def _start_watcher(config: ServerConfig, slot: SearcherSlot, runner: ModelRunner
 
 
 def serve(config: ServerConfig) -> int:
-    """Run the server until SIGINT/SIGTERM, then report NOT_SERVING and stop with a grace period.
+    """Run the server (any role) until SIGINT/SIGTERM, then report NOT_SERVING and stop with a grace period.
 
     Returns 0 after a clean stop, 1 when the server could not start (the reason is logged).
     """
-    if config.log_json:
-        configure_logging(json_lines=True)
-    logger.info("configuration: %s", config_to_json(config))
-    try:
-        server, port = create_server(config)
-    except ServerStartError as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        logger.info("serving on %s:%d; Ctrl-C to stop", config.host, port)
-        if server.metrics_port is not None:
-            logger.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
-        stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    logger.info("stopping: NOT_SERVING, %.1fs grace for in-flight requests", config.grace_s)
-    server.health_servicer.enter_graceful_shutdown()
-    server.stop(config.grace_s).wait()
-    logger.info("stopped")
-    return 0
+    return run_until_signal(config, create_server)

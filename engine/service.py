@@ -19,7 +19,7 @@ from PIL import Image
 from engine import convert
 from engine.errors import InvalidQuery, status_for
 from engine.metrics import Metrics
-from engine.search import check_deadline, normalize
+from engine.search import Searcher, check_deadline, normalize
 from engine.swap import SearcherSlot
 from engine.types import BatchItem, Embedding
 from model.images import decode_image
@@ -36,10 +36,33 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def handle_rpc(metrics: Metrics, method: str, context: grpc.ServicerContext, call: Callable[[], _T]) -> _T:
+    """Run one RPC body: metrics, one log line (method, status, latency), errors -> status codes."""
+    start = time.perf_counter()
+    metrics.inflight.inc()
+    try:
+        response = call()
+    except Exception as exc:  # noqa: BLE001 - every error becomes a status; status_for picks the code
+        code, message = status_for(exc)
+        seconds = time.perf_counter() - start
+        metrics.observe_request(method, code.name, seconds)
+        log = logger.exception if code == grpc.StatusCode.INTERNAL else logger.info
+        log("%s %s %.1fms: %s", method, code.name, seconds * 1e3, message,
+            extra={"rpc": method, "code": code.name, "latency_ms": round(seconds * 1e3, 3)})
+        context.abort(code, message)
+    finally:
+        metrics.inflight.dec()
+    seconds = time.perf_counter() - start
+    metrics.observe_request(method, "OK", seconds)
+    logger.info("%s OK %.1fms", method, seconds * 1e3,
+                extra={"rpc": method, "code": "OK", "latency_ms": round(seconds * 1e3, 3)})
+    return response
+
+
 class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
     """The VisualSearch RPCs over the Searcher in `slot` (swapped whole, never mutated)."""
 
-    def __init__(self, slot: SearcherSlot, embed: EmbedFn, model_fingerprint: str, metrics: Metrics, *,
+    def __init__(self, slot: SearcherSlot[Searcher], embed: EmbedFn, model_fingerprint: str, metrics: Metrics, *,
                  max_batch_queries: int = 1024, max_image_bytes: int = 16 << 20,
                  max_image_pixels: int = 40_000_000) -> None:
         self.slot = slot
@@ -56,7 +79,10 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         def answer() -> search_pb2.SearchResponse:
             query = convert.request_from_proto(request)
             with self.slot.lease() as searcher:
-                return convert.result_to_proto(searcher.search(query, deadline_of(context)))
+                result = searcher.search(query, deadline_of(context))
+            if result.partial:
+                self.metrics.partial.labels("Search").inc()
+            return convert.result_to_proto(result)
 
         return self._handle("Search", context, answer)
 
@@ -79,6 +105,8 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
                     items.append(BatchItem(result=None, code=code.name, message=message))
                 else:
                     items.append(BatchItem(result=outcome))
+                    if outcome.partial:
+                        self.metrics.partial.labels("BatchSearch").inc()
             return convert.batch_response_to_proto(items, version, int((time.perf_counter() - start) * 1e6))
 
         return self._handle("BatchSearch", context, answer)
@@ -122,23 +150,5 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         return self._handle("GetProduct", context, answer)
 
     def _handle(self, method: str, context: grpc.ServicerContext, call: Callable[[], _T]) -> _T:
-        """Run one RPC body: metrics, one log line (method, status, latency), errors -> status codes."""
-        start = time.perf_counter()
-        self.metrics.inflight.inc()
-        try:
-            response = call()
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status; status_for picks the code
-            code, message = status_for(exc)
-            seconds = time.perf_counter() - start
-            self.metrics.observe_request(method, code.name, seconds)
-            log = logger.exception if code == grpc.StatusCode.INTERNAL else logger.info
-            log("%s %s %.1fms: %s", method, code.name, seconds * 1e3, message,
-                extra={"rpc": method, "code": code.name, "latency_ms": round(seconds * 1e3, 3)})
-            context.abort(code, message)
-        finally:
-            self.metrics.inflight.dec()
-        seconds = time.perf_counter() - start
-        self.metrics.observe_request(method, "OK", seconds)
-        logger.info("%s OK %.1fms", method, seconds * 1e3,
-                    extra={"rpc": method, "code": "OK", "latency_ms": round(seconds * 1e3, 3)})
-        return response
+        """Run one RPC body through `handle_rpc` (metrics, log line, status codes)."""
+        return handle_rpc(self.metrics, method, context, call)

@@ -17,33 +17,42 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from engine.errors import NotReady
-from engine.search import Searcher
-from indexer.version import VersionError, read_current
+from indexer.version import IndexVersion, VersionError, read_current
 
 logger = logging.getLogger("vitrine.engine")
 
 
-class _Entry:
+class Served(Protocol):
+    """What a slot holds: an object serving one index version (a Searcher, or a shard server's ShardSearch)."""
+
+    version: IndexVersion
+
+
+S = TypeVar("S", bound=Served)
+
+
+class _Entry(Generic[S]):
     """A Searcher with its lease count and whether it was retired."""
 
-    def __init__(self, searcher: Searcher) -> None:
+    def __init__(self, searcher: S) -> None:
         self.searcher = searcher
         self.leases = 0
         self.retired = False
 
 
-class SearcherSlot:
+class SearcherSlot(Generic[S]):
     """Holds the Searcher in service; leases keep a retired one open until its last request ends."""
 
     def __init__(self) -> None:
-        self._entry: _Entry | None = None
+        self._entry: _Entry[S] | None = None
         self._lock = threading.Lock()
         self.closed_versions = 0  # versions closed after retirement (tests and metrics read it)
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator[Searcher]:
+    def lease(self) -> Iterator[S]:
         """The Searcher in service, held open until the block ends; NotReady when there is none."""
         with self._lock:
             entry = self._entry
@@ -61,12 +70,12 @@ class SearcherSlot:
                 self._close(entry)
 
     @property
-    def current(self) -> Searcher | None:
+    def current(self) -> S | None:
         """The Searcher in service (no lease: only for reading its name)."""
         entry = self._entry
         return None if entry is None else entry.searcher
 
-    def install(self, searcher: Searcher | None) -> None:
+    def install(self, searcher: S | None) -> None:
         """Put `searcher` in service (None: none) and retire the previous one."""
         with self._lock:
             old, self._entry = self._entry, (None if searcher is None else _Entry(searcher))
@@ -77,20 +86,20 @@ class SearcherSlot:
             assert old is not None
             self._close(old)
 
-    def _close(self, entry: _Entry) -> None:
+    def _close(self, entry: _Entry[S]) -> None:
         logger.info("closing retired index version %s", entry.searcher.version.name)
         entry.searcher.version.close()
         self.closed_versions += 1
 
 
-class VersionWatcher:
+class VersionWatcher(Generic[S]):
     """Polls CURRENT every `poll_s` and calls `load(name) -> Searcher` + `install` when it changes.
 
     `load` raises to refuse a version (model mismatch, corrupt files, failed warm-up): the error is
     logged once per version name and the served version stays.
     """
 
-    def __init__(self, index_root: Path, slot: SearcherSlot, load: Callable[[str], Searcher], poll_s: float,
+    def __init__(self, index_root: Path, slot: SearcherSlot[S], load: Callable[[str], S], poll_s: float,
                  on_result: Callable[[str], None] | None = None) -> None:
         self.index_root = index_root
         self.slot = slot

@@ -95,6 +95,12 @@ class SearchResult:
     hits: tuple[SearchHit, ...]
     index_version: str
     took_us: int = 0  # server-side time in microseconds
+    missing_shards: tuple[int, ...] = ()  # shards whose candidates are missing (a root's shard server failed)
+
+    @property
+    def partial(self) -> bool:
+        """True when some shards did not answer: the hits are the best of the shards that did."""
+        return bool(self.missing_shards)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,3 +140,46 @@ class Embedding:
             return NotImplemented
         return (np.array_equal(self.vector, other.vector) and self.model_fingerprint == other.model_fingerprint
                 and self.took_us == other.took_us)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardPart:
+    """The top k of one Faiss shard for a batch of queries (before the merge)."""
+
+    shard: int  # the shard's position in the version manifest
+    scores: np.ndarray  # (nq, k) float32; -inf where there is no candidate
+    ids: np.ndarray  # (nq, k) int64 internal ids; -1 where there is no candidate
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardPart):
+            return NotImplemented
+        return (self.shard == other.shard and np.array_equal(self.scores, other.scores)
+                and np.array_equal(self.ids, other.ids))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardQuery:
+    """What a root asks a shard server (IndexShard.Search): embedded queries, k, nprobe, filter, version."""
+
+    vectors: np.ndarray  # (nq, dim) float32, unit norm
+    k: int  # candidates per query and shard
+    nprobe: int | None = None  # None (0 on the wire): the version's default
+    filter: SearchFilter = dataclasses.field(default_factory=SearchFilter)
+    index_version: str = ""  # the root's version; "": any
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardQuery):
+            return NotImplemented
+        return (np.array_equal(self.vectors, other.vectors) and self.k == other.k and self.nprobe == other.nprobe
+                and self.filter == other.filter and self.index_version == other.index_version)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardAnswer:
+    """What a shard server answers: candidates per held non-empty shard and every shard answered for."""
+
+    parts: tuple[ShardPart, ...]
+    shards: tuple[int, ...]  # manifest positions answered for, ascending (empty shards included)
+    index_version: str
+    took_us: int = 0
+

@@ -67,16 +67,19 @@ class IndexVersion:
     """
 
     def __init__(self, path: Path, manifest: dict, shards: list[faiss.Index], catalog: CatalogStore,
-                 filters: Filters, vectors: np.ndarray) -> None:
+                 filters: Filters, vectors: np.ndarray, shard_ids: Sequence[int] | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.shards = shards
+        # The manifest position of each loaded shard (all of them unless open_version was given `shards`).
+        self.shard_ids = list(range(len(shards))) if shard_ids is None else list(shard_ids)
         self.catalog = catalog
         self.filters = filters
         self.vectors = vectors  # (count, dim) float16, memory-mapped
 
     name = property(lambda self: str(self.manifest["version"]), doc="The version's folder name.")
     dim = property(lambda self: int(self.manifest["dim"]), doc="Embedding dimension.")
+    shard_count = property(lambda self: len(self.manifest["shards"]), doc="Shards in the manifest.")
     count = property(lambda self: int(self.manifest["count"]), doc="Number of indexed vectors (internal ids).")
     factory = property(lambda self: str(self.manifest["factory"]), doc="Faiss factory string (the index's name).")
     model_fingerprint = property(lambda self: str(self.manifest["model_fingerprint"]), doc="Embedder.fingerprint.")
@@ -164,11 +167,15 @@ def check_files(path: Path, manifest: dict, verify_checksums: bool) -> None:
             raise VersionError(f"{file_path} is corrupt: its SHA-256 differs from the manifest's")
 
 
-def load_shard(path: Path, entry: dict, dim: int) -> faiss.Index:
-    """Read one Faiss shard and check its dimension and vector count against the manifest."""
+def load_shard(path: Path, entry: dict, dim: int, *, mmap: bool = False) -> faiss.Index:
+    """Read one Faiss shard and check its dimension and vector count against the manifest.
+
+    mmap=True maps the file instead of reading it (Faiss IO_FLAG_MMAP): cheap when only a few parts
+    of the index are touched, e.g. the ids of its inverted lists.
+    """
     shard_path = path / entry["path"]
     try:
-        index = faiss.read_index(str(shard_path))
+        index = faiss.read_index(str(shard_path), faiss.IO_FLAG_MMAP if mmap else 0)
     except RuntimeError as exc:
         raise VersionError(f"Faiss shard {shard_path} cannot be read: {str(exc).splitlines()[0]}") from exc
     if index.d != dim:
@@ -189,23 +196,34 @@ def load_vectors(path: Path, count: int, dim: int) -> np.ndarray:
     return vectors
 
 
-def open_version(path: str | Path, *, verify_checksums: bool = False) -> IndexVersion:
+def open_version(path: str | Path, *, verify_checksums: bool = False,
+                 shards: Sequence[int] | None = None) -> IndexVersion:
     """Load an index version folder, checking format, dim and counts; VersionError says what is wrong.
 
     verify_checksums=True also hashes every file (slow for big versions; the build does it before
-    publishing). File sizes are always checked, which catches truncated files cheaply.
+    publishing). File sizes are always checked, which catches truncated files cheaply. `shards`
+    loads only those Faiss shards (manifest positions; an empty sequence: none), e.g. for an
+    engine shard server holding part of the index or a root that holds none; the rest is loaded whole.
     """
     path = Path(path)
     manifest = load_manifest(path)
     check_files(path, manifest, verify_checksums)
     dim, count = int(manifest["dim"]), int(manifest["count"])
-    shards = [load_shard(path, entry, dim) for entry in manifest["shards"]]
-    if not shards or sum(index.ntotal for index in shards) != count:
-        raise VersionError(f"index version {path}: shards hold {sum(i.ntotal for i in shards)} vectors, not {count}")
+    entries = manifest["shards"]
+    wanted = list(range(len(entries))) if shards is None else sorted(set(shards))
+    outside = [s for s in wanted if not 0 <= s < len(entries)]
+    if outside:
+        raise VersionError(f"index version {path} has {len(entries)} shards (0..{len(entries) - 1}); "
+                           f"there is no shard {', '.join(map(str, outside))}")
+    indices = [load_shard(path, entries[s], dim) for s in wanted]
+    if shards is None and (not indices or sum(index.ntotal for index in indices) != count):
+        raise VersionError(f"index version {path}: shards hold {sum(i.ntotal for i in indices)} vectors, not {count}")
+    if sum(int(entry["count"]) for entry in entries) != count:
+        raise VersionError(f"index version {path}: the manifest's shard counts do not add up to {count}")
     filters = Filters.load(path / FILTERS, count)
     vectors = load_vectors(path / VECTORS, count, dim)
     catalog = CatalogStore(path / CATALOG, count)
-    return IndexVersion(path, manifest, shards, catalog, filters, vectors)
+    return IndexVersion(path, manifest, indices, catalog, filters, vectors, wanted)
 
 
 def new_version_name(root: Path, now: float | None = None) -> str:

@@ -18,9 +18,13 @@ from engine.types import (
     SearchQuery,
     SearchRequest,
     SearchResult,
+    ShardAnswer,
+    ShardPart,
+    ShardQuery,
 )
 from model.catalog import Product
 from protos.vitrine.v1 import search_pb2 as pb
+from protos.vitrine.v1 import shard_pb2
 
 
 def _product(price: float | None = 19.5) -> Product:
@@ -86,6 +90,38 @@ def test_result_round_trip() -> None:
     result = SearchResult(hits=hits, index_version="20261129T031500Z", took_us=1234)
     message = pb.SearchResponse.FromString(convert.result_to_proto(result).SerializeToString())
     assert convert.result_from_proto(message) == result
+
+
+def test_partial_result_round_trip() -> None:
+    result = SearchResult(hits=(SearchHit("p-1", 0.75, _product()),), index_version="v1", missing_shards=(1, 3))
+    message = pb.SearchResponse.FromString(convert.result_to_proto(result).SerializeToString())
+    assert message.partial and list(message.missing_shards) == [1, 3]
+    assert convert.result_from_proto(message) == result and result.partial
+    assert not convert.result_from_proto(convert.result_to_proto(SearchResult((), "v1"))).partial
+
+
+@pytest.mark.parametrize("nprobe", [None, 7])
+def test_shard_query_round_trip(nprobe: int | None) -> None:
+    query = ShardQuery(vectors=np.arange(8, dtype=np.float32).reshape(2, 4) / 10, k=25, nprobe=nprobe,
+                       filter=SearchFilter(categories=("Shirts",), max_price=30.0), index_version="v1")
+    message = shard_pb2.ShardSearchRequest.FromString(convert.shard_query_to_proto(query).SerializeToString())
+    assert convert.shard_query_from_proto(message) == query
+
+
+def test_shard_query_with_ragged_vectors_is_invalid() -> None:
+    from engine.errors import InvalidQuery
+
+    message = shard_pb2.ShardSearchRequest(queries=[pb.Vector(values=[1.0, 0.0]), pb.Vector(values=[1.0])], k=1)
+    with pytest.raises(InvalidQuery, match="dimensions"):
+        convert.shard_query_from_proto(message)
+
+
+def test_shard_answer_round_trip() -> None:
+    parts = (ShardPart(0, np.array([[0.9, 0.5], [0.7, -np.inf]], np.float32), np.array([[3, 1], [2, -1]])),
+             ShardPart(2, np.array([[0.8, 0.1], [0.6, 0.2]], np.float32), np.array([[7, 9], [8, 6]])))
+    answer = ShardAnswer(parts=parts, shards=(0, 1, 2), index_version="v1", took_us=12)
+    message = shard_pb2.ShardSearchResponse.FromString(convert.shard_answer_to_proto(answer).SerializeToString())
+    assert convert.shard_answer_from_proto(message) == answer
 
 
 @pytest.mark.parametrize("created", [dt.datetime(2026, 11, 29, 3, 15, tzinfo=dt.timezone.utc), None])

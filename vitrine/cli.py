@@ -149,6 +149,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per forward pass")
     p.add_argument("--grace-s", type=float, default=None, help="seconds in-flight requests get on shutdown")
     p.add_argument("--log-json", action="store_const", const=True, default=None, help="JSON log lines")
+    r = p.add_argument_group("remote shards", "one root fans out to shard servers, each holding some Faiss shards "
+                                              "(policy for missing shards: protos/vitrine/v1/search.proto)")
+    r.add_argument("--role", choices=("standalone", "root", "shard"), default=None,
+                   help="standalone (default): every shard here; root: embed, fan out to --shard-servers, merge, "
+                        "re-rank; shard: serve only --shards to a root")
+    r.add_argument("--shards", default=None, help="role shard: the Faiss shards to serve, manifest positions (0,1)")
+    r.add_argument("--shard-servers", default=None, help="role root: the shard servers, host:port,host:port")
+    r.add_argument("--shard-timeout-ms", type=float, default=None,
+                   help="role root: deadline of each shard call in ms (default 1000; capped by the client's deadline)")
+    r.add_argument("--require-all-shards", action="store_const", const=True, default=None,
+                   help="role root: answer UNAVAILABLE when a shard is missing instead of a partial result")
     p.set_defaults(handler=commands.cmd_serve)
 
 

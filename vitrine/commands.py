@@ -153,13 +153,12 @@ def cmd_index_rollback(args: argparse.Namespace) -> int:
 
 _SERVE_FLAGS = ("index_root", "model", "host", "port", "max_workers", "max_concurrent_rpcs", "max_message_bytes",
                 "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
-                "faiss_threads", "torch_threads",
-                "grace_s", "log_json")
+                "faiss_threads", "torch_threads", "grace_s", "log_json", "role", "shards", "shard_servers",
+                "shard_timeout_ms", "require_all_shards")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from engine.config import ConfigError, load_server_config
-    from engine.server import serve
 
     if args.index_root is not None:
         _existing(args.index_root, "index root")
@@ -167,6 +166,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_server_config(args.config, None, {flag: getattr(args, flag) for flag in _SERVE_FLAGS})
     except ConfigError as err:
         raise UserError(str(err)) from err
+    if config.role == "shard":  # a shard server loads no model: keep torch out of the process
+        from engine.shard_server import serve_shard
+
+        return serve_shard(config)
+    from engine.server import serve
+
     return serve(config)
 
 

@@ -28,6 +28,21 @@ if _version_not_supported:
 class VisualSearchStub:
     """VisualSearch answers visual similarity queries over the live index version.
 
+    Served by a standalone server (`vitrine serve`, every Faiss shard in one process) or by a root
+    (`vitrine serve --role root --shard-servers host:port,...`) that embeds the query, asks the shard
+    servers (vitrine.v1.IndexShard, shard.proto) for candidates and merges them exactly as the
+    standalone server merges its shards. Shard policy of a root:
+    - every shard server gets a per-shard deadline: the root's shard timeout (--shard-timeout-ms),
+    never longer than the time left of the client's deadline;
+    - a shard server that is down, misses its deadline, fails, or serves another index version than
+    the root (checked by version name on every call; logged) counts as missing: the response holds
+    the best hits of the shards that answered, with partial = true and their ids in
+    missing_shards;
+    - when no shard answered, or (with --require-all-shards) any shard is missing, the call fails
+    with UNAVAILABLE;
+    - queries whose filter passes few products (at most the server's exact_max) are scored exactly
+    by the root from the version's stored vectors and never go to the shard servers.
+
     Readiness: the standard gRPC health service (grpc.health.v1.Health) reports NOT_SERVING for
     the service names "" and "vitrine.v1.VisualSearch" until the model and the index are loaded and
     a warm-up query has passed, and again while the server shuts down.
@@ -69,6 +84,21 @@ class VisualSearchStub:
 class VisualSearchServicer:
     """VisualSearch answers visual similarity queries over the live index version.
 
+    Served by a standalone server (`vitrine serve`, every Faiss shard in one process) or by a root
+    (`vitrine serve --role root --shard-servers host:port,...`) that embeds the query, asks the shard
+    servers (vitrine.v1.IndexShard, shard.proto) for candidates and merges them exactly as the
+    standalone server merges its shards. Shard policy of a root:
+    - every shard server gets a per-shard deadline: the root's shard timeout (--shard-timeout-ms),
+    never longer than the time left of the client's deadline;
+    - a shard server that is down, misses its deadline, fails, or serves another index version than
+    the root (checked by version name on every call; logged) counts as missing: the response holds
+    the best hits of the shards that answered, with partial = true and their ids in
+    missing_shards;
+    - when no shard answered, or (with --require-all-shards) any shard is missing, the call fails
+    with UNAVAILABLE;
+    - queries whose filter passes few products (at most the server's exact_max) are scored exactly
+    by the root from the version's stored vectors and never go to the shard servers.
+
     Readiness: the standard gRPC health service (grpc.health.v1.Health) reports NOT_SERVING for
     the service names "" and "vitrine.v1.VisualSearch" until the model and the index are loaded and
     a warm-up query has passed, and again while the server shuts down.
@@ -87,7 +117,9 @@ class VisualSearchServicer:
         RESOURCE_EXHAUSTED the request is larger than the server's message size limit (16 MiB by
         default), or the server already runs its maximum of concurrent requests
         (retry with backoff, or send fewer requests at once).
-        UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff.
+        UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff. From
+        a root also: no shard server answered, or one shard was missing under the
+        require-all-shards policy (the message names the missing shards).
         DEADLINE_EXCEEDED  the client's deadline passed before the answer was ready (the server
         stops working on the request at the next stage boundary).
         INTERNAL           a bug or a corrupt index; the message says what failed.
@@ -197,6 +229,21 @@ def add_VisualSearchServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class VisualSearch:
     """VisualSearch answers visual similarity queries over the live index version.
+
+    Served by a standalone server (`vitrine serve`, every Faiss shard in one process) or by a root
+    (`vitrine serve --role root --shard-servers host:port,...`) that embeds the query, asks the shard
+    servers (vitrine.v1.IndexShard, shard.proto) for candidates and merges them exactly as the
+    standalone server merges its shards. Shard policy of a root:
+    - every shard server gets a per-shard deadline: the root's shard timeout (--shard-timeout-ms),
+    never longer than the time left of the client's deadline;
+    - a shard server that is down, misses its deadline, fails, or serves another index version than
+    the root (checked by version name on every call; logged) counts as missing: the response holds
+    the best hits of the shards that answered, with partial = true and their ids in
+    missing_shards;
+    - when no shard answered, or (with --require-all-shards) any shard is missing, the call fails
+    with UNAVAILABLE;
+    - queries whose filter passes few products (at most the server's exact_max) are scored exactly
+    by the root from the version's stored vectors and never go to the shard servers.
 
     Readiness: the standard gRPC health service (grpc.health.v1.Health) reports NOT_SERVING for
     the service names "" and "vitrine.v1.VisualSearch" until the model and the index are loaded and
