@@ -119,7 +119,19 @@ def server_process(work: Path, flags: list[str]) -> Iterator[int]:
                                env=env, stderr=log, cwd=REPO)
     try:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=10.0) as client:
-            client.wait_ready(timeout_s=600.0)
+            deadline = time.monotonic() + 600.0
+            while True:  # fail fast when the server process dies (bad flags, model/index mismatch)
+                if process.poll() is not None:
+                    log.flush()
+                    tail = (work / "server.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the server exited with {process.returncode} before it was ready; "
+                                       f"end of {work / 'server.log'}:\n{tail}")
+                try:
+                    client.wait_ready(timeout_s=2.0)
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
         yield port
     finally:
         process.terminate()
@@ -229,17 +241,24 @@ def mini_catalog_images(limit: int = 200) -> list[bytes]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=128, help="vector size; must be the model's embedding size")
     parser.add_argument("--factory", default="IVF1024,PQ32")
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--requests", type=int, default=3000, help="calls per vector measurement")
     parser.add_argument("--image-requests", type=int, default=400, help="calls per image measurement")
     parser.add_argument("--work", type=Path, default=REPO / "work" / "bench_serving")
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint to serve (default: an untrained model of the demo architecture, dim 128)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     faiss.omp_set_num_threads(1)
     model_dir, model_source = ensure_model(args.work, args.model)
+    from model.checkpoint import load_model_card
+
+    model_dim = int(load_model_card(model_dir)["embedding_dim"])
+    if model_dim != args.dim:
+        parser.error(f"the model {model_dir} embeds in {model_dim} dimensions but --dim is {args.dim}: "
+                     f"pass --dim {model_dim}")
     version_path = ensure_index(args.work, model_dir, args)
     xq = clustered(1000, args.dim, seed=2)
     results: dict = {"model": model_source, "version": version_path.name}
