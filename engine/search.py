@@ -24,6 +24,7 @@ from PIL import Image
 from engine.candidates import EXACT_MAX, Candidates, ShardSearch, filter_mask
 from engine.errors import DeadlineExceeded, EngineError, InvalidQuery, ProductNotFound
 from engine.types import MAX_TOP_K, IndexInfo, SearchHit, SearchRequest, SearchResult
+from indexer.validate import RERANK_MIN_CANDIDATES, rerank_candidates
 from indexer.version import IndexVersion
 from model.catalog import Product
 from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
@@ -31,7 +32,7 @@ from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
 __all__ = ["Searcher", "QueryVector", "filter_mask", "normalize", "OVERFETCH"]
 
 OVERFETCH = 4  # candidates fetched per wanted hit for exact re-rank, and the growth factor when short
-RERANK_DEPTH = 100  # fewest candidates re-ranked exactly (PQ orders near neighbours coarsely)
+RERANK_DEPTH = RERANK_MIN_CANDIDATES  # fewest candidates re-ranked exactly (PQ orders near neighbours coarsely)
 EmbedFn = Callable[[Sequence[Image.Image], "float | None"], np.ndarray]  # (images, deadline) -> (n, dim)
 ObserveFn = Callable[[str, float], None]  # (stage, seconds)
 
@@ -166,8 +167,9 @@ class Searcher:
 
     def _fetch_k(self, top_k: int, request: SearchRequest) -> int:
         """Candidates to fetch: over-fetch for exact re-rank, one spare for an excluded or duplicate image."""
-        if request.options.exact_rerank:
-            return min(self.version.count, max(top_k * OVERFETCH + 1, self.rerank_depth))
+        if request.options.exact_rerank:  # as many as the validation gate measured recall with
+            return max(rerank_candidates(top_k, self.version.rerank_factor, self.version.count),
+                       min(self.version.count, self.rerank_depth))
         return min(self.version.count, top_k + 1)
 
     def _finish(self, job: _Job, found: Candidates, k: int, passing: int, deadline: float | None) -> SearchResult:

@@ -83,7 +83,8 @@ def recall_at_k(xb: np.ndarray, xq: np.ndarray, I: np.ndarray, k: int) -> float:
 def build_index_from_vectors(
     vectors: np.ndarray, products: Sequence[Product], index_root: str | Path, model_fingerprint: str,
     model_path: str | Path, factory: str | None = None, *, nprobe: int | None = None, num_shards: int = 1,
-    seed: int = 0, validation_queries: int = 256, min_recall_at_10: float = 0.95, publish: bool = True,
+    seed: int = 0, validation_queries: int = 256, min_recall_at_10: float = 0.95, tune_search: bool = True,
+    publish: bool = True,
     build_config: dict | None = None, catalog_report: dict | None = None, extra_manifest: dict | None = None,
     name: str | None = None, keep_versions: int | None = None, digests: np.ndarray | None = None,
     plan: IndexPlan | None = None, trained: faiss.Index | None = None, memory_budget: int | None = None,
@@ -117,9 +118,10 @@ def build_index_from_vectors(
     product_ids = [p.product_id for p in products]
 
     def check(version: IndexVersion) -> dict:
-        return {"validation": validate_version(version, vectors16, product_ids, exact=plan.is_exact,
-                                               query_rows=queries, min_recall_at_10=min_recall_at_10,
-                                               model_fingerprint=model_fingerprint)}
+        report = validate_version(version, vectors16, product_ids, exact=plan.is_exact, query_rows=queries,
+                                  min_recall_at_10=min_recall_at_10, tune=tune_search,
+                                  model_fingerprint=model_fingerprint)
+        return {"validation": report, "search_defaults": report["search_defaults"]}  # maybe tuned
 
     path = write_built_version(index_root, shards=shards, products=products, vectors=vectors16, fields=fields,
                                digests=digests, name=name, check=check)

@@ -73,6 +73,7 @@ class IndexBuildConfig:
     seed: int = 0  # seeds the training sample, k-means and the validation queries
     validation_queries: int = 256  # held-out catalog vectors used as validation queries
     min_recall_at_10: float = 0.95  # validation floor with re-ranking (exact indices need 1.0)
+    tune_search: bool = True  # the gate may raise nprobe / re-rank to reach the floor (False: fail instead)
     keep_versions: int | None = 5  # versions kept after publishing (CURRENT and its predecessor always)
     publish: bool = True  # point CURRENT at the new version when validation passes
 
@@ -105,7 +106,7 @@ class BuildJob:
                             c.add_chunk_rows)
         keys["train"] = _key(keys["plan"], c.seed, c.validation_queries)
         keys["add"] = _key(keys["train"], c.num_shards)
-        keys["validate"] = _key(keys["add"], c.min_recall_at_10)
+        keys["validate"] = _key(keys["add"], c.min_recall_at_10, c.tune_search)
         keys["publish"] = _key(keys["validate"], c.keep_versions, c.publish)
         return keys[stage]
 
@@ -240,9 +241,10 @@ class BuildJob:
         product_ids = [p.product_id for p in products]
 
         def check(version: Any) -> dict:
-            return {"validation": validate_version(version, vectors, product_ids, exact=plan.is_exact,
-                                                   query_rows=queries, min_recall_at_10=c.min_recall_at_10,
-                                                   model_fingerprint=embedded["model_fingerprint"])}
+            report = validate_version(version, vectors, product_ids, exact=plan.is_exact, query_rows=queries,
+                                      min_recall_at_10=c.min_recall_at_10, tune=c.tune_search,
+                                      model_fingerprint=embedded["model_fingerprint"])
+            return {"validation": report, "search_defaults": report["search_defaults"]}  # maybe tuned
 
         shards = [self.work / "add" / f"shard-{s:03d}.faiss" for s in range(c.num_shards)]
         path = write_built_version(self.root, shards=shards, products=products, vectors=vectors, fields=fields,

@@ -49,6 +49,7 @@ class IndexUpdateConfig:
     seed: int = 0  # seeds the validation queries
     validation_queries: int = 256  # catalog vectors used as validation queries
     min_recall_at_10: float = 0.95  # validation floor with re-ranking (exact indices need 1.0)
+    tune_search: bool = True  # the gate may raise nprobe / re-rank to reach the floor (False: fail instead)
     keep_versions: int | None = 5  # versions kept after publishing
     use_gpu: bool | None = None  # unused by the update's add (kept for flag parity with the build)
     publish: bool = True  # point CURRENT at the new version when validation passes
@@ -168,7 +169,8 @@ def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
     path = build_index_from_vectors(
         vectors, kept, config.index_root, embedder.fingerprint, model_path, plan=plan, trained=trained,
         num_shards=num_shards, seed=config.seed, validation_queries=config.validation_queries,
-        min_recall_at_10=config.min_recall_at_10, publish=config.publish, keep_versions=config.keep_versions,
+        min_recall_at_10=config.min_recall_at_10, tune_search=config.tune_search, publish=config.publish,
+        keep_versions=config.keep_versions,
         digests=digests, build_config={k: str(v) for k, v in config.__dict__.items()},
         catalog_report=catalog_report, extra_manifest={"update": report})
     return path, report

@@ -90,6 +90,11 @@ class IndexVersion:
         value = self.manifest.get("search_defaults", {}).get("nprobe")
         return None if value is None else int(value)
 
+    @property
+    def rerank_factor(self) -> int:
+        """Candidates per wanted hit re-ranked exactly (manifest search_defaults; 1 when absent)."""
+        return int(self.manifest.get("search_defaults", {}).get("rerank_factor", 1))
+
     def search(self, xq: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product over all shards: (D float32 (nq, k), I int64 internal ids, -1 = none)."""
         return search_shards(self.shards, xq, k, self.default_nprobe if nprobe is None else nprobe)

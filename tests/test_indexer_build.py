@@ -83,6 +83,33 @@ def test_failing_validation_leaves_current_untouched(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["CURRENT", good.name]), "no temp folder left"
 
 
+def test_gate_tunes_search_defaults_when_the_plan_misses_the_floor(tmp_path: Path) -> None:
+    """nprobe 1 of 64 lists misses neighbours in other lists: the gate raises nprobe / re-rank until recall
+    reaches the floor, records the cheapest passing pair as the version's search defaults, and the engine's
+    candidate count is the one the gate measured with."""
+    from engine.search import Searcher
+    from engine.types import SearchQuery, SearchRequest
+    from indexer.validate import rerank_candidates
+
+    centers = 4.0 * np.random.default_rng(3).standard_normal((30, 32)) / np.sqrt(32)
+    xb = clustered(6000, centers, np.random.default_rng(4))
+    path = build_index_from_vectors(xb, make_products(6000), tmp_path, "a" * 64, tmp_path, factory="IVF64,PQ16x8",
+                                    nprobe=1, validation_queries=100)
+    manifest = json.loads((path / "manifest.json").read_text())
+    validation, defaults = manifest["validation"], manifest["search_defaults"]
+    trials = validation["tuning"]["trials"]
+    assert validation["tuning"]["planned"]["nprobe"] == 1 and trials[0]["recall_at_10"] < RECALL_FLOOR_RERANKED
+    assert trials[-1]["recall_at_10"] >= RECALL_FLOOR_RERANKED > max(t["recall_at_10"] for t in trials[:-1])
+    assert defaults == {"nprobe": trials[-1]["nprobe"], "rerank_factor": trials[-1]["rerank_factor"]}
+    assert defaults["nprobe"] > 1 and validation["recall_at_10"] == trials[-1]["recall_at_10"]
+    with open_current(tmp_path) as version:
+        assert (version.default_nprobe, version.rerank_factor) == (defaults["nprobe"], defaults["rerank_factor"])
+        searcher = Searcher(version, lambda images, deadline: np.zeros((0, 32), np.float32))
+        request = SearchRequest(SearchQuery(vector=xb[0]), top_k=10)
+        assert searcher._fetch_k(10, request) == rerank_candidates(10, defaults["rerank_factor"], 6000)
+        assert searcher.search(request).hits[0].product_id == "p0"
+
+
 def test_ivf_version_validates_and_searches(tmp_path: Path) -> None:
     xb = _vectors(2000)
     path = build_index_from_vectors(xb, make_products(2000), tmp_path, "a" * 64, tmp_path, factory="IVF16,Flat",

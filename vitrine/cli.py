@@ -111,6 +111,10 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-shards", type=int, default=None, help="Faiss shards; product -> sha1(id) mod S (default 1)")
     p.add_argument("--min-recall", type=float, default=None, help="validation floor of recall@10 with re-ranking "
                                                                   "(default 0.95; exact indices need 1.0)")
+    p.add_argument("--no-tune", dest="tune_search", action="store_false", default=None,
+                   help="fail the gate when the planned nprobe / re-rank miss --min-recall, instead of raising them "
+                        "(by default the gate tries re-rank x2, x4 and nprobe x2, x4, x8, cheapest first, and "
+                        "records the first pair that passes as the version's search defaults)")
     p.add_argument("--validation-queries", type=int, default=None, help="held-out queries for validation (256)")
     p.add_argument("--keep", type=int, default=None, help="versions kept after publishing (default 5; CURRENT and "
                                                           "the one before it are never deleted)")

@@ -60,7 +60,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 _BUILD_FLAGS = {"factory": "factory", "nprobe": "nprobe", "num_shards": "num_shards", "min_recall": "min_recall_at_10",
                 "validation_queries": "validation_queries", "keep": "keep_versions", "seed": "seed",
-                "use_gpu": "use_gpu", "batch_size": "batch_size"}
+                "use_gpu": "use_gpu", "batch_size": "batch_size", "tune_search": "tune_search"}
 
 
 def _run_gated(run: Any) -> Any:
