@@ -171,8 +171,8 @@ def connect(ray: Any, address: str | None) -> bool:
         logger.info("embed: using the Ray instance already initialised in this process")
         return False
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
-    logger.info("embed: Ray %s (%s): %s", "started on this machine" if address is None else "joined", address or
-                "local", ray.cluster_resources())
+    logger.info("embed: Ray initialised (address %s; none: a Ray running on this machine, else a new one), "
+                "resources %s", address, ray.cluster_resources())
     return True
 
 

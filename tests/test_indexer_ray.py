@@ -26,6 +26,7 @@ N_IMAGES = 40
 CHUNK = 16  # 3 chunks: 16 + 16 + 8 records
 BAD_RECORD = 5  # its image bytes are replaced by garbage: both backends must skip and count it
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own settings
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="ray is not installed: pip install 'vitrine-search[ray]'")
 
