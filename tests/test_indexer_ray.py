@@ -29,6 +29,7 @@ BAD_RECORD = 5  # its image bytes are replaced by garbage: both backends must sk
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")  # Ray's own settings
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="ray is not installed: pip install 'vitrine-search[ray]'")
+RAY_TIMEOUT_S = 600  # Ray start-up plus actors importing torch: ~45 s on 2 idle cores, minutes on busy ones
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,7 @@ def assert_same_embeddings(a: Path, b: Path) -> None:
 
 
 @needs_ray
+@pytest.mark.timeout(RAY_TIMEOUT_S)
 def test_ray_backend_embeds_like_the_local_backend(inputs: tuple[Path, Path], local_embed: Path, ray_local: None,
                                                    tmp_path: Path) -> None:
     remote = _embed(_config(inputs, tmp_path, backend="ray"))
@@ -105,6 +107,7 @@ def test_ray_backend_embeds_like_the_local_backend(inputs: tuple[Path, Path], lo
 
 
 @needs_ray
+@pytest.mark.timeout(RAY_TIMEOUT_S)
 def test_ray_backend_resumes_and_the_later_stages_follow(inputs: tuple[Path, Path], local_embed: Path,
                                                          ray_local: None, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
@@ -138,3 +141,28 @@ def test_ray_backend_without_ray_names_the_extra(inputs: tuple[Path, Path], tmp_
     err = capsys.readouterr().err
     assert "--backend ray needs Ray Data" in err and "pip install 'vitrine-search[ray]'" in err
     assert not (tmp_path / ".work").exists(), "nothing ran"
+
+
+def test_chunk_assembler_takes_rows_in_any_order_once() -> None:
+    """The driver's bookkeeping: chunks complete whatever order Ray returns rows in; a repeated row counts once."""
+    from indexer.embed_ray import ChunkAssembler
+
+    def batch(records: list[int], bad: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+        ok = np.array([r not in bad for r in records])
+        return {"record": np.array(records), "vector": np.arange(len(records) * 2, dtype=np.float16).reshape(-1, 2),
+                "ok": ok, "product": np.array([f"p{r}" for r in records], dtype=object),
+                "digest": np.array([f"d{r}" for r in records], dtype=object),
+                "error": np.array(["" if k else f"bad {r}" for r, k in zip(records, ok, strict=True)], dtype=object)}
+
+    assembler = ChunkAssembler([0, 2], chunk_rows=4, total=10)  # chunk 1 already on disk; chunk 2 has 2 rows
+    assert assembler.missing == 6
+    assert assembler.add(batch([9, 1, 0])) == []
+    assert assembler.add(batch([8, 3, 1], bad=(3,))) == [2]  # record 1 again: no double count
+    part = assembler.pop(2)
+    assert part["records"] == [8, 9] and part["products"] == ["p8", "p9"] and part["bad"] == []
+    assert assembler.add(batch([2, 8])) == [0]  # chunk 2's repeat is ignored once written
+    part = assembler.pop(0)
+    assert part["records"] == [0, 1, 2] and part["bad"] == [(3, "bad 3")] and part["vectors"].shape == (3, 2)
+    assert assembler.missing == 0
+    with pytest.raises(RuntimeError, match="not asked for"):
+        assembler.add(batch([5]))
