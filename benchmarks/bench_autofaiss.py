@@ -354,18 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_rows(out_dir / f"{NAME}.json")
     config = {**vars(args), "memory_budget_bytes": budget, "autofaiss_version": autofaiss_version,
               "real_embeddings": str(real) if real else None}
+    measured = 0
     for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
         if any(r["n"] == n for r in rows) and not args.force:
             say(f"[n={n:,}] already in {out_dir / NAME}.json: skipped (--force redoes it)")
             continue
         row = run_size(n, args, budget, real)
         rows = [r for r in rows if r["n"] != n] + [row]
+        measured += 1
         write_result(NAME, config, {"rows": rows}, markdown_table(rows), out_dir)  # after every size: resumable
-    if rows:
-        markdown = markdown_table(rows)
-        write_result(NAME, config, {"rows": rows}, markdown, out_dir)
+    if measured:
         plot(rows, out_dir / f"{NAME}.png")
-        print(markdown)
+    if rows:
+        print(markdown_table(rows))
     return 0
 
 
