@@ -139,8 +139,11 @@ def run_child(argv: list[str], log: Path, timeout_s: float, threads: int) -> tup
     return json.loads(out.read_text().strip().splitlines()[-1]), int(usage.ru_maxrss) * 1024
 
 
-def child_vitrine(vectors_path: Path, out: Path, budget: int, threads: int) -> dict:
-    """The vitrine build (runs in its own process): plan under the budget, train, add, write, validate."""
+def child_vitrine(vectors_path: Path, out: Path, budget: int, threads: int, min_recall: float) -> dict:
+    """The vitrine build (runs in its own process): plan under the budget, train, add, write, validate.
+
+    min_recall is the validation gate's floor (0: no gate); a build that misses it fails the size.
+    """
     import faiss
     import numpy as np
 
@@ -155,7 +158,7 @@ def child_vitrine(vectors_path: Path, out: Path, budget: int, threads: int) -> d
                         image_url="", attributes={}, split=None) for i in range(len(xb))]
     start = time.perf_counter()
     path = build_index_from_vectors(xb, products, out / "index", "0" * 64, out, memory_budget=budget,
-                                    min_recall_at_10=0.0, validation_queries=256, publish=False)
+                                    min_recall_at_10=min_recall, validation_queries=256, publish=False)
     seconds = time.perf_counter() - start
     with open_version(path) as version:
         return {"seconds": seconds, "factory": version.factory, "search_defaults": version.manifest["search_defaults"],
@@ -231,7 +234,8 @@ def run_size(n: int, args: argparse.Namespace, budget: int, real: Path | None) -
                            "vectors_sha256": hashlib.sha256(xb.tobytes()).hexdigest()[:16]}
     say(f"[n={n:,}] data: {data}; vitrine build (log {work / 'vitrine.log'}) ...")
     vitrine, peak = run_child([sys.executable, __file__, "--child", str(work / "emb" / "part0.npy"), str(work / "v"),
-                               str(budget), str(args.threads)], work / "vitrine.log", args.timeout_s, args.threads)
+                               str(budget), str(args.threads), str(args.vitrine_min_recall)], work / "vitrine.log",
+                              args.timeout_s, args.threads)
     row["vitrine"] = {**vitrine, "peak_rss_bytes": peak}
     say(f"[n={n:,}] vitrine: {vitrine['factory']} in {vitrine['seconds']:.1f} s, peak RSS {peak / 2**20:.0f} MiB, "
         f"index {vitrine['index_bytes'] / 2**20:.1f} MiB (+{vitrine['vectors_f16_bytes'] / 2**20:.1f} MiB float16)")
@@ -337,11 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-work", action="store_true", help="keep each size's vectors and indices")
     parser.add_argument("--force", action="store_true", help="redo sizes already in results/autofaiss.json")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
-    parser.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--vitrine-min-recall", type=float, default=0.0,
+                        help="vitrine's validation floor of re-ranked recall@10 (default 0: no gate, the plan's "
+                             "search defaults as they are)")
+    parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        vectors, out, budget, threads = args.child
-        print(json.dumps(child_vitrine(Path(vectors), Path(out), int(budget), int(threads)), default=str))
+        vectors, out, budget, threads, min_recall = args.child
+        print(json.dumps(child_vitrine(Path(vectors), Path(out), int(budget), int(threads), float(min_recall)),
+                         default=str))
         return 0
     from benchmarks.common import RESULTS_DIR, write_result
     from indexer.plan import parse_bytes
