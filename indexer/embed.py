@@ -7,6 +7,9 @@ renamed: a killed run resumes at the first missing chunk. Images are read, decod
 (`Embedder.preprocess`) by torch DataLoader workers in parallel with the forward passes of the main
 process (`Embedder.model.embed`, bf16 autocast on CUDA). When every chunk exists, `finalize` joins them
 into ``vectors.f16.npy`` (row = internal id), ``products.jsonl`` and ``image_sha1.npy``.
+
+With ``backend="ray"`` the chunks are computed by Ray Data actors instead (`indexer.embed_ray`): the
+same chunk files, so resume, `finalize` and every later stage are the same for both backends.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ DONE = "done.json"
 VECTORS = "vectors.f16.npy"
 PRODUCTS = "products.jsonl"
 DIGESTS = "image_sha1.npy"
+BACKENDS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,17 @@ class EmbedSettings:
     num_workers: int = 2  # DataLoader worker processes decoding images (0: decode in the main process)
     chunk_rows: int = 4096  # catalog records per chunk file, the unit of resume
     device: str = "cpu"  # torch device of the model ("cuda" runs it under bf16 autocast)
+    backend: str = "local"  # "local": DataLoader workers + this process's model; "ray": Ray Data actors
+    ray_address: str | None = None  # backend "ray": cluster address ("auto": the running one); None: start Ray here
+    ray_actors: int = 2  # backend "ray": embedding actors, each holding one model replica
+    ray_cpus_per_actor: float = 1.0  # backend "ray": CPUs each actor reserves (= its torch threads)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown embedding backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
+        if self.ray_actors < 1 or self.ray_cpus_per_actor <= 0:
+            raise ValueError(f"the ray backend needs ray_actors >= 1 and ray_cpus_per_actor > 0, got "
+                             f"{self.ray_actors} and {self.ray_cpus_per_actor}")
 
 
 class RecordImages:
@@ -71,18 +86,31 @@ class RecordImages:
             raise ValueError(f"shard {self.paths[shard]} lacks record {record - int(self.offsets[shard])}")
         return bytes(value)
 
-    def __getitem__(self, record: int) -> tuple[int, Any, str, str, str]:
-        from model import images as model_images
+    def read(self, record: int) -> tuple[str, str, bytes, str]:
+        """(product id, product JSON, encoded image bytes, image SHA-1) of one record, not decoded."""
         from model.data import decode_record
 
         product, data = decode_record(self._value(record))
         meta = json.dumps(product.to_json(), ensure_ascii=False, separators=(",", ":"))
-        digest = hashlib.sha1(data).hexdigest()
-        try:
-            pixels = self.preprocess(model_images.decode_image(data))
-        except model_images.ImageDecodeError as exc:
-            return record, None, meta, digest, f"product {product.product_id}: {exc}"
-        return record, pixels, meta, digest, ""
+        return product.product_id, meta, data, hashlib.sha1(data).hexdigest()
+
+    def __getitem__(self, record: int) -> tuple[int, Any, str, str, str]:
+        product_id, meta, data, digest = self.read(record)
+        pixels, error = preprocess_image(data, product_id, self.preprocess)
+        return record, pixels, meta, digest, error
+
+
+def preprocess_image(data: bytes, product_id: str, preprocess: Any) -> tuple[Any, str]:
+    """(CHW float32 pixels, "") of encoded image bytes, or (None, reason) when the image does not decode.
+
+    Both backends decode through this function, so they count the same bad images with the same words.
+    """
+    from model import images as model_images
+
+    try:
+        return preprocess(model_images.decode_image(data)), ""
+    except model_images.ImageDecodeError as exc:
+        return None, f"product {product_id}: {exc}"
 
 
 def collate(items: list[tuple[int, Any, str, str, str]]) -> dict[str, Any]:
@@ -104,13 +132,21 @@ def chunk_path(folder: Path, chunk: int) -> Path:
     return folder / f"chunk-{chunk:06d}.npz"
 
 
+def pending_chunks(total: int, chunk_rows: int, folder: Path) -> list[int]:
+    """Numbers of the chunks of `total` records not yet on disk under `folder` (the work left to resume)."""
+    return [c for c in range((total + chunk_rows - 1) // chunk_rows) if not chunk_path(folder, c).is_file()]
+
+
+def chunk_records(chunk: int, chunk_rows: int, total: int) -> range:
+    """The global record numbers chunk `chunk` holds."""
+    return range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows))
+
+
 def pending_batches(total: int, chunk_rows: int, batch_size: int, folder: Path) -> list[list[int]]:
     """Record-number batches of the chunks not yet on disk (a batch never straddles two chunks)."""
     batches: list[list[int]] = []
-    for chunk in range((total + chunk_rows - 1) // chunk_rows):
-        if chunk_path(folder, chunk).is_file():
-            continue
-        records = list(range(chunk * chunk_rows, min(total, (chunk + 1) * chunk_rows)))
+    for chunk in pending_chunks(total, chunk_rows, folder):
+        records = list(chunk_records(chunk, chunk_rows, total))
         batches.extend(records[i : i + batch_size] for i in range(0, len(records), batch_size))
     return batches
 
@@ -266,18 +302,25 @@ def run_embed_stage(shards_dir: str | Path, model: str | Path, folder: Path, set
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         write_json(folder / "key.json", {"key": key})
-    from model.embedder import Embedder
-
-    embedder = Embedder.load(model, device=settings.device)
     existing = len(list(folder.glob("chunk-*.npz")))
     if existing:
         logger.info("embed: resuming after %d chunk(s) already on disk", existing)
-    run = embed_chunks(shards_dir, embedder, folder, settings)
-    logger.info("embed: %d images in %.1f s this run (%.1f images/s), %d bad", run["embedded_this_run"],
-                run["seconds"], run["images_per_s"], run["bad_images_this_run"])
-    return finalize(folder, embedder.dim, run["records"], {
-        "key": key, "chunk_rows": settings.chunk_rows, "model_fingerprint": embedder.fingerprint,
-        "model_path": str(Path(model).resolve()), "last_run": run})
+    if settings.backend == "ray":
+        from indexer import embed_ray
+
+        dim, fingerprint = embed_ray.model_identity(model)
+        run = embed_ray.embed_chunks_ray(shards_dir, model, folder, settings, dim)
+    else:
+        from model.embedder import Embedder
+
+        embedder = Embedder.load(model, device=settings.device)
+        dim, fingerprint = embedder.dim, embedder.fingerprint
+        run = embed_chunks(shards_dir, embedder, folder, settings)
+    logger.info("embed (%s backend): %d images in %.1f s this run (%.1f images/s), %d bad", settings.backend,
+                run["embedded_this_run"], run["seconds"], run["images_per_s"], run["bad_images_this_run"])
+    return finalize(folder, dim, run["records"], {
+        "key": key, "chunk_rows": settings.chunk_rows, "model_fingerprint": fingerprint,
+        "model_path": str(Path(model).resolve()), "last_run": {**run, "backend": settings.backend}})
 
 
 def load_products(folder: Path) -> list[Any]:

@@ -7,8 +7,10 @@ names and renames them; its ``<stage>.json`` (or ``embed/done.json``) records a 
 inputs and settings the output depends on, chained from the stage before. A stage whose output
 exists with the right key is skipped; a changed input or setting re-runs that stage and those after
 it. Killed at any point, the job resumes: the embed stage at its next chunk, the add stage at its
-next shard. `--stages` runs a subset (each needs the outputs of the stages before it). One job runs
-per work folder at a time (an flock on ``.lock``).
+next shard. The embed stage runs locally or on Ray (``backend``); both write the same chunks, so the
+backend is not part of any key: a build started on one resumes on the other. `--stages` runs a
+subset (each needs the outputs of the stages before it). One job runs per work folder at a time (an
+flock on ``.lock``).
 
 Work folder::
 
@@ -63,6 +65,10 @@ class IndexBuildConfig:
     num_workers: int = 2  # DataLoader worker processes decoding images (0: decode inline)
     chunk_rows: int = 4096  # catalog records per embedding chunk (the unit of resume)
     device: str = "cpu"  # torch device of the embedder ("cuda": bf16 autocast)
+    backend: str = "local"  # embed stage: "local" (DataLoader workers) or "ray" (Ray Data actors, the ray extra)
+    ray_address: str | None = None  # backend "ray": cluster address ("auto": the running one); None: start Ray here
+    ray_actors: int = 2  # backend "ray": embedding actors (one model replica each)
+    ray_cpus_per_actor: float = 1.0  # backend "ray": CPUs each actor reserves (its torch threads)
     factory: str | None = None  # Faiss factory string; None: planned
     nprobe: int | None = None  # default lists probed per query; None: the plan's default
     num_shards: int = 1  # Faiss shards; a product's shard = sha1(product id) mod num_shards
@@ -146,7 +152,8 @@ class BuildJob:
     def stage_embed(self) -> dict[str, Any]:
         c = self.config
         settings = EmbedSettings(batch_size=c.batch_size, num_workers=c.num_workers, chunk_rows=c.chunk_rows,
-                                 device=c.device)
+                                 device=c.device, backend=c.backend, ray_address=c.ray_address,
+                                 ray_actors=c.ray_actors, ray_cpus_per_actor=c.ray_cpus_per_actor)
         return embed_stage.run_embed_stage(c.shards_dir, c.model, self.embed_dir, settings, self.key("embed"))
 
     def vectors(self) -> np.ndarray:

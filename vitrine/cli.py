@@ -55,7 +55,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     isub = p.add_subparsers(dest="index_command", required=True, metavar="{build,update,list,rollback}")
     b = isub.add_parser("build", help="embed the catalog and build + validate + publish a Faiss index version",
                         description="A resumable job of named stages: embed (DataLoader workers decode images, "
-                                    "float16 embeddings in chunks), plan (Faiss factory string from N, dim, memory "
+                                    "float16 embeddings in chunks; or Ray Data actors with --backend ray), plan "
+                                    "(Faiss factory string from N, dim, memory "
                                     "budget and target recall; memory estimate), train (on a sample; Faiss GPU when "
                                     "present), add (S shards by sha1 of the product id), validate (recall@10 with "
                                     "re-ranking vs exact search, counts, NaN, ids) and publish (atomic CURRENT, keep "
@@ -75,6 +76,15 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--chunk-rows", type=int, default=None, help="records per embedding chunk, the unit of resume "
                                                                 "(default 4096)")
     b.add_argument("--device", default=None, help="torch device for embedding, e.g. cuda (default cpu)")
+    b.add_argument("--backend", choices=("local", "ray"), default=None,
+                   help="where the embed stage runs: local (DataLoader workers, default) or ray (Ray Data actors "
+                        "on a Ray cluster; needs the ray extra: pip install 'vitrine-search[ray]')")
+    b.add_argument("--ray-address", default=None, help="with --backend ray: the cluster to join, e.g. auto or "
+                                                       "ray://head:10001 (default: start Ray on this machine)")
+    b.add_argument("--ray-actors", type=int, default=None, help="with --backend ray: embedding actors, one model "
+                                                                "replica each (default 2)")
+    b.add_argument("--ray-cpus-per-actor", type=float, default=None,
+                   help="with --backend ray: CPUs each actor reserves, its torch threads (default 1)")
     b.add_argument("--memory-budget", default=None, help="memory the build may use, e.g. 8GB; the plan fits it "
                                                          "or the build stops before training, naming the estimate")
     b.add_argument("--target-recall", type=float, default=None, help="recall@10 the plan aims for (default 0.95)")

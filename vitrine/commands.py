@@ -86,7 +86,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                               model=_default_or_existing_model(args.model), index_root=Path(args.index_root))
     config = dataclasses.replace(config, **_overrides(args, {
         **_BUILD_FLAGS, "workers": "num_workers", "chunk_rows": "chunk_rows", "device": "device",
-        "target_recall": "target_recall", "work_dir": "work_dir"}))
+        "target_recall": "target_recall", "work_dir": "work_dir", "backend": "backend", "ray_address": "ray_address",
+        "ray_actors": "ray_actors", "ray_cpus_per_actor": "ray_cpus_per_actor"}))
     if args.memory_budget is not None:
         config = dataclasses.replace(config, memory_budget=parse_bytes(args.memory_budget))
     if args.no_publish:
@@ -95,6 +96,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"unknown stage(s) {unknown} in --stages: choose from {','.join(STAGES)}")
+    if config.backend == "ray" and "embed" in stages:  # say it now, not after hashing the inputs
+        from indexer.embed_ray import import_ray
+
+        _run_gated(import_ray)
     if args.fresh:
         clean_work(config)
     version = _run_gated(lambda: build_index(config, stages))
