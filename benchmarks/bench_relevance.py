@@ -4,7 +4,8 @@ Protocol (shared/datasets README): queries are the catalog's `test` split (or `-
 is every catalog image except the query itself, search is exact (inner product on L2-normalised
 embeddings). Reported per model: top-1 relevance "type" (first result has the query's type column value),
 "strict" (type and every `--strict-columns` value), Recall@1/5/10 and mAP@10 under both relevance rules, a
-per-type breakdown, and the same top-1 numbers with binary codes (sign bits, Hamming distance).
+per-type breakdown, and the same top-1 numbers with binary codes (sign bits, after the
+model's ITQ rotation when `vitrine binarize` fitted one; Hamming distance).
 Any catalog CSV with label columns works: the column mapping is a `--catalog-config` JSON.
 
 Outputs (in `--out`, default benchmarks/results): relevance.json, relevance.md, relevance.png (bar chart)
@@ -108,12 +109,16 @@ def embed_gallery(name: str, spec: str, gallery: Gallery, cache_dir: Path, batch
     return vectors
 
 
-def neighbours(vectors: np.ndarray, queries: np.ndarray, k: int = 10, binary: bool = False) -> np.ndarray:
-    """(q, k) gallery rows nearest to each query row, the query itself excluded (exact search)."""
+def neighbours(vectors: np.ndarray, queries: np.ndarray, k: int = 10, binary: bool = False,
+               codes: np.ndarray | None = None) -> np.ndarray:
+    """(q, k) gallery rows nearest to each query row, the query itself excluded (exact search).
+
+    binary: Hamming search over `codes` (packed bits; default: plain sign bits of the vectors).
+    """
     import faiss
 
     if binary:
-        codes = np.packbits(vectors > 0, axis=1)
+        codes = np.packbits(vectors > 0, axis=1) if codes is None else codes
         index: Any = faiss.IndexBinaryFlat(codes.shape[1] * 8)
         index.add(codes)
         _, found = index.search(codes[queries], k + 1)
@@ -140,10 +145,10 @@ def relevance_metrics(found: np.ndarray, queries: np.ndarray, labels: np.ndarray
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def evaluate(vectors: np.ndarray, gallery: Gallery) -> dict[str, Any]:
-    """All metrics of one model's gallery embeddings."""
+def evaluate(vectors: np.ndarray, gallery: Gallery, codes: np.ndarray | None = None) -> dict[str, Any]:
+    """All metrics of one model's gallery embeddings (binary: `codes`, default plain sign bits)."""
     found = neighbours(vectors, gallery.queries)
-    found_binary = neighbours(vectors, gallery.queries, binary=True)
+    found_binary = neighbours(vectors, gallery.queries, binary=True, codes=codes)
     result: dict[str, Any] = {"type": relevance_metrics(found, gallery.queries, gallery.type_labels),
                               "strict": relevance_metrics(found, gallery.queries, gallery.strict_labels),
                               "binary_type": relevance_metrics(found_binary, gallery.queries, gallery.type_labels),
@@ -299,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in models.items():
         start = time.perf_counter()
         vectors = embed_gallery(name, spec, gallery, args.cache_dir)
-        results[name] = evaluate(vectors, gallery)
+        embedder = _embedder(spec, args.cache_dir)  # its binary codes: ITQ-rotated sign bits when fitted
+        results[name] = evaluate(vectors, gallery, embedder.binary_codes(vectors))
+        results[name]["binary_codes"] = "itq" if embedder.binary is not None else "sign"
         timings[name] = round(time.perf_counter() - start, 1)
         print(f"{name}: type {results[name]['type']['top1']:.3f} strict {results[name]['strict']['top1']:.3f} "
               f"binary strict {results[name]['binary_strict']['top1']:.3f}", flush=True)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.binary import BinaryRotation, load_rotation, pack_signs
 from model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from model.files import sha256_file
 from model.images import decode_image
@@ -27,6 +28,7 @@ class Embedder:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model_card = card
         self.fingerprint = fingerprint
+        self.binary: BinaryRotation | None = None  # ITQ rotation of the binary codes (model.binary), if fitted
         self.device = device
         self.dim = int(card["embedding_dim"])
         self.input_size = (int(card["input_size"][0]), int(card["input_size"][1]))  # (H, W)
@@ -37,7 +39,13 @@ class Embedder:
     def load(cls, checkpoint: str | Path, device: str = "cpu") -> Embedder:
         """Load a checkpoint folder (model.pt + model_card.json) onto `device`."""
         model, card = load_checkpoint(checkpoint)
-        return cls(model, card, sha256_file(Path(checkpoint) / WEIGHTS_FILE), device)
+        embedder = cls(model, card, sha256_file(Path(checkpoint) / WEIGHTS_FILE), device)
+        embedder.binary = load_rotation(checkpoint)
+        return embedder
+
+    def binary_codes(self, vectors: np.ndarray) -> np.ndarray:
+        """Packed sign bits (n, dim / 8) of embeddings: after the checkpoint's ITQ rotation when it has one."""
+        return pack_signs(vectors) if self.binary is None else self.binary.codes(vectors)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """(3, H, W) float32: RGB, resized to the card's input size, normalised with the card's mean/std."""

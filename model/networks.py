@@ -229,8 +229,10 @@ def imagenet_lite0_state_dict(with_classifier: bool = True) -> dict[str, torch.T
 
 
 def binary_codes(embeddings: torch.Tensor | Any) -> Any:
-    """Sign bits of embeddings packed 8 per byte (numpy uint8, shape (n, ceil(dim / 8))) for Hamming search."""
-    import numpy as np
+    """Plain sign bits of embeddings packed 8 per byte (numpy uint8, shape (n, ceil(dim / 8))) for Hamming search.
 
-    values = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
-    return np.packbits(values > 0, axis=1)
+    A checkpoint with an ITQ rotation (model.binary, `vitrine binarize`) codes through Embedder.binary_codes.
+    """
+    from model.binary import pack_signs
+
+    return pack_signs(embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else embeddings)

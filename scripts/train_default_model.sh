@@ -25,4 +25,6 @@ ARCH=(--backbone vit-hybrid --stem-blocks 5 --stem-frozen-blocks 3 --image-size 
 [ -f "$WORK/model/model_card.json" ] || $V train --stage finetune --shards "$WORK/shards" \
     --init-from "$WORK/pretrain" --tasks articleType,baseColour,gender,usage,season,masterCategory,subCategory \
     --epochs ${FINETUNE_EPOCHS:-4} "${ARCH[@]}" --out "$WORK/model"
+# 5. the ITQ rotation of the binary codes, fitted on the training split's embeddings (~10 min)
+[ -f "$WORK/model/binary.npz" ] || $V binarize --model "$WORK/model" --shards "$WORK/shards" --splits train
 echo "default model: $WORK/model"

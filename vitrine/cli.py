@@ -221,8 +221,8 @@ def create_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_ingest, model_cli.add_annotate, model_cli.add_teacher, model_cli.add_train, _add_index,
-                _add_serve, _add_query, _add_demo):
+    for add in (_add_ingest, model_cli.add_annotate, model_cli.add_teacher, model_cli.add_train,
+                model_cli.add_binarize, _add_index, _add_serve, _add_query, _add_demo):
         add(sub)
     return parser
 
