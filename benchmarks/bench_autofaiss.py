@@ -1,7 +1,7 @@
 """Does vitrine's index build beat autofaiss on the same vectors under the same memory budget?
 
 For each size N (``--sizes``), the same dim-256 vectors are indexed twice, each build in its own process
-(its peak RSS is read by the parent from ``wait4``, so it is that process's own, imports included):
+(its peak RSS is its own VmHWM, sampled by the parent from /proc every 0.5 s, imports included):
 
 - **vitrine**: `indexer.build.build_index_from_vectors` with ``memory_budget`` = ``--memory-budget`` (the
   planner picks the factory string; then train, add, write the version with its catalog store and float16
@@ -124,7 +124,9 @@ def run_child(argv: list[str], log: Path, timeout_s: float, threads: int) -> tup
         proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)})
         deadline = time.monotonic() + timeout_s
+        peak = 0
         while True:
+            peak = max(peak, _vm_hwm(proc.pid))
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -137,7 +139,20 @@ def run_child(argv: list[str], log: Path, timeout_s: float, threads: int) -> tup
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"build failed (exit {proc.returncode}); log {log}:\n{tail}")
-    return json.loads(out.read_text().strip().splitlines()[-1]), int(usage.ru_maxrss) * 1024
+    # ru_maxrss of a child includes the RSS its forked copy of this (large) process had before exec, so
+    # the peak is the child's own high-water mark (VmHWM, sampled every 0.5 s) where /proc has it
+    return json.loads(out.read_text().strip().splitlines()[-1]), peak or int(usage.ru_maxrss) * 1024
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak resident bytes of a running process's own address space (Linux /proc; 0 when unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def child_vitrine(vectors_path: Path, out: Path, budget: int, threads: int, min_recall: float) -> dict:

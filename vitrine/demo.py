@@ -53,6 +53,25 @@ def _stage(name: str, done: bool) -> bool:
     return not done
 
 
+def _index_matches(index_root: Path, model: Path) -> bool:
+    """True when a live version exists and was built with this model (else the index is (re)built)."""
+    from indexer.version import open_current
+    from model.checkpoint import WEIGHTS_FILE
+    from model.files import sha256_file
+
+    if not (index_root / "CURRENT").exists():
+        return False
+    try:
+        with open_current(index_root) as version:
+            if version.model_fingerprint == sha256_file(Path(model) / WEIGHTS_FILE):
+                return True
+    except Exception as exc:  # an unreadable live version: rebuild it
+        print(f"\n== index build: the live version cannot be read ({exc}); rebuilding", flush=True)
+        return False
+    print("\n== index build: the live version was built with another model; rebuilding", flush=True)
+    return False
+
+
 def build_offline(config: DemoConfig) -> dict[str, Path]:
     """Ingest, train and index the catalog in config.work_dir (each stage skipped when done)."""
     from indexer.build import IndexBuildConfig, build_index
@@ -72,7 +91,7 @@ def build_offline(config: DemoConfig) -> dict[str, Path]:
         print(f"\n== model: {paths['model']} (pass --train to train one on the catalog instead)", flush=True)
     elif _stage("train", (paths["model"] / "model_card.json").exists()):
         train(TrainConfig(shards_dir=paths["shards"], out_dir=paths["model"], epochs=config.epochs))
-    if _stage("index build", (paths["index"] / "CURRENT").exists()):
+    if _stage("index build", _index_matches(paths["index"], paths["model"])):
         build_index(IndexBuildConfig(shards_dir=paths["shards"], model=paths["model"], index_root=paths["index"]))
     return paths
 
