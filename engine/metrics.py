@@ -8,7 +8,8 @@ Names follow the Prometheus conventions (base units, `_seconds`, `_total`):
 - `vitrine_embed_batch_size`                      histogram of images per micro-batch
 - `vitrine_index_info{version,factory,model_fingerprint}` 1 for the served version
 - `vitrine_index_vectors`                         vectors in the served version
-- `vitrine_index_swaps_total{result}`             hot swaps: swapped, refused, failed
+- `vitrine_index_swaps_total{result}`             hot swaps: swapped, refused, failed, deferred (a root waiting
+  for its shard servers; once per version)
 - `vitrine_inflight_requests`                     RPCs in progress
 - `vitrine_shard_request_duration_seconds{shard_server}` (root) histogram of each shard server call's latency
 - `vitrine_shard_requests_total{shard_server,result}` (root) shard calls: ok, unavailable, deadline_exceeded,

@@ -18,6 +18,12 @@ Policy for missing shards (also in search.proto):
 - no shard answered at all, or any missing under `require_all_shards`: ShardsUnavailable
   (UNAVAILABLE); DeadlineExceeded instead when the client's own deadline has passed;
 - several servers answering for one shard (replicas): the first answer in --shard-servers order is used.
+
+Hot swap across processes: a shard server keeps the version it swapped away from and still answers
+requests naming it; a root swaps only when no reachable shard server is behind (`ShardFanout.behind`:
+each is asked for the new version and none answers FAILED_PRECONDITION; one that is down does not
+hold the swap back). Whichever swaps first, the root's requests name a version every live shard
+server holds, so a publish costs no partial answer.
 """
 
 from __future__ import annotations
@@ -124,6 +130,29 @@ class ShardFanout:
                 logger.info("shard server %s answers again", target)
         else:
             logger.warning("shard server %s is missing from answers (%s): %s", target, result, detail)
+
+    def behind(self, version: str, dim: int) -> list[str]:
+        """The shard servers that answer but do not serve `version` (yet): empty when a root may swap to it.
+
+        Every server is asked one query naming `version`; a server that is down or slow (no answer
+        within the shard timeout) is not counted, it would be missing from either version's answers.
+        Not counted in the shard call metrics (it is not a search).
+        """
+        query = ShardQuery(vectors=np.full((1, dim), dim ** -0.5, np.float32), k=1, nprobe=None,
+                           index_version=version)
+        message = convert.shard_query_to_proto(query)
+        futures = [stub.Search.future(message, timeout=self.timeout_s) for stub in self._stubs]
+        late = []
+        for target, future in zip(self.targets, futures, strict=True):
+            try:
+                answer = future.result()
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+                    late.append(target)
+                continue
+            if answer.index_version != version:
+                late.append(target)
+        return late
 
     def close(self) -> None:
         """Close every channel."""

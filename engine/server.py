@@ -32,7 +32,7 @@ from engine.metrics import Metrics
 from engine.remote import RemoteShardSearch, ShardFanout
 from engine.search import Searcher
 from engine.service import VisualSearchServicer
-from engine.swap import SearcherSlot, VersionWatcher
+from engine.swap import SearcherSlot, SwapDeferred, VersionWatcher
 from engine.types import SearchQuery, SearchRequest
 from indexer.version import IndexVersion, current_version_path, open_version
 from model.embedder import Embedder
@@ -231,6 +231,11 @@ def _set_index_metrics(metrics: Metrics, searcher: Searcher) -> None:
 def _start_watcher(config: ServerConfig, slot: SearcherSlot[Searcher], runner: ModelRunner, metrics: Metrics,
                    fanout: ShardFanout | None) -> VersionWatcher[Searcher]:
     def load(name: str) -> Searcher:
+        current = slot.current
+        if fanout is not None and current is not None:  # a root: swap only when the shard servers hold `name`
+            late = fanout.behind(name, current.version.dim)
+            if late:
+                raise SwapDeferred(f"shard servers {', '.join(late)} do not serve index version {name} yet")
         version = open_served_version(config, Path(config.index_root) / name)
         searcher = create_searcher(version, runner, config, metrics, fanout)
         _set_index_metrics(metrics, searcher)

@@ -10,8 +10,11 @@ probes exactly the lists a standalone server would.
 
 Like a standalone server it reports NOT_SERVING until loaded and warmed up, follows CURRENT (hot
 swap; a version without one of its shards is refused and the old one keeps serving) and stops
-cleanly on SIGINT/SIGTERM. A request naming another index version than the one served is answered
-FAILED_PRECONDITION (the root then counts this server's shards as missing).
+cleanly on SIGINT/SIGTERM. After a swap it keeps the version it swapped away from open until the
+next swap and answers requests naming it, so a root that has not swapped yet still gets whole
+answers (memory: up to two versions of the held shards). A request naming any other index version
+is answered FAILED_PRECONDITION (the root then counts this server's shards as missing); a root
+probes for that before it swaps (engine.remote.ShardFanout.behind).
 """
 
 from __future__ import annotations
@@ -107,10 +110,12 @@ class IndexShardServicer(shard_pb2_grpc.IndexShardServicer):
         def answer() -> shard_pb2.ShardSearchResponse:
             start = time.perf_counter()
             query = convert.shard_query_from_proto(request)
-            with self.slot.lease() as shards:
+            with self.slot.lease(query.index_version or None) as shards:
                 version = shards.version.name
                 if query.index_version and query.index_version != version:
-                    raise VersionMismatch(f"this shard server serves index version {version}, not "
+                    previous = self.slot.previous
+                    also = f" (and still {previous.version.name})" if previous is not None else ""
+                    raise VersionMismatch(f"this shard server serves index version {version}{also}, not "
                                           f"{query.index_version}; a root never mixes versions")
                 check_shard_query(query, shards.version.dim)
                 check_deadline(deadline_of(context), "the shard search")
@@ -137,7 +142,7 @@ def create_shard_server(config: ServerConfig) -> tuple[VitrineServer, int]:
         raise ServerStartError("a shard server needs role 'shard' and the shards it serves (--shards 0,1)")
     faiss.omp_set_num_threads(config.faiss_threads)
     server, port = bind(config)
-    slot: SearcherSlot[ShardSearch] = SearcherSlot()
+    slot: SearcherSlot[ShardSearch] = SearcherSlot(keep_previous=True)
     metrics = Metrics()
     health_servicer = health.HealthServicer()
     set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING, (SHARD_SERVICE_NAME,))

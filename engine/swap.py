@@ -5,9 +5,15 @@ new Searcher in service atomically (new requests see it at once) and retires the
 version is closed by the last request still holding a lease on it (or at once when there is none),
 so in-flight requests finish on the version they started on, and nothing of it stays in memory.
 
+A slot made with `keep_previous=True` (a shard server's) keeps the version it swapped away from
+open until the next swap, and leases it to requests that name it: a root still on the previous
+version keeps getting whole answers while the shard servers and the root swap one after the other.
+
 `VersionWatcher` polls `<index_root>/CURRENT`; when it names another version, the watcher opens it
 in the background, checks its model fingerprint against the server's model (a mismatch is refused
-and logged; the old version keeps serving), warms it up and installs it.
+and logged; the old version keeps serving), warms it up and installs it. A loader may also *defer*
+a swap (SwapDeferred: a root whose shard servers do not serve the new version yet); the watcher
+then tries again at the next poll, and the old version keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from engine.errors import NotReady
 from indexer.version import IndexVersion, VersionError, read_current
 
 logger = logging.getLogger("vitrine.engine")
+
+
+class SwapDeferred(Exception):
+    """Raised by a VersionWatcher's loader when the new version cannot be served yet (retried next poll)."""
 
 
 class Served(Protocol):
@@ -44,18 +54,31 @@ class _Entry(Generic[S]):
 
 
 class SearcherSlot(Generic[S]):
-    """Holds the Searcher in service; leases keep a retired one open until its last request ends."""
+    """Holds the Searcher in service; leases keep a retired one open until its last request ends.
 
-    def __init__(self) -> None:
+    keep_previous: keep the Searcher replaced by the last `install` open (until the next one) and
+    lease it to requests naming its version.
+    """
+
+    def __init__(self, keep_previous: bool = False) -> None:
         self._entry: _Entry[S] | None = None
+        self._previous: _Entry[S] | None = None
+        self.keep_previous = keep_previous
         self._lock = threading.Lock()
         self.closed_versions = 0  # versions closed after retirement (tests and metrics read it)
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator[S]:
-        """The Searcher in service, held open until the block ends; NotReady when there is none."""
+    def lease(self, version: str | None = None) -> Iterator[S]:
+        """The Searcher in service, held open until the block ends; NotReady when there is none.
+
+        version: a request naming the kept previous version leases that one instead (otherwise
+        the one in service: the caller compares names and refuses a mismatch).
+        """
         with self._lock:
-            entry = self._entry
+            entry, previous = self._entry, self._previous
+            if (version and previous is not None and previous.searcher.version.name == version
+                    and (entry is None or entry.searcher.version.name != version)):
+                entry = previous
             if entry is None:
                 raise NotReady("the server is still loading its index and model (or shutting down); "
                                "retry in a few seconds")
@@ -75,16 +98,28 @@ class SearcherSlot(Generic[S]):
         entry = self._entry
         return None if entry is None else entry.searcher
 
+    @property
+    def previous(self) -> S | None:
+        """The kept previous Searcher (keep_previous slots only; no lease: only for reading its name)."""
+        entry = self._previous
+        return None if entry is None else entry.searcher
+
     def install(self, searcher: S | None) -> None:
-        """Put `searcher` in service (None: none) and retire the previous one."""
+        """Put `searcher` in service (None: none) and retire the previous one (kept: the one before it)."""
         with self._lock:
             old, self._entry = self._entry, (None if searcher is None else _Entry(searcher))
-            close = old is not None and old.leases == 0
-            if old is not None:
-                old.retired = True
-        if close:
-            assert old is not None
-            self._close(old)
+            if self.keep_previous and searcher is not None:
+                retiring, self._previous = [self._previous], old
+            else:
+                retiring, self._previous = [old, self._previous], None
+            closing = []
+            for entry in retiring:
+                if entry is not None:
+                    entry.retired = True
+                    if entry.leases == 0:
+                        closing.append(entry)
+        for entry in closing:
+            self._close(entry)
 
     def _close(self, entry: _Entry[S]) -> None:
         logger.info("closing retired index version %s", entry.searcher.version.name)
@@ -96,7 +131,8 @@ class VersionWatcher(Generic[S]):
     """Polls CURRENT every `poll_s` and calls `load(name) -> Searcher` + `install` when it changes.
 
     `load` raises to refuse a version (model mismatch, corrupt files, failed warm-up): the error is
-    logged once per version name and the served version stays.
+    logged once per version name and the served version stays. `load` raising SwapDeferred puts the
+    swap off to the next poll (logged and counted once per version name).
     """
 
     def __init__(self, index_root: Path, slot: SearcherSlot[S], load: Callable[[str], S], poll_s: float,
@@ -107,6 +143,7 @@ class VersionWatcher(Generic[S]):
         self.poll_s = poll_s
         self.on_result = on_result or (lambda result: None)
         self.refused: dict[str, str] = {}  # version name -> why it was refused
+        self.deferred: dict[str, str] = {}  # version name -> why its swap waits (until it happens)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vitrine-watcher", daemon=True)
 
@@ -124,9 +161,17 @@ class VersionWatcher(Generic[S]):
         current = self.slot.current
         if (current is not None and current.version.name == name) or name in self.refused:
             return "unchanged"
-        logger.info("CURRENT names %s; loading it in the background", name)
+        if name not in self.deferred:
+            logger.info("CURRENT names %s; loading it in the background", name)
         try:
             searcher = self.load(name)
+        except SwapDeferred as exc:
+            if name not in self.deferred:
+                logger.info("index version %s waits, still serving %s: %s", name,
+                            current.version.name if current else "nothing", exc)
+                self.on_result("deferred")
+            self.deferred[name] = str(exc)
+            return "deferred"
         except Exception as exc:  # noqa: BLE001 - any failure refuses the version and keeps the old one
             self.refused[name] = str(exc)
             logger.error("refused index version %s, still serving %s: %s", name,
@@ -134,6 +179,7 @@ class VersionWatcher(Generic[S]):
             self.on_result("refused")
             return "refused"
         self.slot.install(searcher)
+        self.deferred.pop(name, None)
         logger.info("swapped to index version %s (%s, %d vectors)", name, searcher.version.factory,
                     searcher.version.count)
         self.on_result("swapped")

@@ -16,6 +16,7 @@ from engine_fixtures import build_engine_index, load_products
 from engine.client import VisualSearchClient
 from engine.search import Searcher
 from engine.server import ServerConfig, create_server
+from engine.swap import SearcherSlot, SwapDeferred, VersionWatcher
 from indexer.build import build_index_from_vectors
 from indexer.version import publish_current
 
@@ -128,3 +129,70 @@ def test_memory_does_not_grow_over_20_swaps(tmp_path: Path) -> None:
         assert growth < 2 * version_mb, f"RSS grew {growth:.1f} MiB over 16 swaps (one version: {version_mb:.1f} MiB)"
     finally:
         server.stop(None).wait()
+
+
+class FakeVersion:
+    """Just what SearcherSlot needs of an IndexVersion: a name and close()."""
+
+    factory, count = "Flat", 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeServed:
+    def __init__(self, name: str) -> None:
+        self.version = FakeVersion(name)
+
+
+def test_a_keep_previous_slot_leases_the_previous_version_by_name_until_the_next_swap() -> None:
+    slot: SearcherSlot[FakeServed] = SearcherSlot(keep_previous=True)
+    v1, v2, v3 = FakeServed("v1"), FakeServed("v2"), FakeServed("v3")
+    slot.install(v1)  # type: ignore[arg-type]
+    slot.install(v2)  # type: ignore[arg-type]
+    assert slot.previous is v1 and not v1.version.closed
+    with slot.lease("v1") as served:
+        assert served is v1
+        slot.install(v3)  # v1 retires while leased: closed when the lease ends, v2 is now the previous
+        assert not v1.version.closed and slot.previous is v2
+    assert v1.version.closed and slot.closed_versions == 1
+    with slot.lease("v2") as a, slot.lease("v3") as b, slot.lease() as c, slot.lease("v0") as d:
+        assert (a, b, c, d) == (v2, v3, v3, v3)  # an unknown name gets the current one (the caller refuses it)
+    slot.install(None)  # shutdown closes both
+    assert v2.version.closed and v3.version.closed and slot.previous is None
+
+
+def test_a_plain_slot_closes_the_replaced_version() -> None:
+    slot: SearcherSlot[FakeServed] = SearcherSlot()
+    v1, v2 = FakeServed("v1"), FakeServed("v2")
+    slot.install(v1)  # type: ignore[arg-type]
+    slot.install(v2)  # type: ignore[arg-type]
+    assert v1.version.closed and slot.previous is None
+    with slot.lease("v1") as served:
+        assert served is v2
+
+
+def test_a_deferred_swap_is_retried_at_the_next_poll_and_logged_once(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "CURRENT").write_text("v2\n")
+    slot: SearcherSlot[FakeServed] = SearcherSlot()
+    slot.install(FakeServed("v1"))  # type: ignore[arg-type]
+    ready, results = [False], []
+
+    def load(name: str) -> FakeServed:
+        if not ready[0]:
+            raise SwapDeferred("shard servers 127.0.0.1:1 do not serve index version v2 yet")
+        return FakeServed(name)
+
+    watcher = VersionWatcher(tmp_path, slot, load, 0.01, on_result=results.append)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="vitrine.engine"):
+        assert [watcher.check_once() for _ in range(3)] == ["deferred"] * 3
+        assert slot.current is not None and slot.current.version.name == "v1" and not watcher.refused
+        assert caplog.text.count("waits, still serving v1") == 1 and results == ["deferred"]
+        ready[0] = True
+        assert watcher.check_once() == "swapped"
+    assert slot.current.version.name == "v2" and results == ["deferred", "swapped"] and not watcher.deferred
