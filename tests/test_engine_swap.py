@@ -181,14 +181,15 @@ def test_a_deferred_swap_is_retried_at_the_next_poll_and_logged_once(tmp_path: P
     (tmp_path / "CURRENT").write_text("v2\n")
     slot: SearcherSlot[FakeServed] = SearcherSlot()
     slot.install(FakeServed("v1"))  # type: ignore[arg-type]
-    ready, results = [False], []
+    ready: list[bool] = [False]
+    results: list[str] = []
 
     def load(name: str) -> FakeServed:
         if not ready[0]:
             raise SwapDeferred("shard servers 127.0.0.1:1 do not serve index version v2 yet")
         return FakeServed(name)
 
-    watcher = VersionWatcher(tmp_path, slot, load, 0.01, on_result=results.append)  # type: ignore[arg-type]
+    watcher = VersionWatcher(tmp_path, slot, load, 0.01, on_result=results.append)  # type: ignore[arg-type,type-var]
     with caplog.at_level(logging.INFO, logger="vitrine.engine"):
         assert [watcher.check_once() for _ in range(3)] == ["deferred"] * 3
         assert slot.current is not None and slot.current.version.name == "v1" and not watcher.refused
