@@ -13,15 +13,22 @@ each query probes lists until it has seen enough *passing* vectors (engine.probi
 counts from the passing vectors per list). Shards that do not allow that (IVF inside an IDMap)
 use a uniform nprobe grown with the selectivity (`nprobe_for`), doubled while the probed lists hold
 fewer than k passing vectors, up to every list (then the result is complete).
+
+Threads: a request thread runs its Faiss calls on `faiss_threads` OpenMP threads (1 in a server:
+concurrent requests use the cores). A call for at least BATCH_PARALLEL_MIN queries at once (a
+BatchSearch, or concurrent requests grouped) uses `batch_threads`, so one big batch is not held
+to one core. OpenMP's thread count is per calling thread, so this never changes another request's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -33,6 +40,21 @@ from indexer.version import Filters, IndexVersion
 EXACT_MAX = 20_000  # passing products at or below which a filtered query is scored exactly (no Faiss)
 NPROBE_EXPONENT = 0.5  # nprobe grows as selectivity ** -NPROBE_EXPONENT under a filter
 PLAN_CACHE_SIZE = 16  # filter plans kept per version (a bitmap: 1 bit per vector; exact: <= exact_max vectors)
+BATCH_PARALLEL_MIN = 8  # queries in one Faiss call from which it runs on batch_threads OpenMP threads
+
+
+@contextlib.contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """Faiss calls made by this thread inside the block use `n` OpenMP threads (a per-thread setting)."""
+    before = faiss.omp_get_max_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def filter_mask(filters: Filters, ids: np.ndarray | None, search_filter: SearchFilter) -> np.ndarray:
@@ -140,8 +162,9 @@ class ShardSearch:
     """
 
     def __init__(self, version: IndexVersion, exact_max: int = EXACT_MAX,
-                 other_shards: Callable[[], Iterable[faiss.Index]] | None = None) -> None:
+                 other_shards: Callable[[], Iterable[faiss.Index]] | None = None, batch_threads: int = 0) -> None:
         self.version = version
+        self.batch_threads = batch_threads or os.cpu_count() or 1  # OpenMP threads of a call for many queries
         self.shards = list(version.shards)
         self.shard_ids = list(version.shard_ids)
         self.exact_max = exact_max
@@ -190,8 +213,13 @@ class ShardSearch:
         if plan.passing == 0:
             return Candidates(np.full((nq, 0), -np.inf, np.float32), np.full((nq, 0), -1, np.int64))
         if plan.exact:
-            return Candidates(*self._exact(xq, k, plan))
+            with self.threads_for(nq):
+                return Candidates(*self._exact(xq, k, plan))
         return self.fan_out(xq, k, nprobe, plan, deadline)
+
+    def threads_for(self, nq: int) -> contextlib.AbstractContextManager[None]:
+        """The OpenMP setting of a Faiss call for `nq` queries: batch_threads from BATCH_PARALLEL_MIN queries."""
+        return omp_threads(self.batch_threads) if nq >= BATCH_PARALLEL_MIN else contextlib.nullcontext()
 
     def fan_out(self, xq: np.ndarray, k: int, nprobe: int | None, plan: FilterPlan,
                 deadline: float | None) -> Candidates:
@@ -200,6 +228,10 @@ class ShardSearch:
 
     def search_parts(self, xq: np.ndarray, k: int, nprobe: int | None, plan: FilterPlan) -> list[ShardPart]:
         """Per held shard, the top k of xq passing the plan's selector (never the exact path)."""
+        with self.threads_for(xq.shape[0]):
+            return self._search_parts(xq, k, nprobe, plan)
+
+    def _search_parts(self, xq: np.ndarray, k: int, nprobe: int | None, plan: FilterPlan) -> list[ShardPart]:
         probe = self.version.default_nprobe if nprobe is None else nprobe
         if self.nlist is None or probe is None:
             return self._fan_out(xq, k, None, plan.selector)

@@ -58,6 +58,7 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus /metrics HTTP port; None: no metrics endpoint (0: any free port)
     metrics_host: str = "127.0.0.1"  # interface of the metrics endpoint
     faiss_threads: int = 1  # OpenMP threads per Faiss call (requests already run in parallel)
+    faiss_batch_threads: int = 0  # OpenMP threads of a Faiss call for >= 8 queries (BatchSearch); 0: all cores
     log_json: bool = False  # log one JSON object per line instead of plain text
     role: str = "standalone"  # "standalone": every Faiss shard here; "root": fan out to shard_servers; "shard"
     shards: tuple[int, ...] = ()  # role shard: the manifest positions of the Faiss shards served ("0,1")

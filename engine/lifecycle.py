@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
+import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2
 
@@ -89,8 +90,11 @@ def bind(config: ServerConfig) -> tuple[grpc.Server, int]:
     """A grpc.Server bound to config.host:config.port (not started) and the bound port; ServerStartError."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers), options=options,
-                         maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    # OpenMP's thread count is a per-thread setting: each request thread sets its own (a call made
+    # in the main thread would leave the request threads at one OpenMP team per core, each).
+    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="vitrine-rpc",
+                                          initializer=faiss.omp_set_num_threads, initargs=(config.faiss_threads,))
+    server = grpc.server(executor, options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     address = f"{config.host}:{config.port}"
     try:
         port = server.add_insecure_port(address)

@@ -168,8 +168,8 @@ class RemoteShardSearch(ShardSearch):
     """
 
     def __init__(self, version: IndexVersion, fanout: ShardFanout, exact_max: int = EXACT_MAX,
-                 require_all: bool = False) -> None:
-        super().__init__(version, exact_max)
+                 require_all: bool = False, batch_threads: int = 0) -> None:
+        super().__init__(version, exact_max, batch_threads=batch_threads)
         self.fanout = fanout
         self.require_all = require_all
 

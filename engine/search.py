@@ -85,7 +85,7 @@ class Searcher:
     def __init__(self, version: IndexVersion, embed: EmbedFn, *, default_top_k: int = 10,
                  max_top_k: int = MAX_TOP_K, exact_max: int = EXACT_MAX, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, rerank_depth: int = RERANK_DEPTH,
-                 observe: ObserveFn | None = None, shards: ShardSearch | None = None) -> None:
+                 observe: ObserveFn | None = None, shards: ShardSearch | None = None, batch_threads: int = 0) -> None:
         self.version = version
         self.embed = embed
         self.default_top_k = default_top_k
@@ -93,7 +93,7 @@ class Searcher:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.rerank_depth = rerank_depth
-        self.shards = ShardSearch(version, exact_max) if shards is None else shards
+        self.shards = ShardSearch(version, exact_max, batch_threads=batch_threads) if shards is None else shards
         self.observe: ObserveFn = observe or (lambda stage, seconds: None)
 
     def search(self, request: SearchRequest, deadline: float | None = None) -> SearchResult:
@@ -161,9 +161,17 @@ class Searcher:
         began = time.perf_counter()
         found = self.shards.candidates(xq, k, request.options.nprobe, plan, deadline)
         self.observe("search", time.perf_counter() - began)
+        scores, ids = found.scores, found.ids
+        exact = [job.request.options.exact_rerank for job in jobs]
+        if any(exact):  # every row at once: one gather of the stored vectors, one batched product
+            began = time.perf_counter()
+            ranked_ids, ranked_scores = self.rerank_rows(xq, ids)
+            self.observe("rerank", time.perf_counter() - began)
+            rows = np.asarray(exact)[:, None]
+            ids, scores = np.where(rows, ranked_ids, ids), np.where(rows, ranked_scores, scores)
         for row, job in enumerate(jobs):
-            row_found = Candidates(found.scores[row], found.ids[row], found.missing_shards)
-            job.outcome = self._finish(job, row_found, k, plan.passing, deadline)
+            row_found = Candidates(scores[row], ids[row], found.missing_shards)
+            job.outcome = self._finish(job, row_found, k, plan.passing, deadline, ranked=True)
 
     def _fetch_k(self, top_k: int, request: SearchRequest) -> int:
         """Candidates to fetch: over-fetch for exact re-rank, one spare for an excluded or duplicate image."""
@@ -172,18 +180,23 @@ class Searcher:
                        min(self.version.count, self.rerank_depth))
         return min(self.version.count, top_k + 1)
 
-    def _finish(self, job: _Job, found: Candidates, k: int, passing: int, deadline: float | None) -> SearchResult:
-        """Re-rank and group one request's candidates; search again with more candidates when short."""
+    def _finish(self, job: _Job, found: Candidates, k: int, passing: int, deadline: float | None,
+                ranked: bool = False) -> SearchResult:
+        """Re-rank and group one request's candidates; search again with more candidates when short.
+
+        ranked: the candidates are already re-ranked (when the request asks for it).
+        """
         query = cast(QueryVector, job.query)
         options = job.request.options
         scores, ids, missing = found.scores, found.ids, set(found.missing_shards)
         while True:
             valid = ids >= 0
             ids, scores = ids[valid], scores[valid]
-            if options.exact_rerank:
+            if options.exact_rerank and not ranked:
                 began = time.perf_counter()
                 ids, scores = self.rerank(query.vector, ids)
                 self.observe("rerank", time.perf_counter() - began)
+            ranked = False
             began = time.perf_counter()
             hits = self._hits(ids, scores, job.top_k, query.exclude_product_id, options.one_per_product)
             self.observe("fetch", time.perf_counter() - began)
@@ -244,9 +257,26 @@ class Searcher:
         """Exact inner products of `ids`' stored float16 vectors with `xq`; (ids, scores) sorted best first."""
         if len(ids) == 0:
             return ids.astype(np.int64), np.zeros(0, dtype=np.float32)
-        scores = self.version.vectors_of(cast(Sequence[int], ids)) @ xq  # an int64 array indexes directly
-        order = np.argsort(-scores, kind="stable")
-        return ids[order].astype(np.int64), scores[order].astype(np.float32)
+        ranked_ids, ranked_scores = self.rerank_rows(xq[None, :], ids[None, :])
+        return ranked_ids[0], ranked_scores[0]
+
+    def rerank_rows(self, xq: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank every row of candidates (nq, k) (-1: none) of queries xq (nq, dim) exactly at once.
+
+        Rows come back sorted best first (ties keep the candidates' order), -1 ids last with score
+        -inf. Each row's scores are one matrix-vector product, the same whatever the batch size, so
+        a BatchSearch answers exactly what single Searches answer.
+        """
+        nq, k = ids.shape
+        if ids.size == 0:
+            return ids.astype(np.int64), np.full((nq, k), -np.inf, np.float32)
+        valid = ids >= 0
+        vectors = self.version.vectors_of(np.where(valid, ids, 0).ravel()).reshape(nq, k, -1)
+        scores = np.matmul(vectors, np.ascontiguousarray(xq, dtype=np.float32)[:, :, None])[:, :, 0]
+        scores = np.where(valid, scores, np.float32(-np.inf)).astype(np.float32)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return (np.take_along_axis(ids, order, axis=1).astype(np.int64, copy=False),
+                np.take_along_axis(scores, order, axis=1))
 
     def _hits(self, ids: np.ndarray, scores: np.ndarray, top_k: int, exclude: str | None,
               one_per_product: bool) -> list[SearchHit]:

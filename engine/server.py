@@ -120,9 +120,9 @@ def create_searcher(version: IndexVersion, runner: ModelRunner, config: ServerCo
                                    f"{version.name} holds {version.dim}-dimensional vectors")
         check_model(runner.embedder.fingerprint, version, str(config.model or "the server's model"))
         remote = None if fanout is None else RemoteShardSearch(version, fanout, config.exact_max,
-                                                               config.require_all_shards)
+                                                               config.require_all_shards, config.faiss_batch_threads)
         searcher = Searcher(version, runner.embed, default_top_k=config.default_top_k, exact_max=config.exact_max,
-                            rerank_depth=config.rerank_depth,
+                            rerank_depth=config.rerank_depth, batch_threads=config.faiss_batch_threads,
                             max_image_bytes=config.max_message_bytes, max_image_pixels=config.max_image_pixels,
                             observe=metrics.observe_stage, shards=remote)
         warm_up(searcher)

@@ -61,10 +61,10 @@ def other_shards_of(version: IndexVersion) -> Callable[[], Iterator[faiss.Index]
     return load
 
 
-def create_shard_search(version: IndexVersion) -> ShardSearch:
+def create_shard_search(version: IndexVersion, batch_threads: int = 0) -> ShardSearch:
     """A warmed-up ShardSearch over the held shards of `version` (closes it and raises ServerStartError on failure)."""
     try:
-        shards = ShardSearch(version, NEVER_EXACT, other_shards_of(version))
+        shards = ShardSearch(version, NEVER_EXACT, other_shards_of(version), batch_threads)
         warm_up_shards(shards)
     except Exception as exc:
         version.close()
@@ -133,7 +133,7 @@ def load_shard_search(config: ServerConfig, path: Path) -> ShardSearch:
         version = open_version(path, shards=config.shards)
     except Exception as exc:
         raise ServerStartError(f"cannot open shards {list(config.shards)} of the index at {path}: {exc}") from exc
-    return create_shard_search(version)
+    return create_shard_search(version, config.faiss_batch_threads)
 
 
 def create_shard_server(config: ServerConfig) -> tuple[VitrineServer, int]:

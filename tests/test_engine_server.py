@@ -237,3 +237,32 @@ def test_serve_stops_cleanly_on_sigterm(engine_index: EngineIndex, tmp_path) -> 
             process.wait()
     assert process.returncode == 0, stderr
     assert "Search OK" in stderr and "stopped" in stderr
+
+
+def test_request_threads_run_faiss_on_the_configured_openmp_threads(client: VisualSearchClient,
+                                                                    engine_index: EngineIndex,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenMP's thread count is per thread: every request thread gets faiss_threads (1), a batch of >= 8
+    queries gets faiss_batch_threads (default: all cores) for its Faiss call, and the thread is 1 again after."""
+    import os
+
+    import faiss
+
+    from engine.candidates import ShardSearch
+    from engine.types import SearchQuery, SearchRequest
+
+    seen: list[tuple[int, int]] = []
+    real = ShardSearch._fan_out
+
+    def recording(self, xq, k, nprobe, selector):  # noqa: ANN001, ANN202
+        seen.append((xq.shape[0], faiss.omp_get_max_threads()))
+        return real(self, xq, k, nprobe, selector)
+
+    monkeypatch.setattr(ShardSearch, "_fan_out", recording)
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(9, engine_index.dim)).astype(np.float32)
+    client.search_vector(vectors[0], top_k=3)
+    client.batch_search([SearchRequest(SearchQuery(vector=v), top_k=3) for v in vectors])
+    client.search_vector(vectors[1], top_k=3)
+    assert seen[0] == seen[-1] == (1, 1) and len(seen) > 2, seen
+    assert set(seen[1:-1]) == {(9, os.cpu_count())}, seen  # (nprobe may double on this tiny index: several calls)

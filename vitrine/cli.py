@@ -159,7 +159,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="most images per embedding batch")
     p.add_argument("--max-wait-ms", type=float, default=None, help="longest wait for a batch to fill (ms)")
     p.add_argument("--batch-workers", type=int, default=None, help="threads running embedding batches")
-    p.add_argument("--faiss-threads", type=int, default=None, help="OpenMP threads per Faiss call")
+    p.add_argument("--faiss-threads", type=int, default=None,
+                   help="OpenMP threads per Faiss call (default 1: concurrent requests use the cores)")
+    p.add_argument("--faiss-batch-threads", type=int, default=None,
+                   help="OpenMP threads of a Faiss call searching 8 or more queries at once, as in a BatchSearch "
+                        "(default 0: all cores)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per forward pass")
     p.add_argument("--grace-s", type=float, default=None, help="seconds in-flight requests get on shutdown")
     p.add_argument("--log-json", action="store_const", const=True, default=None, help="JSON log lines")

@@ -158,8 +158,8 @@ def cmd_index_rollback(args: argparse.Namespace) -> int:
 
 _SERVE_FLAGS = ("index_root", "model", "host", "port", "max_workers", "max_concurrent_rpcs", "max_message_bytes",
                 "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
-                "faiss_threads", "torch_threads", "grace_s", "log_json", "role", "shards", "shard_servers",
-                "shard_timeout_ms", "require_all_shards")
+                "faiss_threads", "faiss_batch_threads", "torch_threads", "grace_s", "log_json", "role", "shards",
+                "shard_servers", "shard_timeout_ms", "require_all_shards")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
