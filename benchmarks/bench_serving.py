@@ -11,8 +11,16 @@ call as the server runs it):
   client threads in this process) at concurrency 1, 8, 32: QPS, p50, p99;
 - the same queries in-process at the same concurrency: raw Faiss (`index.search`, k=10) and the
   engine's whole Searcher (Faiss + exact re-rank of 100 candidates + catalog lookups);
+- the ceiling of the transport: the same client against a no-op gRPC server (a separate process
+  answering every Search with one prebuilt 10-hit response, no parsing, no search), at the same
+  concurrency: no Python gRPC service can answer faster with this client on these cores;
 - Search by image (mini-catalog JPEGs) at concurrency 16 with and without micro-batching;
-- one BatchSearch of 64 vectors against 64 sequential Search calls.
+- one BatchSearch of 64 vectors against 64 sequential Search calls, and the floor of the batch: the
+  Faiss search of those 64 vectors alone (k = the re-rank candidates, on all cores as the server's
+  batch runs it).
+
+Every load thread (like every server request thread) runs Faiss on one OpenMP thread: OpenMP's
+thread count is a per-thread setting, so each thread sets its own.
 
 Run: `python benchmarks/bench_serving.py` (index build about 10 minutes the first time on 2
 cores, then about 5 minutes). Writes benchmarks/results/bench_serving.{json,md,png}.
@@ -139,6 +147,41 @@ def server_process(work: Path, flags: list[str]) -> Iterator[int]:
         log.close()
 
 
+NOOP_SERVER = """
+import sys
+from concurrent import futures
+import grpc
+payload = open(sys.argv[2], "rb").read()
+def search(request, context):
+    return payload
+handler = grpc.method_handlers_generic_handler(
+    "vitrine.v1.VisualSearch", {"Search": grpc.unary_unary_rpc_method_handler(search)})  # bytes in, bytes out
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+server.add_generic_rpc_handlers((handler,))
+server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+server.start()
+server.wait_for_termination()
+"""
+
+
+@contextlib.contextmanager
+def noop_server_process(work: Path, response: bytes) -> Iterator[int]:
+    """A gRPC server process answering every VisualSearch.Search with `response` (serialized); yields the port."""
+    port = free_port()
+    (work / "noop_server.py").write_text(NOOP_SERVER)
+    (work / "noop_response.bin").write_bytes(response)
+    process = subprocess.Popen([sys.executable, str(work / "noop_server.py"), str(port),
+                                str(work / "noop_response.bin")])
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        channel.close()
+        yield port
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
 def run_load(call: Callable[[int], object], concurrency: int, total: int) -> dict:
     """`total` calls of call(i) from `concurrency` threads: QPS, p50 and p99 latency (ms)."""
     latencies: list[float] = []
@@ -146,6 +189,7 @@ def run_load(call: Callable[[int], object], concurrency: int, total: int) -> dic
     lock = threading.Lock()
 
     def worker() -> None:
+        faiss.omp_set_num_threads(1)  # per thread, as in the server's request threads
         while True:
             with lock:
                 i = next(counter, None)
@@ -173,10 +217,13 @@ def vector_requests(xq: np.ndarray) -> list[search_pb2.SearchRequest]:
     return [search_pb2.SearchRequest(vector=search_pb2.Vector(values=q.tolist()), top_k=10) for q in xq]
 
 
-def bench_vectors(port: int, version: IndexVersion, xq: np.ndarray, args: argparse.Namespace) -> list[dict]:
-    """gRPC Search by vector vs in-process Faiss and in-process Searcher, per concurrency."""
+def bench_vectors(port: int, noop_port: int, version: IndexVersion, xq: np.ndarray,
+                  args: argparse.Namespace) -> list[dict]:
+    """gRPC Search by vector vs the no-op gRPC ceiling, in-process Faiss and in-process Searcher, per concurrency."""
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = search_pb2_grpc.VisualSearchStub(channel)
+    noop_channel = grpc.insecure_channel(f"127.0.0.1:{noop_port}")
+    noop = search_pb2_grpc.VisualSearchStub(noop_channel)
     requests = vector_requests(xq)
     n = len(requests)
     params = faiss.SearchParametersIVF()
@@ -190,22 +237,29 @@ def bench_vectors(port: int, version: IndexVersion, xq: np.ndarray, args: argpar
 
     rows = []
     run_load(lambda i: stub.Search(requests[i % n], timeout=30), 8, 200)  # warm-up
+    run_load(lambda i: noop.Search(requests[i % n], timeout=30), 8, 200)
     for concurrency in (1, 8, 32):
         total = args.requests if concurrency > 1 else args.requests // 2
         row = {"concurrency": concurrency,
                "grpc": run_load(lambda i: stub.Search(requests[i % n], timeout=30), concurrency, total),
+               "grpc_noop": run_load(lambda i: noop.Search(requests[i % n], timeout=30), concurrency, total),
                "faiss_inprocess": run_load(faiss_call, concurrency, total),
                "searcher_inprocess": run_load(lambda i: searcher.search(plain[i % n]), concurrency, total)}
         row["ratio_grpc_to_faiss"] = row["grpc"]["qps"] / row["faiss_inprocess"]["qps"]
         row["ratio_grpc_to_searcher"] = row["grpc"]["qps"] / row["searcher_inprocess"]["qps"]
+        row["ratio_noop_to_faiss"] = row["grpc_noop"]["qps"] / row["faiss_inprocess"]["qps"]
+        row["ratio_grpc_to_noop"] = row["grpc"]["qps"] / row["grpc_noop"]["qps"]
         print(row, flush=True)
         rows.append(row)
     channel.close()
+    noop_channel.close()
     return rows
 
 
-def bench_batch(port: int, xq: np.ndarray) -> dict:
-    """One BatchSearch of 64 vectors against 64 sequential Search calls (QPS of each)."""
+def bench_batch(port: int, version: IndexVersion, xq: np.ndarray, args: argparse.Namespace) -> dict:
+    """One BatchSearch of 64 vectors against 64 sequential Search calls (QPS of each), and Faiss alone."""
+    from indexer.validate import rerank_candidates
+
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = search_pb2_grpc.VisualSearchStub(channel)
     requests = vector_requests(xq[:64])
@@ -213,9 +267,17 @@ def bench_batch(port: int, xq: np.ndarray) -> dict:
     sequential = time_repeated(lambda: [stub.Search(r, timeout=30) for r in requests], repeats=5)
     batched = time_repeated(lambda: stub.BatchSearch(batch, timeout=60), repeats=5)
     channel.close()
+    params = faiss.SearchParametersIVF()
+    params.nprobe = args.nprobe
+    k = max(rerank_candidates(10, version.rerank_factor, version.count), 100)  # what the server fetches
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # as the server's batch (faiss_batch_threads 0: all cores)
+    floor = time_repeated(lambda: [shard.search(xq[:64], k, params=params) for shard in version.shards], repeats=5)
+    faiss.omp_set_num_threads(1)
     result = {"sequential_qps": 64 / sequential["median_s"], "batch_qps": 64 / batched["median_s"],
-              "sequential_s": sequential, "batch_s": batched}
+              "faiss_batch_qps": 64 / floor["median_s"], "faiss_k": k,
+              "sequential_s": sequential, "batch_s": batched, "faiss_batch_s": floor}
     result["ratio"] = result["batch_qps"] / result["sequential_qps"]
+    result["ratio_faiss_floor"] = result["faiss_batch_qps"] / result["sequential_qps"]
     print(result, flush=True)
     return result
 
@@ -264,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"model": model_source, "version": version_path.name}
     with server_process(args.work, ["--workers", "32", "--max-concurrent-rpcs", "1000"]) as port, \
             open_version(version_path) as version:
-        results["vector"] = bench_vectors(port, version, xq, args)
-        results["batch"] = bench_batch(port, xq)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # a real 10-hit answer for the no-op server
+            response = search_pb2_grpc.VisualSearchStub(channel).Search(vector_requests(xq[:1])[0], timeout=30)
+        with noop_server_process(args.work, response.SerializeToString()) as noop_port:
+            results["vector"] = bench_vectors(port, noop_port, version, xq, args)
+        results["batch"] = bench_batch(port, version, xq, args)
     images = mini_catalog_images()
     results["image"] = {
         "micro_batching": bench_images(args.work, ["--workers", "32", "--max-batch", "32", "--max-wait-ms", "5"],
@@ -281,16 +346,21 @@ def write(args: argparse.Namespace, results: dict) -> None:
     lines = [f"{args.factory}, {args.n:,} x {args.dim} clustered synthetic, nprobe {args.nprobe}, top_k 10, "
              f"2 shards; model: {results['model']}.", "",
              "| concurrency | gRPC QPS | p50 ms | p99 ms | in-process Faiss QPS | in-process Searcher QPS "
-             "| gRPC / Faiss | gRPC / Searcher |", "|---|---|---|---|---|---|---|---|"]
+             "| no-op gRPC QPS (ceiling) | gRPC / Faiss | gRPC / Searcher | no-op / Faiss | gRPC / no-op |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["vector"]:
         g = row["grpc"]
         lines.append(f"| {row['concurrency']} | {g['qps']:.0f} | {g['p50_ms']:.2f} | {g['p99_ms']:.2f} "
                      f"| {row['faiss_inprocess']['qps']:.0f} | {row['searcher_inprocess']['qps']:.0f} "
-                     f"| {row['ratio_grpc_to_faiss']:.2f} | {row['ratio_grpc_to_searcher']:.2f} |")
+                     f"| {row['grpc_noop']['qps']:.0f} "
+                     f"| {row['ratio_grpc_to_faiss']:.2f} | {row['ratio_grpc_to_searcher']:.2f} "
+                     f"| {row['ratio_noop_to_faiss']:.2f} | {row['ratio_grpc_to_noop']:.2f} |")
     b, im = results["batch"], results["image"]
     lines += ["", "| measurement | value |", "|---|---|",
               f"| 64 sequential Search calls | {b['sequential_qps']:.0f} queries/s |",
               f"| one BatchSearch of 64 vectors | {b['batch_qps']:.0f} queries/s ({b['ratio']:.1f}x) |",
+              f"| Faiss alone, the 64 vectors in one call (k {b['faiss_k']}, all cores) | "
+              f"{b['faiss_batch_qps']:.0f} queries/s ({b['ratio_faiss_floor']:.1f}x the sequential calls) |",
               f"| image search, concurrency 16, micro-batching | {im['micro_batching']['qps']:.1f} images/s "
               f"(p50 {im['micro_batching']['p50_ms']:.0f} ms, p99 {im['micro_batching']['p99_ms']:.0f} ms) |",
               f"| image search, concurrency 16, no batching | {im['no_batching']['qps']:.1f} images/s "
@@ -311,8 +381,8 @@ def plot(results: dict) -> None:
     rows = results["vector"]
     conc = [r["concurrency"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("grpc", "gRPC Search"), ("searcher_inprocess", "in-process Searcher"),
-                       ("faiss_inprocess", "in-process Faiss")):
+    for key, label in (("grpc", "gRPC Search"), ("grpc_noop", "no-op gRPC server (ceiling)"),
+                       ("searcher_inprocess", "in-process Searcher"), ("faiss_inprocess", "in-process Faiss")):
         ax.plot(conc, [r[key]["qps"] for r in rows], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
