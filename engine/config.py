@@ -38,7 +38,8 @@ class ServerConfig:
     model: Path | None = None  # checkpoint folder; None: the version manifest's model_path
     host: str = "127.0.0.1"  # interface to bind ("0.0.0.0": every interface)
     port: int = 50051  # TCP port; 0: any free port (create_server returns the real one)
-    max_workers: int = 8  # threads serving requests concurrently
+    max_workers: int = 8  # threads serving requests concurrently (per process)
+    processes: int = 1  # server processes sharing the port (SO_REUSEPORT), each with its own GIL, model and index
     max_concurrent_rpcs: int = 64  # requests in progress at once; more are answered RESOURCE_EXHAUSTED
     max_message_bytes: int = 16 << 20  # largest request/response in bytes (bounds query image size)
     max_image_pixels: int = 40_000_000  # largest decoded query image, width * height pixels
@@ -87,6 +88,8 @@ def check_role(config: ServerConfig) -> None:
     bad = [target for target in config.shard_servers if not _is_host_port(target)]
     if bad:
         raise ConfigError(f"shard servers must be host:port, got {bad}")
+    if config.processes < 1:
+        raise ConfigError(f"processes must be >= 1, got {config.processes}")
     if config.shard_timeout_ms <= 0:
         raise ConfigError(f"shard_timeout_ms must be > 0, got {config.shard_timeout_ms}")
 

@@ -6,8 +6,11 @@ nothing here imports the model, so a shard server starts without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import multiprocessing
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -133,3 +136,80 @@ def run_until_signal(config: ServerConfig, create: Callable[[ServerConfig], tupl
     server.stop(config.grace_s).wait()
     logger.info("stopped")
     return 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
+    """The config of worker process `index`: one process, the shared port, its own metrics port (base + index)."""
+    metrics_port = config.metrics_port
+    if metrics_port:  # 0 and None stay: any free port / no endpoint
+        metrics_port += index
+    return dataclasses.replace(config, processes=1, port=port, metrics_port=metrics_port)
+
+
+def _worker_main(config: ServerConfig, index: int, count: int, verbose: bool) -> None:
+    """Entry point of one worker process (spawned: a fresh interpreter, logging set up again)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    logger.info("worker %d of %d (pid %d)", index, count, multiprocessing.current_process().pid)
+    if config.role == "shard":
+        from engine.shard_server import serve_shard
+
+        raise SystemExit(serve_shard(config))
+    from engine.server import serve
+
+    raise SystemExit(serve(config))
+
+
+def run_workers(config: ServerConfig) -> int:
+    """Serve with `config.processes` worker processes on one port until SIGINT/SIGTERM; the exit status.
+
+    Each worker is a whole server (own GIL, model, Faiss index, hot-swap watcher, health, metrics on
+    metrics_port + i) bound to the same port with SO_REUSEPORT (gRPC's default on Linux), so the
+    kernel spreads client connections over them. Workers are started with `spawn` (no gRPC, OpenMP
+    or torch state is forked). A stop signal is passed on to every worker, which stops gracefully. When
+    a worker exits on its own (it could not start, or crashed) the others are stopped too and its exit
+    status is returned: restarting is the job of the process manager (systemd, Kubernetes).
+    """
+    port = config.port or _free_port(config.host)
+    context = multiprocessing.get_context("spawn")
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    workers = []
+    for index in range(config.processes):
+        worker = context.Process(target=_worker_main, name=f"vitrine-worker-{index}",
+                                 args=(worker_config(config, index, port), index, config.processes, verbose))
+        worker.start()
+        workers.append(worker)
+    logger.info("%d worker processes on %s:%d (pids %s)", len(workers), config.host, port,
+                ", ".join(str(w.pid) for w in workers))
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        while not stop.wait(0.2):
+            ended = [w for w in workers if w.exitcode is not None]
+            if ended:
+                status = ended[0].exitcode or 1
+                logger.error("worker %s (pid %s) exited with status %s; stopping the others", ended[0].name,
+                             ended[0].pid, ended[0].exitcode)
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for worker in workers:
+            if worker.exitcode is None:
+                worker.terminate()  # SIGTERM: the worker's graceful stop
+        for worker in workers:
+            worker.join(config.grace_s + 30.0)
+            if worker.exitcode is None:
+                logger.error("worker %s (pid %s) did not stop; killing it", worker.name, worker.pid)
+                worker.kill()
+                worker.join()
+    logger.info("all %d workers stopped", len(workers))
+    return status

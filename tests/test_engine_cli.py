@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -65,3 +66,61 @@ def test_serve_with_file_env_and_flags_then_query(tmp_path: Path) -> None:
     configured = next(r["message"] for r in records if r["message"].startswith("configuration:"))
     assert f"'port': {port}" in configured and "'max_batch': 4" in configured
     assert records[-1]["message"] == "stopped"
+
+
+def test_serve_with_two_processes_on_one_port(tmp_path: Path) -> None:
+    """`--processes 2`: two worker processes share the port; connections reach both; SIGTERM stops all cleanly."""
+    import grpc
+    import numpy as np
+
+    from protos.vitrine.v1 import search_pb2, search_pb2_grpc
+
+    index = build_engine_index(tmp_path)
+    port, metrics_port = free_port(), free_port()
+    while (second := free_port()) == metrics_port + 1 or second == port:
+        pass
+    metrics_port = second - 1  # workers serve metrics on metrics_port + 0 and + 1: both must be free
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--index-root", str(index.index_root),
+                               "--port", str(port), "--processes", "2", "--metrics-port", str(metrics_port),
+                               "--grace-s", "1"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for worker in (0, 1):  # each worker's metrics endpoint answers once it is loaded
+            deadline = time.monotonic() + 240
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + worker}/metrics", timeout=5).read()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"worker {worker} never served metrics"
+                    assert server.poll() is None, server.communicate()[1]
+                    time.sleep(0.2)
+        request = search_pb2.SearchRequest(vector=search_pb2.Vector(values=np.ones(index.dim).tolist()), top_k=3)
+        for _ in range(24):  # one connection each: the kernel spreads them over the workers
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                assert len(search_pb2_grpc.VisualSearchStub(ch).Search(request, timeout=30).hits) == 3
+        counts = []
+        for worker in (0, 1):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + worker}/metrics", timeout=10).read()
+            line = next((ln for ln in text.decode().splitlines()
+                         if ln.startswith('vitrine_requests_total{code="OK",method="Search"}')), "x 0")
+            counts.append(float(line.split()[-1]))
+        assert sum(counts) == 24 and min(counts) > 0, counts  # both processes answered
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, stderr
+    assert "2 worker processes" in stderr and "[worker 1]" in stderr and "all 2 workers stopped" in stderr
+
+
+def test_serve_with_processes_fails_when_its_workers_cannot_start(tmp_path: Path) -> None:
+    (tmp_path / "empty-index").mkdir()  # no CURRENT: every worker refuses to start
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run([sys.executable, "-m", "vitrine", "serve", "--index-root", str(tmp_path / "empty-index"),
+                             "--port", str(free_port()), "--processes", "2"], env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert "CURRENT" in result.stderr and "exited with status 1; stopping the others" in result.stderr

@@ -146,7 +146,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the one the index was built with)")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=None, help="port to bind (default 50051; 0: any free port)")
-    p.add_argument("--workers", dest="max_workers", type=int, default=None, help="gRPC worker threads")
+    p.add_argument("--workers", dest="max_workers", type=int, default=None, help="gRPC worker threads per process")
+    p.add_argument("--processes", type=int, default=None,
+                   help="server processes sharing the port (SO_REUSEPORT; the kernel spreads client connections "
+                        "over them), each with its own GIL, model and Faiss index in memory; metrics of process i "
+                        "on --metrics-port + i (default 1)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=None,
                    help="requests in progress at once; more are answered RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=int, default=None, help="largest request/response (bytes)")

@@ -156,7 +156,8 @@ def cmd_index_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_FLAGS = ("index_root", "model", "host", "port", "max_workers", "max_concurrent_rpcs", "max_message_bytes",
+_SERVE_FLAGS = ("index_root", "model", "host", "port", "processes", "max_workers", "max_concurrent_rpcs",
+                "max_message_bytes",
                 "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
                 "faiss_threads", "faiss_batch_threads", "torch_threads", "grace_s", "log_json", "role", "shards",
                 "shard_servers", "shard_timeout_ms", "require_all_shards")
@@ -171,6 +172,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_server_config(args.config, None, {flag: getattr(args, flag) for flag in _SERVE_FLAGS})
     except ConfigError as err:
         raise UserError(str(err)) from err
+    if config.processes > 1:  # a supervisor of worker processes sharing the port
+        from engine.lifecycle import run_workers
+
+        return run_workers(config)
     if config.role == "shard":  # a shard server loads no model: keep torch out of the process
         from engine.shard_server import serve_shard
 
