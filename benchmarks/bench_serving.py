@@ -8,7 +8,8 @@ embedding dim 128): speed does not depend on the weights, and the vectors are sy
 Measured, in one run, on the same index and parameters (nprobe 16, top_k 10, one Faiss thread per
 call as the server runs it):
 - Search by vector through gRPC (a `vitrine serve` process, raw stubs with prebuilt requests from
-  client threads in this process) at concurrency 1, 8, 32: QPS, p50, p99;
+  client threads in this process, one connection per thread) at concurrency 1, 8, 32: QPS, p50, p99;
+  and the same through `vitrine serve --processes 2` (`--processes`: worker processes sharing the port);
 - the same queries in-process at the same concurrency: raw Faiss (`index.search`, k=10) and the
   engine's whole Searcher (Faiss + exact re-rank of 100 candidates + catalog lookups);
 - the ceiling of the transport: the same client against a no-op gRPC server (a separate process
@@ -121,6 +122,8 @@ def server_process(work: Path, flags: list[str]) -> Iterator[int]:
     """A `vitrine serve` process on a free port (stderr to work/server.log); yields the port."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    workers = int(flags[flags.index("--processes") + 1]) if "--processes" in flags else 1
+    offset = (work / "server.log").stat().st_size if (work / "server.log").is_file() else 0
     log = open(work / "server.log", "a")  # noqa: SIM115 - closed below
     process = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--index-root", str(work / "index"),
                                 "--port", str(port), "--no-watch", "--faiss-threads", "1", *flags],
@@ -136,7 +139,12 @@ def server_process(work: Path, flags: list[str]) -> Iterator[int]:
                                        f"end of {work / 'server.log'}:\n{tail}")
                 try:
                     client.wait_ready(timeout_s=2.0)
-                    break
+                    log.flush()
+                    with open(work / "server.log", "rb") as text:  # every worker loaded, not only the one asked
+                        text.seek(offset)
+                        if text.read().count(b"SERVING index version") >= workers:
+                            break
+                    time.sleep(0.5)
                 except TimeoutError:
                     if time.monotonic() > deadline:
                         raise
@@ -213,17 +221,39 @@ def run_load(call: Callable[[int], object], concurrency: int, total: int) -> dic
             "requests": total, "concurrency": concurrency}
 
 
+class Clients:
+    """One channel (one TCP connection) per client thread, as separate clients would have: with several
+    server processes on one port, the kernel spreads connections, not requests."""
+
+    def __init__(self, port: int, count: int = 32) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(count)]
+        self.stubs = [search_pb2_grpc.VisualSearchStub(channel) for channel in self.channels]
+        self._local = threading.local()
+        self._next = iter(range(1 << 62))
+        self._lock = threading.Lock()
+
+    def stub(self) -> search_pb2_grpc.VisualSearchStub:
+        """This thread's stub."""
+        if not hasattr(self._local, "stub"):
+            with self._lock:
+                self._local.stub = self.stubs[next(self._next) % len(self.stubs)]
+        return self._local.stub
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
 def vector_requests(xq: np.ndarray) -> list[search_pb2.SearchRequest]:
     return [search_pb2.SearchRequest(vector=search_pb2.Vector(values=q.tolist()), top_k=10) for q in xq]
 
 
-def bench_vectors(port: int, noop_port: int, version: IndexVersion, xq: np.ndarray,
+def bench_vectors(port: int, multi_port: int, noop_port: int, version: IndexVersion, xq: np.ndarray,
                   args: argparse.Namespace) -> list[dict]:
-    """gRPC Search by vector vs the no-op gRPC ceiling, in-process Faiss and in-process Searcher, per concurrency."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = search_pb2_grpc.VisualSearchStub(channel)
-    noop_channel = grpc.insecure_channel(f"127.0.0.1:{noop_port}")
-    noop = search_pb2_grpc.VisualSearchStub(noop_channel)
+    """gRPC Search by vector (one server process, and `--processes`) vs the no-op gRPC ceiling, in-process
+    Faiss and in-process Searcher, per concurrency; every client thread has its own connection."""
+    server, multi, noop = Clients(port), Clients(multi_port), Clients(noop_port)
     requests = vector_requests(xq)
     n = len(requests)
     params = faiss.SearchParametersIVF()
@@ -236,23 +266,26 @@ def bench_vectors(port: int, noop_port: int, version: IndexVersion, xq: np.ndarr
             shard.search(xq[i % n][None, :], 10, params=params)
 
     rows = []
-    run_load(lambda i: stub.Search(requests[i % n], timeout=30), 8, 200)  # warm-up
-    run_load(lambda i: noop.Search(requests[i % n], timeout=30), 8, 200)
+    for clients in (server, multi, noop):  # warm-up
+        run_load(lambda i, c=clients: c.stub().Search(requests[i % n], timeout=30), 32, 320)
     for concurrency in (1, 8, 32):
         total = args.requests if concurrency > 1 else args.requests // 2
         row = {"concurrency": concurrency,
-               "grpc": run_load(lambda i: stub.Search(requests[i % n], timeout=30), concurrency, total),
-               "grpc_noop": run_load(lambda i: noop.Search(requests[i % n], timeout=30), concurrency, total),
+               "grpc": run_load(lambda i: server.stub().Search(requests[i % n], timeout=30), concurrency, total),
+               "grpc_processes": run_load(lambda i: multi.stub().Search(requests[i % n], timeout=30), concurrency,
+                                          total),
+               "grpc_noop": run_load(lambda i: noop.stub().Search(requests[i % n], timeout=30), concurrency, total),
                "faiss_inprocess": run_load(faiss_call, concurrency, total),
                "searcher_inprocess": run_load(lambda i: searcher.search(plain[i % n]), concurrency, total)}
         row["ratio_grpc_to_faiss"] = row["grpc"]["qps"] / row["faiss_inprocess"]["qps"]
         row["ratio_grpc_to_searcher"] = row["grpc"]["qps"] / row["searcher_inprocess"]["qps"]
         row["ratio_noop_to_faiss"] = row["grpc_noop"]["qps"] / row["faiss_inprocess"]["qps"]
         row["ratio_grpc_to_noop"] = row["grpc"]["qps"] / row["grpc_noop"]["qps"]
+        row["ratio_processes_to_faiss"] = row["grpc_processes"]["qps"] / row["faiss_inprocess"]["qps"]
         print(row, flush=True)
         rows.append(row)
-    channel.close()
-    noop_channel.close()
+    for clients in (server, multi, noop):
+        clients.close()
     return rows
 
 
@@ -308,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--requests", type=int, default=3000, help="calls per vector measurement")
     parser.add_argument("--image-requests", type=int, default=400, help="calls per image measurement")
+    parser.add_argument("--processes", type=int, default=2, help="server processes of the multi-process measurement")
     parser.add_argument("--work", type=Path, default=REPO / "work" / "bench_serving")
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint to serve (default: an untrained model of the demo architecture, dim 128)")
@@ -324,12 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     version_path = ensure_index(args.work, model_dir, args)
     xq = clustered(1000, args.dim, seed=2)
     results: dict = {"model": model_source, "version": version_path.name}
-    with server_process(args.work, ["--workers", "32", "--max-concurrent-rpcs", "1000"]) as port, \
-            open_version(version_path) as version:
+    flags = ["--workers", "32", "--max-concurrent-rpcs", "1000"]
+    with server_process(args.work, flags) as port, open_version(version_path) as version:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # a real 10-hit answer for the no-op server
             response = search_pb2_grpc.VisualSearchStub(channel).Search(vector_requests(xq[:1])[0], timeout=30)
-        with noop_server_process(args.work, response.SerializeToString()) as noop_port:
-            results["vector"] = bench_vectors(port, noop_port, version, xq, args)
+        with noop_server_process(args.work, response.SerializeToString()) as noop_port, \
+                server_process(args.work, [*flags, "--processes", str(args.processes)]) as multi_port:
+            results["vector"] = bench_vectors(port, multi_port, noop_port, version, xq, args)
         results["batch"] = bench_batch(port, version, xq, args)
     images = mini_catalog_images()
     results["image"] = {
@@ -345,15 +380,17 @@ def write(args: argparse.Namespace, results: dict) -> None:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     lines = [f"{args.factory}, {args.n:,} x {args.dim} clustered synthetic, nprobe {args.nprobe}, top_k 10, "
              f"2 shards; model: {results['model']}.", "",
-             "| concurrency | gRPC QPS | p50 ms | p99 ms | in-process Faiss QPS | in-process Searcher QPS "
-             "| no-op gRPC QPS (ceiling) | gRPC / Faiss | gRPC / Searcher | no-op / Faiss | gRPC / no-op |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| concurrency | gRPC QPS | p50 ms | p99 ms | gRPC QPS, {args.processes} processes | p50 ms | p99 ms "
+             "| in-process Faiss QPS | in-process Searcher QPS | no-op gRPC QPS (ceiling) | gRPC / Faiss "
+             f"| {args.processes} processes / Faiss | gRPC / Searcher | no-op / Faiss | gRPC / no-op |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["vector"]:
-        g = row["grpc"]
+        g, m = row["grpc"], row["grpc_processes"]
         lines.append(f"| {row['concurrency']} | {g['qps']:.0f} | {g['p50_ms']:.2f} | {g['p99_ms']:.2f} "
+                     f"| {m['qps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} "
                      f"| {row['faiss_inprocess']['qps']:.0f} | {row['searcher_inprocess']['qps']:.0f} "
-                     f"| {row['grpc_noop']['qps']:.0f} "
-                     f"| {row['ratio_grpc_to_faiss']:.2f} | {row['ratio_grpc_to_searcher']:.2f} "
+                     f"| {row['grpc_noop']['qps']:.0f} | {row['ratio_grpc_to_faiss']:.2f} "
+                     f"| {row['ratio_processes_to_faiss']:.2f} | {row['ratio_grpc_to_searcher']:.2f} "
                      f"| {row['ratio_noop_to_faiss']:.2f} | {row['ratio_grpc_to_noop']:.2f} |")
     b, im = results["batch"], results["image"]
     lines += ["", "| measurement | value |", "|---|---|",
@@ -381,7 +418,8 @@ def plot(results: dict) -> None:
     rows = results["vector"]
     conc = [r["concurrency"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("grpc", "gRPC Search"), ("grpc_noop", "no-op gRPC server (ceiling)"),
+    for key, label in (("grpc", "gRPC Search"), ("grpc_processes", "gRPC Search, several server processes"),
+                       ("grpc_noop", "no-op gRPC server (ceiling)"),
                        ("searcher_inprocess", "in-process Searcher"), ("faiss_inprocess", "in-process Faiss")):
         ax.plot(conc, [r[key]["qps"] for r in rows], marker="o", label=label)
     ax.set_xscale("log", base=2)
