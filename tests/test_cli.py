@@ -114,11 +114,15 @@ def test_own_catalog_with_other_columns_and_no_split(tmp_path: Path) -> None:
     assert main(["annotate", "--shards", str(work / "shards"), "--out", str(work / "weak_labels.json")]) == 0
     assert main(["train", "--stage", "pretrain", "--shards", str(work / "shards"), "--weak-labels",
                  str(work / "weak_labels.json"), "--out", str(work / "pretrain"), "--epochs", "1"]) == 0
+    bad = ["train", "--shards", str(work / "shards"), "--tasks", "type,brand", "--out", str(work / "bad")]
+    assert main([*bad, "--task-weights", "2,x"]) == 2 and main([*bad, "--task-weights", "2,1,1"]) == 2
+    assert not (work / "bad").exists()  # refused before anything was written
     assert main(["train", "--shards", str(work / "shards"), "--init-from", str(work / "pretrain"), "--tasks",
-                 "type,brand", "--out", str(work / "model"), "--epochs", "1"]) == 0
+                 "type,brand", "--task-weights", "2,1", "--out", str(work / "model"), "--epochs", "1"]) == 0
     assert main(["index", "build", "--shards", str(work / "shards"), "--model", str(work / "model"),
                  "--index-root", str(work / "index")]) == 0
     card = json.loads((work / "model" / "model_card.json").read_text())
     assert card["embedding_dim"] > 0 and set(card["label_maps"]) == {"type", "brand"} and card["init_from"]
+    assert card["config"]["task_weights"] == [2.0, 1.0]
     manifest = json.loads(next((work / "index").glob("*/manifest.json")).read_text())
     assert manifest["count"] == 30

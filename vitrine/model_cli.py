@@ -48,6 +48,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated label columns, one head each (default: category, the catalog's "
                         "mapped category column)")
     p.add_argument("--label-column", default=None, help="a single label column (same as --tasks COLUMN)")
+    p.add_argument("--task-weights", default=None,
+                   help="comma-separated loss weights, one per task in --tasks order (default: 1 each), e.g. "
+                        "3,1,1 to make the first task shape the embedding most")
     p.add_argument("--weak-labels", default=None, help="weak labels JSON of `vitrine annotate` (pretrain stage)")
     p.add_argument("--init-from", default=None, help="checkpoint whose trunk starts this run (e.g. the pretrain)")
     p.add_argument("--distill-from", default=None, help="teacher logits .npz of `vitrine teacher`")
@@ -190,6 +193,13 @@ def _train_config(args: argparse.Namespace) -> Any:
         values["tasks"] = tuple(t.strip() for t in (args.tasks or args.label_column).split(",") if t.strip())
     elif "tasks" not in base:
         values["tasks"] = ("category",)
+    if args.task_weights:
+        try:
+            values["task_weights"] = tuple(float(w) for w in args.task_weights.split(",") if w.strip())
+        except ValueError as exc:
+            raise UserError(f"--task-weights must be numbers separated by commas, got {args.task_weights!r}") from exc
+        if any(w < 0 for w in values["task_weights"]):
+            raise UserError(f"--task-weights must not be negative, got {args.task_weights!r}")
     for key in ("tasks", "task_weights", "train_splits"):
         if key in values:
             values[key] = tuple(values[key])
