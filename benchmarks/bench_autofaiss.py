@@ -89,10 +89,9 @@ def check_autofaiss(python: str | None) -> str:
 
 def default_real_embeddings() -> Path | None:
     """The default model's cached catalog embeddings (written by bench_relevance), if this checkout has them."""
-    from model.checkpoint import WEIGHTS_FILE, default_model_path
-    from model.files import sha256_file
+    from model.checkpoint import default_model_path, model_fingerprint
 
-    fingerprint = sha256_file(default_model_path() / WEIGHTS_FILE)[:16]
+    fingerprint = model_fingerprint(default_model_path())[:16]
     found = sorted((REPO / "work" / "relevance-cache").glob(f"emb-{fingerprint}-*.npy"))
     return found[0] if found else None
 

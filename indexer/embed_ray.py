@@ -69,10 +69,9 @@ def import_ray() -> Any:
 
 def model_identity(model: str | Path) -> tuple[int, str]:
     """(embedding dim, fingerprint) of a checkpoint without loading its weights into this process."""
-    from model.checkpoint import WEIGHTS_FILE, load_model_card
-    from model.files import sha256_file
+    from model.checkpoint import load_model_card, model_fingerprint
 
-    return int(load_model_card(model)["embedding_dim"]), sha256_file(Path(model) / WEIGHTS_FILE)
+    return int(load_model_card(model)["embedding_dim"]), model_fingerprint(model)
 
 
 _READERS: dict[str, RecordImages] = {}  # per Ray worker process: one open reader (LMDB handles) per shards folder

@@ -27,6 +27,11 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def model_fingerprint(folder: str | Path) -> str:
+    """A checkpoint's fingerprint: the SHA-256 of its weights file (what index versions record and servers check)."""
+    return sha256_file(Path(folder) / WEIGHTS_FILE)
+
+
 def save_checkpoint(folder: str | Path, model: VitrineModel, card: dict[str, Any]) -> Path:
     """Write model.pt and model_card.json into `folder` (via a temporary folder renamed at the end).
 

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from model.binary import BinaryRotation, load_rotation, pack_signs
-from model.checkpoint import WEIGHTS_FILE, load_checkpoint
-from model.files import sha256_file
+from model.checkpoint import load_checkpoint, model_fingerprint
 from model.images import decode_image
 from model.networks import VitrineModel
 
@@ -39,7 +38,7 @@ class Embedder:
     def load(cls, checkpoint: str | Path, device: str = "cpu") -> Embedder:
         """Load a checkpoint folder (model.pt + model_card.json) onto `device`."""
         model, card = load_checkpoint(checkpoint)
-        embedder = cls(model, card, sha256_file(Path(checkpoint) / WEIGHTS_FILE), device)
+        embedder = cls(model, card, model_fingerprint(checkpoint), device)
         embedder.binary = load_rotation(checkpoint)
         return embedder
 

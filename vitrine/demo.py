@@ -56,14 +56,13 @@ def _stage(name: str, done: bool) -> bool:
 def _index_matches(index_root: Path, model: Path) -> bool:
     """True when a live version exists and was built with this model (else the index is (re)built)."""
     from indexer.version import open_current
-    from model.checkpoint import WEIGHTS_FILE
-    from model.files import sha256_file
+    from model.checkpoint import model_fingerprint
 
     if not (index_root / "CURRENT").exists():
         return False
     try:
         with open_current(index_root) as version:
-            if version.model_fingerprint == sha256_file(Path(model) / WEIGHTS_FILE):
+            if version.model_fingerprint == model_fingerprint(model):
                 return True
     except Exception as exc:  # an unreadable live version: rebuild it
         print(f"\n== index build: the live version cannot be read ({exc}); rebuilding", flush=True)
