@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS_DIR, time_repeated, write_result  # noqa: E402
+from engine.candidates import omp_threads  # noqa: E402
 from engine.client import VisualSearchClient  # noqa: E402
 from engine.search import Searcher  # noqa: E402
 from engine.types import SearchQuery, SearchRequest  # noqa: E402
@@ -303,9 +304,9 @@ def bench_batch(port: int, version: IndexVersion, xq: np.ndarray, args: argparse
     params = faiss.SearchParametersIVF()
     params.nprobe = args.nprobe
     k = max(rerank_candidates(10, version.rerank_factor, version.count), 100)  # what the server fetches
-    faiss.omp_set_num_threads(os.cpu_count() or 1)  # as the server's batch (faiss_batch_threads 0: all cores)
-    floor = time_repeated(lambda: [shard.search(xq[:64], k, params=params) for shard in version.shards], repeats=5)
-    faiss.omp_set_num_threads(1)
+    with omp_threads(os.cpu_count() or 1):  # as the server's batch (faiss_batch_threads 0: all cores)
+        floor = time_repeated(lambda: [shard.search(xq[:64], k, params=params) for shard in version.shards],
+                              repeats=5)
     result = {"sequential_qps": 64 / sequential["median_s"], "batch_qps": 64 / batched["median_s"],
               "faiss_batch_qps": 64 / floor["median_s"], "faiss_k": k,
               "sequential_s": sequential, "batch_s": batched, "faiss_batch_s": floor}

@@ -6,13 +6,14 @@ nothing here imports the model, so a shard server starts without torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
@@ -108,6 +109,18 @@ def bind(config: ServerConfig) -> tuple[grpc.Server, int]:
     return server, port
 
 
+@contextlib.contextmanager
+def stop_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while the block runs (the previous handlers are restored after)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_until_signal(config: ServerConfig, create: Callable[[ServerConfig], tuple[VitrineServer, int]]) -> int:
     """Start a server with `create`, run it until SIGINT/SIGTERM, then NOT_SERVING and a grace period.
 
@@ -121,16 +134,11 @@ def run_until_signal(config: ServerConfig, create: Callable[[ServerConfig], tupl
     except ServerStartError as exc:
         logger.error("cannot start: %s", exc)
         return 1
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signals() as stop:
         logger.info("serving on %s:%d as %s; Ctrl-C to stop", config.host, port, config.role)
         if server.metrics_port is not None:
             logger.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
         stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     logger.info("stopping: NOT_SERVING, %.1fs grace for in-flight requests", config.grace_s)
     server.health_servicer.enter_graceful_shutdown()
     server.stop(config.grace_s).wait()
@@ -188,20 +196,17 @@ def run_workers(config: ServerConfig) -> int:
         workers.append(worker)
     logger.info("%d worker processes on %s:%d (pids %s)", len(workers), config.host, port,
                 ", ".join(str(w.pid) for w in workers))
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     status = 0
     try:
-        while not stop.wait(0.2):
-            ended = [w for w in workers if w.exitcode is not None]
-            if ended:
-                status = ended[0].exitcode or 1
-                logger.error("worker %s (pid %s) exited with status %s; stopping the others", ended[0].name,
-                             ended[0].pid, ended[0].exitcode)
-                break
+        with stop_signals() as stop:
+            while not stop.wait(0.2):
+                ended = [w for w in workers if w.exitcode is not None]
+                if ended:
+                    status = ended[0].exitcode or 1
+                    logger.error("worker %s (pid %s) exited with status %s; stopping the others", ended[0].name,
+                                 ended[0].pid, ended[0].exitcode)
+                    break
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for worker in workers:
             if worker.exitcode is None:
                 worker.terminate()  # SIGTERM: the worker's graceful stop
