@@ -8,6 +8,12 @@ are assigned deterministically (the fashion catalog has neither) so filters have
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -15,6 +21,36 @@ CATALOG_DIRS = (REPO_ROOT / "data" / "mini-catalog", Path("/work/shared/datasets
 NUM_PRODUCTS = 240  # small enough to embed in seconds on 2 CPU cores
 EMBEDDING_DIM = 16  # the tiny model's embedding size
 FACTORY = "IVF4,Flat"  # IVF so over-fetching and nprobe are exercised; 2 shards so the merge is too
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_process(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A `vitrine serve` process (grace 0.5 s, one OpenMP thread) logging to `log`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1",
+           **(extra_env or {})}
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the server's logging
+        return subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--grace-s", "0.5", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_processes(processes: Sequence[subprocess.Popen]) -> None:
+    """Stop server processes still running (resumed first if stopped): SIGTERM, 30 s, then SIGKILL."""
+    for process in processes:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from engine_fixtures import build_engine_index
+from engine_fixtures import build_engine_index, free_port
 
 from engine.client import VisualSearchClient
 
 pytestmark = pytest.mark.timeout(400)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_serve_with_file_env_and_flags_then_query(tmp_path: Path) -> None:

@@ -13,10 +13,7 @@ and error-free, from the old version and then the new one.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from engine_fixtures import FACTORY, build_engine_index
+from engine_fixtures import FACTORY, build_engine_index, free_port, serve_process, stop_processes
 
 from engine.client import VisualSearchClient
 from indexer.build import build_index_from_vectors
@@ -35,21 +32,6 @@ from protos.vitrine.v1 import search_pb2, shard_pb2, shard_pb2_grpc
 pytestmark = pytest.mark.timeout(400)
 
 NEW_VERSION = "20990101T000000Z"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def serve_process(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--grace-s", "0.5", "--poll-s", "0.1",
-                                 *args], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def shard_search(target: str, dim: int, version: str) -> shard_pb2.ShardSearchResponse:
@@ -65,15 +47,7 @@ def processes() -> Iterator[list[subprocess.Popen]]:
     try:
         yield started
     finally:
-        for process in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in started:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(started)
 
 
 def test_a_publish_in_remote_shard_mode_costs_no_partial_answer(tmp_path: Path,
@@ -92,10 +66,12 @@ def test_a_publish_in_remote_shard_mode_costs_no_partial_answer(tmp_path: Path,
     shard_ports, root_port = [free_port(), free_port()], free_port()
     for shard, port in enumerate(shard_ports):
         processes.append(serve_process(["--index-root", str(shard_root), "--role", "shard", "--shards", str(shard),
-                                        "--port", str(port)], tmp_path / f"shard-{shard}.log"))
+                                        "--port", str(port), "--poll-s", "0.1"],
+                                       tmp_path / f"shard-{shard}.log"))
     targets = [f"127.0.0.1:{port}" for port in shard_ports]
     processes.append(serve_process(["--index-root", str(index.index_root), "--role", "root", "--shard-servers",
-                                    ",".join(targets), "--port", str(root_port), "--shard-timeout-ms", "5000"],
+                                    ",".join(targets), "--port", str(root_port), "--shard-timeout-ms", "5000",
+                                    "--poll-s", "0.1"],
                                    tmp_path / "root.log"))
     for port, service in [(shard_ports[0], "vitrine.v1.IndexShard"), (shard_ports[1], "vitrine.v1.IndexShard"),
                           (root_port, "")]:

@@ -13,9 +13,7 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ import faiss
 import grpc
 import numpy as np
 import pytest
-from engine_fixtures import EngineIndex, build_engine_index
+from engine_fixtures import EngineIndex, build_engine_index, free_port, serve_process, stop_processes
 
 from engine.client import VisualSearchClient
 from engine.server import ServerConfig, VitrineServer, create_server
@@ -35,12 +33,6 @@ from protos.vitrine.v1 import search_pb2, shard_pb2, shard_pb2_grpc
 pytestmark = pytest.mark.timeout(400)
 
 SHARD_TIMEOUT_MS = 2000  # the root's per-shard deadline (generous: the test machine's cores are shared)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -59,14 +51,6 @@ class Cluster:
     @property
     def shard_targets(self) -> tuple[str, ...]:
         return tuple(f"127.0.0.1:{port}" for port in self.shard_ports)
-
-
-def serve_process(args: list[str], log: Path, extra_env: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1",
-           **extra_env}
-    with open(log, "w") as out:  # a file, not a pipe: a full pipe would block the server's logging
-        return subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--grace-s", "0.5", *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +76,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 client.wait_ready(timeout_s=120.0, service=service)
         yield Cluster(index, shard_ports, processes[:2], root_port, metrics_port, reference, reference_port, root)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGCONT)
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(processes)
         reference.stop(None).wait()
 
 
