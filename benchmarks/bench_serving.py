@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS_DIR, time_repeated, write_result  # noqa: E402
 from engine.candidates import omp_threads  # noqa: E402
 from engine.client import VisualSearchClient  # noqa: E402
-from engine.search import Searcher  # noqa: E402
+from engine.search import RERANK_DEPTH, Searcher  # noqa: E402
 from engine.types import SearchQuery, SearchRequest  # noqa: E402
 from indexer.version import IndexVersion, current_version_path, open_version  # noqa: E402
 from model.catalog import Product  # noqa: E402
@@ -303,7 +303,8 @@ def bench_batch(port: int, version: IndexVersion, xq: np.ndarray, args: argparse
     channel.close()
     params = faiss.SearchParametersIVF()
     params.nprobe = args.nprobe
-    k = max(rerank_candidates(10, version.rerank_factor, version.count), 100)  # what the server fetches
+    k = max(rerank_candidates(10, version.rerank_factor, version.count),  # what the server fetches
+            min(version.count, RERANK_DEPTH))
     with omp_threads(os.cpu_count() or 1):  # as the server's batch (faiss_batch_threads 0: all cores)
         floor = time_repeated(lambda: [shard.search(xq[:64], k, params=params) for shard in version.shards],
                               repeats=5)
