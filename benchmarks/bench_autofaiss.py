@@ -27,7 +27,9 @@ Set-up of the autofaiss virtualenv (once; kept out of vitrine's own environment)
     python3.11 -m venv /work/venv-autofaiss
     /work/venv-autofaiss/bin/pip install "autofaiss==2.18.0" "faiss-cpu==1.7.4" "numpy<2" "pyarrow<18"
 
-Usage (resumable per size: sizes already in the results JSON are skipped; --force redoes them)::
+Usage (resumable per size: sizes already in the results JSON are skipped; --force redoes them. Within a size
+each finished build is kept in --work-dir/n<N>/ with its result, so a run cut short resumes at the build it was
+in)::
 
     python -m benchmarks.bench_autofaiss --autofaiss-python /work/venv-autofaiss/bin/python --sizes 10000
     python -m benchmarks.bench_autofaiss --autofaiss-python /work/venv-autofaiss/bin/python \\
@@ -187,13 +189,34 @@ def build_autofaiss(python: str, emb_dir: Path, out: Path, max_index_bytes: int,
                     timeout_s: float) -> dict:
     """One autofaiss build with max_index_memory_usage = max_index_bytes, in the autofaiss virtualenv."""
     out.mkdir(parents=True, exist_ok=True)
-    sizes = [f"{max(1, max_index_bytes // 2**10)}KB", f"{budget // 2**20}MB"]  # autofaiss: K/M/G are powers of 1024
+    sizes = [_kib(max_index_bytes), f"{budget // 2**20}MB"]  # autofaiss: K/M/G are powers of 1024
     result, peak = run_child([python, "-c", AUTOFAISS_CHILD, str(emb_dir), str(out), *sizes, str(threads)],
                              out / "build.log", timeout_s, threads)
     infos = result.get("infos") or {}
     return {"seconds": result["seconds"], "peak_rss_bytes": peak, "max_index_memory_usage": sizes[0],
             "factory": infos.get("index_key"), "index_param": infos.get("index_param", ""),
             "index_bytes": (out / "knn.index").stat().st_size, "index_path": str(out / "knn.index"), "infos": infos}
+
+
+def _kib(n_bytes: int) -> str:
+    return f"{max(1, n_bytes // 2**10)}KB"
+
+
+def _resumed(path: Path) -> dict | None:
+    """A build finished by an earlier run of this size on the same vectors (resume), or None."""
+    if not path.is_file():
+        return None
+    say(f"resuming: the {path.name.split('.')[0]} build is already done ({path}); delete that file or pass "
+        "--force to rebuild it")
+    return json.loads(path.read_text())
+
+
+def _finished(path: Path, result: dict) -> dict:
+    """Record a finished build so that a rerun after an interruption skips it (written atomically)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, default=str))
+    tmp.replace(path)
+    return result
 
 
 def search_recall(index: Any, xq: Any, xb: Any, D_true: Any, k: int) -> tuple[float, float]:
@@ -239,19 +262,28 @@ def run_size(n: int, args: argparse.Namespace, budget: int, real: Path | None) -
     from benchmarks.common import git_sha
 
     work = Path(args.work_dir) / f"n{n}"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "emb").mkdir(parents=True)
     xb, xq, data = load_vectors(n, real)
-    np.save(work / "emb" / "part0.npy", xb)
+    digest = hashlib.sha256(xb.tobytes()).hexdigest()[:16]
+    stamp = work / "emb" / "sha256.txt"
+    if args.force or not stamp.is_file() or stamp.read_text().strip() != digest:
+        shutil.rmtree(work, ignore_errors=True)  # other vectors (or --force): no build of this folder counts
+        (work / "emb").mkdir(parents=True)
+        np.save(work / "emb" / "part0.npy", xb)
+        stamp.write_text(digest)
     row: dict[str, Any] = {"n": n, "dim": DIM, "data": data, "queries": QUERIES, "memory_budget_bytes": budget,
                            "threads": args.threads, "git_sha": git_sha(),
                            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "vectors_sha256": hashlib.sha256(xb.tobytes()).hexdigest()[:16]}
+                           "vectors_sha256": digest}
     say(f"[n={n:,}] data: {data}; vitrine build (log {work / 'vitrine.log'}) ...")
-    vitrine, peak = run_child([sys.executable, __file__, "--child", str(work / "emb" / "part0.npy"), str(work / "v"),
-                               str(budget), str(args.threads), str(args.vitrine_min_recall)], work / "vitrine.log",
-                              args.timeout_s, args.threads)
-    row["vitrine"] = {**vitrine, "peak_rss_bytes": peak}
+    vitrine = _resumed(work / "vitrine.result.json")
+    if vitrine is None:
+        shutil.rmtree(work / "v", ignore_errors=True)
+        built, peak = run_child([sys.executable, __file__, "--child", str(work / "emb" / "part0.npy"), str(work / "v"),
+                                 str(budget), str(args.threads), str(args.vitrine_min_recall)], work / "vitrine.log",
+                                args.timeout_s, args.threads)
+        vitrine = _finished(work / "vitrine.result.json", {**built, "peak_rss_bytes": peak})
+    row["vitrine"] = vitrine
+    peak = vitrine["peak_rss_bytes"]
     say(f"[n={n:,}] vitrine: {vitrine['factory']} in {vitrine['seconds']:.1f} s, peak RSS {peak / 2**20:.0f} MiB, "
         f"index {vitrine['index_bytes'] / 2**20:.1f} MiB (+{vitrine['vectors_f16_bytes'] / 2**20:.1f} MiB float16)")
     targets = {"autofaiss_index_memory": vitrine["index_bytes"],
@@ -260,11 +292,15 @@ def run_size(n: int, args: argparse.Namespace, budget: int, real: Path | None) -
     for name, max_bytes in targets.items():
         say(f"[n={n:,}] {name}: autofaiss build, max_index_memory_usage {max_bytes / 2**20:.1f} MiB "
             f"(log {work / name / 'build.log'}) ...")
-        built = build_autofaiss(args.autofaiss_python, work / "emb", work / name, max_bytes, budget, args.threads,
-                                args.timeout_s)
-        row["autofaiss"][name] = built
-        say(f"[n={n:,}] {name}: {built['factory']} ({built['index_param']}) in {built['seconds']:.1f} s, peak RSS "
-            f"{built['peak_rss_bytes'] / 2**20:.0f} MiB, index {built['index_bytes'] / 2**20:.1f} MiB")
+        done = _resumed(work / f"{name}.result.json")
+        if done is None or done["max_index_memory_usage"] != _kib(max_bytes):
+            shutil.rmtree(work / name, ignore_errors=True)
+            done = _finished(work / f"{name}.result.json",
+                              build_autofaiss(args.autofaiss_python, work / "emb", work / name, max_bytes, budget,
+                                              args.threads, args.timeout_s))
+        row["autofaiss"][name] = done
+        say(f"[n={n:,}] {name}: {done['factory']} ({done['index_param']}) in {done['seconds']:.1f} s, peak RSS "
+            f"{done['peak_rss_bytes'] / 2**20:.0f} MiB, index {done['index_bytes'] / 2**20:.1f} MiB")
     say(f"[n={n:,}] recall@10 on {QUERIES} held-out queries ...")
     row["search"] = measure_recalls(xb, xq, row["vitrine"], row["autofaiss"])
     say(f"[n={n:,}] " + ", ".join(f"{k} {v['recall_at_10']:.3f}" for k, v in row["search"].items()))
