@@ -71,7 +71,7 @@ class VisualSearchClient:
 
     def search_image(self, data: bytes, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
                      options: SearchOptions | None = None) -> SearchResult:
-        """Products visually similar to an encoded image (JPEG/PNG/WebP bytes)."""
+        """Products visually similar to an encoded image (JPEG/PNG/WebP/AVIF/HEIC bytes)."""
         return self.search(_request(SearchQuery(image=data), top_k, filter, options))
 
     def search_vector(self, vector: np.ndarray, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
@@ -103,7 +103,7 @@ class VisualSearchClient:
         return results
 
     def embed(self, data: bytes) -> Embedding:
-        """The server model's embedding of an encoded image (JPEG/PNG/WebP bytes)."""
+        """The server model's embedding of an encoded image (JPEG/PNG/WebP/AVIF/HEIC bytes)."""
         response = self._call(lambda: self._stub.Embed(search_pb2.EmbedRequest(image=data), timeout=self.timeout_s))
         return convert.embedding_from_proto(response)
 

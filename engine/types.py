@@ -22,7 +22,7 @@ MAX_TOP_K = 1000  # the largest top_k a request may ask for (the proto documents
 class SearchQuery:
     """What to search for: exactly one of an encoded image, an embedding vector or a product id."""
 
-    image: bytes | None = None  # encoded JPEG/PNG/WebP
+    image: bytes | None = None  # encoded JPEG/PNG/WebP/AVIF/HEIC
     vector: np.ndarray | None = None  # (dim,) float32, any non-zero scale
     product_id: str | None = None  # a catalog product id; its stored embedding is the query
 

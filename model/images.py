@@ -1,7 +1,12 @@
 """Decoding untrusted image bytes into RGB PIL images, with size limits and clear errors.
 
 Shoppers and catalogs send anything: truncated files, CMYK JPEGs, PNGs with alpha, grayscale, rotated
-phone photos, decompression bombs. Everything either becomes an RGB image or raises ImageDecodeError.
+phone photos (HEIC from iPhones, AVIF), decompression bombs. Everything either becomes an RGB image or
+raises ImageDecodeError.
+
+Formats: JPEG, PNG and WebP always; AVIF where Pillow was built with libavif (the PyPI wheels since Pillow
+11.3); HEIC/HEIF through the `pillow-heif` package (a dependency of vitrine; without it HEIC bytes get a clear
+"not a recognised image" error).
 """
 
 from __future__ import annotations
@@ -9,11 +14,24 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+
+def _formats() -> tuple[str, ...]:
+    formats = ["JPEG", "PNG", "WEBP"]
+    if features.check("avif"):
+        formats.append("AVIF")
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # optional at run time: a minimal install still decodes the rest
+        return tuple(formats)
+    register_heif_opener()
+    return (*formats, "HEIF")
+
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # bytes of encoded input
 DEFAULT_MAX_PIXELS = 40_000_000  # width * height after decoding
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+ALLOWED_FORMATS = _formats()
 
 
 class ImageDecodeError(ValueError):
@@ -35,7 +53,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode JPEG/PNG/WebP bytes to an RGB image, applying the EXIF orientation.
+    """Decode JPEG/PNG/WebP (and AVIF/HEIC, see ALLOWED_FORMATS) bytes to an RGB image, EXIF orientation applied.
 
     Raises ImageDecodeError when the input is empty, too large (bytes or pixels), of another format,
     truncated or corrupt.

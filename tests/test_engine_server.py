@@ -70,6 +70,22 @@ def test_search_by_image_finds_itself(client: VisualSearchClient, engine_index: 
     assert "rank" in table.splitlines()[0] and result.hits[0].product_id in table
 
 
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_search_by_phone_format_image(client: VisualSearchClient, engine_index: EngineIndex, fmt: str) -> None:
+    """A catalog photo re-encoded as HEIC (iPhone) or AVIF finds the same product as its JPEG."""
+    import io
+
+    from model.images import decode_image
+
+    product = engine_index.products[5]
+    buffer = io.BytesIO()
+    decode_image(engine_index.images[product.product_id]).save(buffer, format=fmt, quality=95)
+    result = client.search_image(buffer.getvalue(), top_k=5)
+    jpeg = client.search_image(engine_index.images[product.product_id], top_k=5)
+    assert product.product_id in {h.product_id for h in result.hits}
+    assert result.hits[0].score == pytest.approx(jpeg.hits[0].score, abs=0.05)
+
+
 def test_search_by_vector(client: VisualSearchClient, engine_index: EngineIndex) -> None:
     rng = np.random.default_rng(0)
     result = client.search_vector(rng.normal(size=engine_index.dim).astype(np.float32) * 3.0, top_k=7)

@@ -79,3 +79,27 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     out = decode_image(_encode(image, "JPEG", exif=exif.tobytes()))
     assert out.size == (10, 30)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_phone_formats_decode_close_to_the_jpeg(fmt: str) -> None:
+    """HEIC (iPhone photos, via pillow-heif) and AVIF: a real catalog photo re-encoded decodes to its pixels."""
+    from model.images import ALLOWED_FORMATS
+
+    assert fmt in ALLOWED_FORMATS, f"{fmt} support missing (pillow-heif not installed / Pillow without libavif?)"
+    original = decode_image(sorted(MINI_IMAGES.glob("*.jpg"))[0].read_bytes())
+    out = decode_image(_encode(original, fmt, quality=95))
+    assert out.mode == "RGB" and out.size == original.size
+    import numpy as np
+
+    difference = np.abs(np.asarray(out, dtype=np.float32) - np.asarray(original, dtype=np.float32)).mean()
+    assert difference < 6.0, f"{fmt} round trip changed the pixels by {difference:.1f} on average"
+
+
+def test_heic_with_alpha_is_composited_on_white() -> None:
+    image = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    image.paste((200, 20, 20, 255), (4, 4, 12, 12))
+    out = decode_image(_encode(image, "HEIF", quality=100))
+    corner, centre = out.getpixel((0, 0)), out.getpixel((8, 8))
+    assert isinstance(corner, tuple) and isinstance(centre, tuple)
+    assert min(corner) > 235 and centre[0] > 150 and centre[1] < 80

@@ -191,7 +191,8 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
                                    "and print the results as a table.")
     p.add_argument("--target", default="127.0.0.1:50051", help="server address host:port")
     q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--image", action="append", help="image file to search with (JPEG, PNG, WebP); repeatable")
+    q.add_argument("--image", action="append",
+                   help="image file to search with (JPEG, PNG, WebP, AVIF, HEIC); repeatable")
     q.add_argument("--product-id", help="search for products similar to this catalog product")
     q.add_argument("--info", action="store_true", help="print the served index version's description")
     p.add_argument("--top-k", type=int, default=10, help="number of results")
