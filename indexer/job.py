@@ -103,10 +103,10 @@ class BuildJob:
     def key(self, stage: str) -> str:
         c = self.config
         if self._inputs_key is None:  # hashing the weights once per job
-            from model.files import sha256_file
+            from model.checkpoint import model_fingerprint
 
-            weights = sha256_file(Path(c.model) / "model.pt")
-            self._inputs_key = _key(embed_stage.shards_fingerprint(c.shards_dir), weights)
+            model = model_fingerprint(c.model)  # weights and preprocessing: what makes the vectors
+            self._inputs_key = _key(embed_stage.shards_fingerprint(c.shards_dir), model)
         keys = {"embed": _key(self._inputs_key, c.chunk_rows)}
         keys["plan"] = _key(keys["embed"], c.factory, c.nprobe, c.num_shards, c.memory_budget, c.target_recall,
                             c.add_chunk_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,8 +29,19 @@ def default_model_path() -> Path:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """A checkpoint's fingerprint: the SHA-256 of its weights file (what index versions record and servers check)."""
-    return sha256_file(Path(folder) / WEIGHTS_FILE)
+    """A checkpoint's fingerprint (what index versions record and servers check): what makes its vectors.
+
+    The SHA-256 of its weights file, combined with the card's resize_mode when that is not "stretch" (the
+    preprocessing of every card written before resize modes existed), so that two cards with the same weights
+    but different preprocessing never share an index, while older checkpoints keep their fingerprints.
+    """
+    folder = Path(folder)
+    weights = sha256_file(folder / WEIGHTS_FILE)
+    card = folder / CARD_FILE
+    mode = json.loads(card.read_text(encoding="utf-8")).get("resize_mode", "stretch") if card.is_file() else "stretch"
+    if mode == "stretch":
+        return weights
+    return hashlib.sha256(f"{weights}:resize_mode={mode}".encode()).hexdigest()
 
 
 def save_checkpoint(folder: str | Path, model: VitrineModel, card: dict[str, Any]) -> Path:

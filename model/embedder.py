@@ -12,7 +12,7 @@ from PIL import Image
 
 from model.binary import BinaryRotation, load_rotation, pack_signs
 from model.checkpoint import load_checkpoint, model_fingerprint
-from model.images import decode_image
+from model.images import decode_image, fit_aspect
 from model.networks import VitrineModel
 
 
@@ -33,6 +33,8 @@ class Embedder:
         self.input_size = (int(card["input_size"][0]), int(card["input_size"][1]))  # (H, W)
         self._mean = np.asarray(card["mean"], dtype=np.float32)
         self._std = np.asarray(card["std"], dtype=np.float32)
+        # cards written before resize modes existed resized every image to HxW regardless of its aspect
+        self.resize_mode = str(card.get("resize_mode", "stretch"))
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu") -> Embedder:
@@ -47,9 +49,11 @@ class Embedder:
         return pack_signs(vectors) if self.binary is None else self.binary.codes(vectors)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """(3, H, W) float32: RGB, resized to the card's input size, normalised with the card's mean/std."""
+        """(3, H, W) float32: RGB, brought to the input's aspect ratio as the card's resize_mode says (pad with
+        white, crop, or stretch), resized to the card's input size, normalised with the card's mean/std."""
         height, width = self.input_size
-        resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+        fitted = fit_aspect(image.convert("RGB"), width, height, self.resize_mode)
+        resized = fitted.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(resized, dtype=np.float32) / 255.0
         return ((pixels - self._mean) / self._std).transpose(2, 0, 1)
 

@@ -81,3 +81,38 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
         raise ImageDecodeError(f"image rejected as a decompression bomb: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({len(data)} bytes): {exc}") from exc
+
+
+RESIZE_MODES = ("pad", "crop", "stretch")
+
+
+def fit_aspect(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """`image` brought to the aspect ratio width:height before it is resized to the model's input.
+
+    pad: centred on white (the catalog's background) so nothing is cut and nothing is distorted; crop: the
+    centred window of that aspect; stretch: unchanged (the resize then distorts any other aspect). A phone
+    photo (4:3, 16:9) or a square catalog image given to a 3:4 model is squeezed by a third or more under
+    stretch; for an image already at the model's aspect the three modes give the same pixels.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; expected one of {', '.join(RESIZE_MODES)}")
+    w, h = image.size
+    if mode == "stretch" or w * height == h * width:
+        return image
+    if mode == "crop":
+        if w * height > h * width:  # too wide: keep the centre columns
+            new_w = max(1, round(h * width / height))
+            left = (w - new_w) // 2
+            return image.crop((left, 0, left + new_w, h))
+        new_h = max(1, round(w * height / width))
+        top = (h - new_h) // 2
+        return image.crop((0, top, w, top + new_h))
+    if w * height > h * width:  # too wide: add white rows above and below
+        size = (w, max(h, round(w * height / width)))
+    else:
+        size = (max(w, round(h * width / height)), h)
+    if size == (w, h):
+        return image
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image.convert("RGB"), ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from model.annotate import load_weak_labels
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data.shards import ShardDataset
+from model.images import RESIZE_MODES
 from model.losses import MultiTaskLoss
 from model.networks import IMAGENET_LITE0, LITE0_MEAN, LITE0_STD, ModelConfig, VitrineModel, create_model
 from model.train_loop import LoopState, run_epochs
@@ -75,6 +76,7 @@ class TrainConfig:
     pretrained: str = ""  # "" or model.networks.IMAGENET_LITE0 (the CNN trunk)
     image_height: int = 80  # pixels
     image_width: int = 64  # pixels
+    resize_mode: str = "pad"  # how an image of another aspect ratio meets HxW: pad (white), crop or stretch
     patch_size: int = 8  # pixels
     width: int = 128  # trunk token dim
     depth: int = 4
@@ -105,6 +107,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError on a config that cannot run, before any work."""
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {self.stage!r}")
         if self.stage == "pretrain" and not self.weak_labels:
@@ -202,7 +206,8 @@ def train(config: TrainConfig) -> Path:
     model, init = _build_model(config, label_maps, len(weak.labels) if weak else 0)
     model.to(device)
     mean, std = config.mean_std
-    dataset = ShardDataset(config.shards_dir, Augment((config.image_height, config.image_width), mean, std),
+    dataset = ShardDataset(config.shards_dir, Augment((config.image_height, config.image_width), mean, std,
+                                                       resize_mode=config.resize_mode),
                            make_targets(label_maps, ids, weak, teacher), seed=config.seed,
                            shuffle_buffer=config.shuffle_buffer)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,
@@ -221,7 +226,8 @@ def train(config: TrainConfig) -> Path:
         card = {
             "architecture": f"{config.timm_name} + layernorm(no affine) + linear + l2norm; normalized-softmax "
                             "heads" + ("; weak-label multi-label head" if pretrain else ""),
-            "stage": config.stage, "mean": list(mean), "std": list(std), "label_maps": label_maps,
+            "stage": config.stage, "mean": list(mean), "std": list(std), "resize_mode": config.resize_mode,
+            "label_maps": label_maps,
             "weak_labels": {"path": str(config.weak_labels), "labels": len(weak.labels)} if weak else None,
             "distillation": {"teacher": str(config.distill_from), "weight": config.distill_weight,
                              "temperature": config.distill_temperature} if teacher else None,

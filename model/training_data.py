@@ -16,6 +16,7 @@ from PIL import Image
 from model.annotate import WeakLabels
 from model.catalog import Product
 from model.data.shards import Targets, iter_shard_records, product_label
+from model.images import fit_aspect
 from model.losses import IGNORE_LABEL
 
 
@@ -94,19 +95,24 @@ def make_targets(label_maps: dict[str, list[str]], allowed_ids: set[str] | None,
 class Augment:
     """Seeded light augmentation: random resized crop (scale 0.75-1) to (H, W), horizontal flip, normalise.
 
+    The image is first brought to the H:W aspect ratio the way the model card says (`resize_mode`, see
+    model.images.fit_aspect), so training sees what the Embedder sees at indexing and query time.
+
     The seed comes with each example (model.data.shards.example_seed), so the result does not depend on the
     reader process or on a resume. A picklable class, so dataloader workers can use it.
     """
 
     def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                 train: bool = True) -> None:
+                 train: bool = True, resize_mode: str = "stretch") -> None:
         self.size = size  # (H, W)
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.train = train
+        self.resize_mode = resize_mode  # model.images.fit_aspect, as Embedder.preprocess applies it
 
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
         height, width = self.size
+        image = fit_aspect(image, width, height, self.resize_mode)
         box = (0, 0, image.width, image.height)
         if self.train:
             rng = random.Random(seed)

@@ -103,3 +103,23 @@ def test_heic_with_alpha_is_composited_on_white() -> None:
     corner, centre = out.getpixel((0, 0)), out.getpixel((8, 8))
     assert isinstance(corner, tuple) and isinstance(centre, tuple)
     assert min(corner) > 235 and centre[0] > 150 and centre[1] < 80
+
+
+def test_fit_aspect_pads_crops_or_stretches() -> None:
+    import numpy as np
+
+    from model.images import fit_aspect
+
+    wide = Image.new("RGB", (40, 20), (10, 20, 30))  # 2:1, for a 3:4 (width:height) model input
+    padded = fit_aspect(wide, 3, 4, "pad")
+    assert padded.size == (40, 53)  # white rows above and below, product centred and undistorted
+    pixels = np.asarray(padded)
+    assert (pixels[:16] == 255).all() and (pixels[-17:] == 255).all() and (pixels[16:36] == (10, 20, 30)).all()
+    assert fit_aspect(wide, 3, 4, "crop").size == (15, 20)  # the centre columns
+    assert fit_aspect(wide, 3, 4, "stretch") is wide
+    tall = Image.new("RGB", (10, 40), (1, 2, 3))
+    assert fit_aspect(tall, 3, 4, "pad").size == (30, 40) and fit_aspect(tall, 3, 4, "crop").size == (10, 13)
+    same = Image.new("RGB", (60, 80))
+    assert all(fit_aspect(same, 96, 128, mode) is same for mode in ("pad", "crop", "stretch"))
+    with pytest.raises(ValueError, match="unknown resize mode 'zoom'"):
+        fit_aspect(wide, 3, 4, "zoom")

