@@ -6,7 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitrine-installed
 DEMO_DIR ?= work/demo
 
-.PHONY: venv demo test lint protos clean
+NODE_DIR := examples/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
+
+.PHONY: venv node-client demo test lint protos clean
 
 venv: $(STAMP)
 
@@ -18,7 +21,16 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/vitrine demo --work-dir $(DEMO_DIR)
 
-test: venv
+# the Node.js client example (tests/test_client_node.py): installed when npm is present, else that test skips
+node-client: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error) || \
+		echo "npm ci failed in $(NODE_DIR): the Node.js client test will be skipped"; \
+	else echo "npm not found: the Node.js client test will be skipped"; fi
+
+test: venv node-client
 	$(BIN)/python -m pytest -q
 
 lint: venv
