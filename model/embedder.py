@@ -49,8 +49,8 @@ class Embedder:
         return pack_signs(vectors) if self.binary is None else self.binary.codes(vectors)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """(3, H, W) float32: RGB, brought to the input's aspect ratio as the card's resize_mode says (pad with
-        white, crop, or stretch), resized to the card's input size, normalised with the card's mean/std."""
+        """(3, H, W) float32: RGB, brought to the input's aspect ratio as the card's resize_mode says (crop,
+        stretch or pad: model.images.fit_aspect), resized to the card's input size, normalised with its mean/std."""
         height, width = self.input_size
         fitted = fit_aspect(image.convert("RGB"), width, height, self.resize_mode)
         resized = fitted.resize((width, height), Image.Resampling.BILINEAR)

@@ -76,7 +76,7 @@ class TrainConfig:
     pretrained: str = ""  # "" or model.networks.IMAGENET_LITE0 (the CNN trunk)
     image_height: int = 80  # pixels
     image_width: int = 64  # pixels
-    resize_mode: str = "pad"  # how an image of another aspect ratio meets HxW: pad (white), crop or stretch
+    resize_mode: str = "crop"  # how an image of another aspect ratio meets HxW: crop (centre), pad or stretch
     patch_size: int = 8  # pixels
     width: int = 128  # trunk token dim
     depth: int = 4

@@ -61,9 +61,11 @@ def test_training_and_embedder_see_the_same_pixels(checkpoint: Path) -> None:
     card = embedder.model_card
     augment = Augment(embedder.input_size, card["mean"], card["std"], train=False, resize_mode=card["resize_mode"])
     np.testing.assert_allclose(augment(photo, seed=0).numpy(), embedder.preprocess(photo), atol=1e-6)
-    # padded, not squeezed: the photo's pixels keep their proportions (white rows around them)
-    top_row = embedder.preprocess(photo)[:, 0, :] * np.asarray(card["std"])[:, None] + np.asarray(card["mean"])[:, None]
-    np.testing.assert_allclose(top_row, 1.0, atol=1e-5)
+    # cropped, not squeezed: the centred window of the input's aspect (4:5 here: 72x90 of the 160x90 photo)
+    height, width = embedder.input_size
+    assert (height, width) == (80, 64)
+    window = photo.crop((44, 0, 116, 90))
+    np.testing.assert_allclose(embedder.preprocess(window), embedder.preprocess(photo), atol=1e-6)
     stretched = Embedder.load(checkpoint)
     stretched.resize_mode = "stretch"
     assert not np.allclose(stretched.preprocess(photo), embedder.preprocess(photo))
@@ -81,12 +83,12 @@ def test_embedder_gives_unit_float32_rows_deterministically(checkpoint: Path) ->
     images = [Image.open(p) for p in paths]
     np.testing.assert_allclose(embedder.embed_images(images), vectors, atol=1e-6)
     assert embedder.embed_images([]).shape == (0, 32)
-    # a new card pads images to the input's aspect (resize_mode "pad"): the fingerprint covers weights and mode
+    # a new card crops images to the input's aspect (resize_mode "crop"): the fingerprint covers weights and mode
     import hashlib
 
-    assert embedder.model_card["resize_mode"] == embedder.resize_mode == "pad"
+    assert embedder.model_card["resize_mode"] == embedder.resize_mode == "crop"
     weights = embedder.model_card["weights_sha256"]
-    assert embedder.fingerprint == hashlib.sha256(f"{weights}:resize_mode=pad".encode()).hexdigest()
+    assert embedder.fingerprint == hashlib.sha256(f"{weights}:resize_mode=crop".encode()).hexdigest()
     with pytest.raises(ImageDecodeError):
         embedder.embed_bytes([b"nope"])
 

