@@ -77,6 +77,7 @@ class TrainConfig:
     image_height: int = 80  # pixels
     image_width: int = 64  # pixels
     resize_mode: str = "crop"  # how an image of another aspect ratio meets HxW: crop (centre), pad or stretch
+    zoom_out: float = 0.0  # probability of the zoom-out augmentation (product shrunk to 40-100%, on white)
     patch_size: int = 8  # pixels
     width: int = 128  # trunk token dim
     depth: int = 4
@@ -107,6 +108,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError on a config that cannot run, before any work."""
+        if not 0.0 <= self.zoom_out <= 1.0:
+            raise ValueError(f"zoom_out is a probability in [0, 1], got {self.zoom_out}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.stage not in ("pretrain", "finetune"):
@@ -207,7 +210,7 @@ def train(config: TrainConfig) -> Path:
     model.to(device)
     mean, std = config.mean_std
     dataset = ShardDataset(config.shards_dir, Augment((config.image_height, config.image_width), mean, std,
-                                                       resize_mode=config.resize_mode),
+                                                       resize_mode=config.resize_mode, zoom_out=config.zoom_out),
                            make_targets(label_maps, ids, weak, teacher), seed=config.seed,
                            shuffle_buffer=config.shuffle_buffer)
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers,

@@ -92,8 +92,12 @@ def make_targets(label_maps: dict[str, list[str]], allowed_ids: set[str] | None,
     return targets
 
 
+ZOOM_OUT_MIN_SCALE = 0.4  # the smallest a zoomed-out product gets: 40% of the frame's width and height
+
+
 class Augment:
-    """Seeded light augmentation: random resized crop (scale 0.75-1) to (H, W), horizontal flip, normalise.
+    """Seeded light augmentation: random resized crop (scale 0.75-1) to (H, W), horizontal flip, optionally
+    zoom-out (with probability `zoom_out`, the result shrunk to 40-100% and placed at random on white), normalise.
 
     The image is first brought to the H:W aspect ratio the way the model card says (`resize_mode`, see
     model.images.fit_aspect), so training sees what the Embedder sees at indexing and query time.
@@ -103,12 +107,18 @@ class Augment:
     """
 
     def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                 train: bool = True, resize_mode: str = "stretch") -> None:
+                 train: bool = True, resize_mode: str = "stretch", zoom_out: float = 0.0,
+                 zoom_out_min_scale: float = ZOOM_OUT_MIN_SCALE) -> None:
+        if not 0.0 <= zoom_out <= 1.0 or not 0.0 < zoom_out_min_scale <= 1.0:
+            raise ValueError(f"zoom_out must be a probability and its min scale in (0, 1], got {zoom_out}, "
+                             f"{zoom_out_min_scale}")
         self.size = size  # (H, W)
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.train = train
         self.resize_mode = resize_mode  # model.images.fit_aspect, as Embedder.preprocess applies it
+        self.zoom_out = zoom_out  # probability of showing the product smaller, centred anywhere on white
+        self.zoom_out_min_scale = zoom_out_min_scale
 
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
         height, width = self.size
@@ -127,5 +137,14 @@ class Augment:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 box = (image.width - box[2], box[1], image.width - box[0], box[3])
         resized = image.resize((width, height), Image.Resampling.BILINEAR, box=box)
+        if self.train and self.zoom_out > 0.0 and rng.random() < self.zoom_out:
+            # zoom-out: the crop shrunk to a random scale and placed at a random spot on white, so the model
+            # also learns products that do not fill the frame (a shopper's photo taken from further away)
+            factor = rng.uniform(self.zoom_out_min_scale, 1.0)
+            small = (max(1, round(width * factor)), max(1, round(height * factor)))
+            canvas = Image.new("RGB", (width, height), (255, 255, 255))
+            canvas.paste(resized.resize(small, Image.Resampling.BILINEAR),
+                         (rng.randint(0, width - small[0]), rng.randint(0, height - small[1])))
+            resized = canvas
         pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy())

@@ -228,3 +228,22 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     card = json.loads((tmp_path / "ddp" / "model_card.json").read_text())
     assert card["world_size"] == 2 and card["metrics"]["images_seen"] == card["train_records"] > 700
     assert Embedder.load(tmp_path / "ddp").dim == 16
+
+
+def test_zoom_out_augmentation_shrinks_onto_white_deterministically() -> None:
+    from model.training_data import Augment
+
+    photo = Image.open(sorted((MINI / "images").glob("*.jpg"))[0]).convert("RGB")
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    plain = Augment((80, 60), mean, std)
+    zoomed = Augment((80, 60), mean, std, zoom_out=1.0)
+    for seed in range(5):
+        out = zoomed(photo, seed).numpy() * 0.5 + 0.5  # back to [0, 1]
+        np.testing.assert_array_equal(out, zoomed(photo, seed).numpy() * 0.5 + 0.5)  # seeded: the same again
+        white = (out > 0.999).all(axis=0)
+        assert white.any(axis=0).all() or white.any(axis=1).all()  # a white margin around the shrunk photo
+        assert not white.all()
+    # probability 0 draws nothing extra: the same pixels as before the option existed
+    np.testing.assert_array_equal(Augment((80, 60), mean, std, zoom_out=0.0)(photo, 3).numpy(), plain(photo, 3).numpy())
+    with pytest.raises(ValueError, match="zoom_out"):
+        Augment((80, 60), mean, std, zoom_out=1.5)

@@ -76,7 +76,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                               "(default 5: stride 16)"),
                              ("--stem-frozen-blocks", int, "vit-hybrid: conv stem + this many blocks stay frozen "
                               "(default -1: none)"),
-                             ("--distill-weight", float, "weight of the distillation loss")):
+                             ("--distill-weight", float, "weight of the distillation loss"),
+                             ("--zoom-out", float, "probability of the zoom-out augmentation: the image shrunk to "
+                              "40-100%% and placed at random on white, so that products smaller in the frame (a "
+                              "photo from further away) are learned too (default 0)")):
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help="bf16 autocast; auto: where the GPU or CPU supports it (default fp32)")
@@ -193,7 +196,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         "checkpoint_every": "checkpoint_every", "max_records": "max_records", "width": "width", "depth": "depth",
         "heads": "num_heads", "patch_size": "patch_size", "embedding_dim": "embedding_dim",
         "distill_weight": "distill_weight", "precision": "precision", "device": "device",
-        "stem_blocks": "stem_blocks", "stem_frozen_blocks": "stem_frozen_blocks", "resize_mode": "resize_mode"}))
+        "stem_blocks": "stem_blocks", "stem_frozen_blocks": "stem_frozen_blocks", "resize_mode": "resize_mode",
+        "zoom_out": "zoom_out"}))
     if args.tasks or args.label_column:
         values["tasks"] = tuple(t.strip() for t in (args.tasks or args.label_column).split(",") if t.strip())
     elif "tasks" not in base:
