@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side of issue 3 at one training budget (about 12-13 minutes of one CPU core per model):
-#   frozen ImageNet CNN | fine-tuned CNN | ViT from scratch | ViT + weak-label pretraining | + distillation
+#   frozen ImageNet CNN | fine-tuned CNN | ViT from scratch | ViT + weak-label pretraining | + distillation,
+#   for the pure ViT and for the hybrid ViT of the default model
 # then the relevance harness over all of them. Every step is skipped when its output exists (resumable).
 # Usage: benchmarks/run_training_budget.sh [WORK_DIR]  (needs the shards + weak labels of
 #        scripts/train_default_model.sh in work/default-model, and ../shared/datasets)
@@ -59,7 +60,12 @@ HYB=(--backbone vit-hybrid --stem-blocks 5 --stem-frozen-blocks 3 --image-size 1
     --weak-labels "$BASE/weak_labels.json" --epochs 1 --max-records 18900 "${HYB[@]}" --out "$WORK/hybrid-pretrain"
 [ -f "$WORK/hybrid-weak/model_card.json" ] || $V train "${S[@]}" --init-from "$WORK/hybrid-pretrain" --tasks $TASKS \
     --epochs 1 --max-records 18900 "${HYB[@]}" --out "$WORK/hybrid-weak"
+# ... and with distillation from the CNN teacher in its fine-tune (same pretrain, same records)
+[ -f "$WORK/hybrid-weak-distill/model_card.json" ] || $V train "${S[@]}" --init-from "$WORK/hybrid-pretrain" \
+    --tasks $TASKS --epochs 1 --max-records 18900 "${HYB[@]}" --distill-from "$WORK/teacher.npz" \
+    --out "$WORK/hybrid-weak-distill"
 $PY -m benchmarks.bench_relevance --name relevance_budget --model frozen-cnn=frozen-cnn \
     --model cnn-finetuned="$WORK/cnn-finetuned" --model vit-scratch="$WORK/vit-scratch" \
     --model vit-weak="$WORK/vit-weak" --model vit-weak-distill="$WORK/vit-weak-distill" \
-    --model hybrid-scratch="$WORK/hybrid-scratch" --model hybrid-weak="$WORK/hybrid-weak"
+    --model hybrid-scratch="$WORK/hybrid-scratch" --model hybrid-weak="$WORK/hybrid-weak" \
+    --model hybrid-weak-distill="$WORK/hybrid-weak-distill"
