@@ -181,3 +181,32 @@ def test_split_file_sets_the_split(tmp_path: Path) -> None:
     assert [p.split for p in table.products] == ["train", "test", "train", "test", "train"]
     with pytest.raises(FileNotFoundError, match="split file"):
         read_catalog(tmp_path / "styles.csv", CatalogConfig(split_column=None, split_file="nope.csv"))
+
+
+def test_phone_photo_catalog_of_large_heic_files(tmp_path: Path) -> None:
+    """A user's catalog shot on a phone: large HEIC files (named *.heic) ingest as they are, or re-encoded
+    smaller with max_side, and every stored image decodes."""
+    import io
+
+    from PIL import Image
+
+    from model.images import decode_image
+
+    lines = (MINI / "styles.csv").read_text(encoding="utf-8").splitlines()[:7]
+    (tmp_path / "styles.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "photos").mkdir()
+    for line in lines[1:]:
+        product_id = line.split(",")[0]
+        photo = Image.open(MINI / "images" / f"{product_id}.jpg").convert("RGB").resize((1200, 1600))
+        buffer = io.BytesIO()
+        photo.save(buffer, format="HEIF", quality=80)
+        (tmp_path / "photos" / f"{product_id}.heic").write_bytes(buffer.getvalue())
+    config = CatalogConfig(image_pattern="{id}.heic")
+    as_given = build_shards(tmp_path / "styles.csv", tmp_path / "photos", tmp_path / "a", config, progress=False)
+    smaller = build_shards(tmp_path / "styles.csv", tmp_path / "photos", tmp_path / "b", config, max_side=200,
+                           progress=False)
+    assert as_given.records == smaller.records == 6
+    for record in iter_shard_records(tmp_path / "a"):
+        assert record.image_bytes[4:12] == b"ftypheic" and decode_image(record.image_bytes).size == (1200, 1600)
+    for record in iter_shard_records(tmp_path / "b"):
+        assert record.image_bytes[:2] == b"\xff\xd8" and decode_image(record.image_bytes).size == (150, 200)
