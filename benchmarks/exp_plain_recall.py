@@ -7,6 +7,7 @@ vectors, same planner and budget) plus the same plan with an OPQ rotation, and m
 and ms/query over a range of nprobe, so the two tools can be compared at equal query time too.
 
     python benchmarks/exp_plain_recall.py --n 1000000
+    python benchmarks/exp_plain_recall.py --n 1000000 --factories "IVF16384_HNSW32,PQ64x8" --name plain_recall_ivf16k
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--memory-budget", default="4GB")
     parser.add_argument("--nprobes", default="16,32,64,128,256,512,1024")
+    parser.add_argument("--factories", default="planned;planned+opq",
+                        help="';'-separated indices to build: planned (the planner's choice under the budget), "
+                             "planned+opq (the same with an OPQ rotation) or a Faiss factory string")
+    parser.add_argument("--name", default="plain_recall", help="results/<name>.{json,md}")
     parser.add_argument("--work-dir", default=str(REPO / "work" / "exp_plain_recall"))
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(2)
@@ -47,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     rows = []
-    for label, factory in (("planned", None), ("planned + OPQ", "opq")):
-        if factory == "opq":
-            factory = "OPQ64," + rows[0]["factory"]
+    from indexer.plan import plan_index
+
+    planned = plan_index(len(xb), xb.shape[1], memory_budget=parse_bytes(args.memory_budget)).factory
+    for number, label in enumerate(f.strip() for f in args.factories.split(";") if f.strip()):
+        factory = {"planned": None, "planned+opq": f"OPQ64,{planned}"}.get(label, label)
         start = time.perf_counter()
-        path = build_index_from_vectors(xb, products, work / label.replace(" ", ""), "0" * 64, work, factory,
+        path = build_index_from_vectors(xb, products, work / f"v{number}", "0" * 64, work, factory,
                                         memory_budget=parse_bytes(args.memory_budget), min_recall_at_10=0.0,
                                         validation_queries=256, publish=False)
         seconds = time.perf_counter() - start
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
              "| index | build s | index MiB | nprobe | recall@10 | ms/query |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['factory']} | {r['build_s']} | {r['index_mib']} | {r['nprobe']} | {r['recall_at_10']:.3f} | "
               f"{r['ms_per_query']:.3f} |" for r in rows]
-    write_result("plain_recall", vars(args), {"rows": rows}, "\n".join(lines))
+    write_result(args.name, vars(args), {"rows": rows}, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
