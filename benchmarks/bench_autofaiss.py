@@ -189,7 +189,7 @@ def build_autofaiss(python: str, emb_dir: Path, out: Path, max_index_bytes: int,
                     timeout_s: float) -> dict:
     """One autofaiss build with max_index_memory_usage = max_index_bytes, in the autofaiss virtualenv."""
     out.mkdir(parents=True, exist_ok=True)
-    sizes = [_kib(max_index_bytes), f"{budget // 2**20}MB"]  # autofaiss: K/M/G are powers of 1024
+    sizes = [f"{max(1, max_index_bytes // 2**10)}KB", f"{budget // 2**20}MB"]  # autofaiss: K/M/G are powers of 1024
     result, peak = run_child([python, "-c", AUTOFAISS_CHILD, str(emb_dir), str(out), *sizes, str(threads)],
                              out / "build.log", timeout_s, threads)
     infos = result.get("infos") or {}
@@ -198,24 +198,22 @@ def build_autofaiss(python: str, emb_dir: Path, out: Path, max_index_bytes: int,
             "index_bytes": (out / "knn.index").stat().st_size, "index_path": str(out / "knn.index"), "infos": infos}
 
 
-def _kib(n_bytes: int) -> str:
-    return f"{max(1, n_bytes // 2**10)}KB"
-
-
 def _resumed(path: Path) -> dict | None:
-    """A build finished by an earlier run of this size on the same vectors (resume), or None."""
-    if not path.is_file():
-        return None
-    say(f"resuming: the {path.name.split('.')[0]} build is already done ({path}); delete that file or pass "
-        "--force to rebuild it")
-    return json.loads(path.read_text())
+    """A build finished by an earlier run of this size with the same inputs (resume), or None."""
+    from indexer.embed import read_json
+
+    result = read_json(path)
+    if result is not None:
+        say(f"resuming: the {path.name.split('.')[0]} build is already done ({path}); delete that file or pass "
+            "--force to rebuild it")
+    return result
 
 
 def _finished(path: Path, result: dict) -> dict:
     """Record a finished build so that a rerun after an interruption skips it (written atomically)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, default=str))
-    tmp.replace(path)
+    from indexer.embed import write_json
+
+    write_json(path, result)
     return result
 
 
@@ -264,12 +262,15 @@ def run_size(n: int, args: argparse.Namespace, budget: int, real: Path | None) -
     work = Path(args.work_dir) / f"n{n}"
     xb, xq, data = load_vectors(n, real)
     digest = hashlib.sha256(xb.tobytes()).hexdigest()[:16]
-    stamp = work / "emb" / "sha256.txt"
-    if args.force or not stamp.is_file() or stamp.read_text().strip() != digest:
-        shutil.rmtree(work, ignore_errors=True)  # other vectors (or --force): no build of this folder counts
+    # what every build of this folder depends on: a rerun with other vectors or settings starts it over
+    inputs = (f"vectors {digest}, budget {budget}, threads {args.threads}, vitrine floor {args.vitrine_min_recall}, "
+              f"autofaiss {args.autofaiss_python}")
+    stamp = work / "emb" / "inputs.txt"
+    if args.force or not stamp.is_file() or stamp.read_text().strip() != inputs:
+        shutil.rmtree(work, ignore_errors=True)
         (work / "emb").mkdir(parents=True)
         np.save(work / "emb" / "part0.npy", xb)
-        stamp.write_text(digest)
+        stamp.write_text(inputs)
     row: dict[str, Any] = {"n": n, "dim": DIM, "data": data, "queries": QUERIES, "memory_budget_bytes": budget,
                            "threads": args.threads, "git_sha": git_sha(),
                            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -292,8 +293,8 @@ def run_size(n: int, args: argparse.Namespace, budget: int, real: Path | None) -
     for name, max_bytes in targets.items():
         say(f"[n={n:,}] {name}: autofaiss build, max_index_memory_usage {max_bytes / 2**20:.1f} MiB "
             f"(log {work / name / 'build.log'}) ...")
-        done = _resumed(work / f"{name}.result.json")
-        if done is None or done["max_index_memory_usage"] != _kib(max_bytes):
+        done = _resumed(work / f"{name}.result.json")  # its max bytes follow from the resumed vitrine build
+        if done is None:
             shutil.rmtree(work / name, ignore_errors=True)
             done = _finished(work / f"{name}.result.json",
                               build_autofaiss(args.autofaiss_python, work / "emb", work / name, max_bytes, budget,
