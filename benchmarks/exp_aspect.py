@@ -21,7 +21,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -36,30 +35,11 @@ DATA = REPO.parent / "shared" / "datasets" / "fashion-product-images-small"
 CACHE = REPO / "work" / "relevance-cache"
 
 
-def canvas(image: Any, aspect: float) -> Any:
-    """The photo centred on white at width:height = aspect (a wider or taller frame)."""
-    from PIL import Image
-
-    w, h = image.size
-    size = (round(h * aspect), h) if w / h < aspect else (w, round(w / aspect))
-    out = Image.new("RGB", size, (255, 255, 255))
-    out.paste(image, ((size[0] - w) // 2, (size[1] - h) // 2))
-    return out
-
-
-def window(image: Any, aspect: float) -> Any:
-    """The centred window at width:height = aspect (a tighter frame)."""
-    w, h = image.size
-    if w / h > aspect:
-        new_w = round(h * aspect)
-        return image.crop(((w - new_w) // 2, 0, (w - new_w) // 2 + new_w, h))
-    new_h = round(w / aspect)
-    return image.crop((0, (h - new_h) // 2, w, (h - new_h) // 2 + new_h))
-
-
-FRAMES = {"original 3:4": None, "4:3 canvas (wider)": ("canvas", 4 / 3), "16:9 canvas (wider)": ("canvas", 16 / 9),
-          "square canvas (wider)": ("canvas", 1.0), "square window (tighter)": ("window", 1.0),
-          "4:3 window (tighter)": ("window", 4 / 3)}
+# each reframing is model.images.fit_aspect itself: pad = the photo centred on a white canvas of that
+# width:height (a wider frame), crop = its centred window (a tighter frame)
+FRAMES = {"original 3:4": None, "4:3 canvas (wider)": ("pad", 4, 3), "16:9 canvas (wider)": ("pad", 16, 9),
+          "square canvas (wider)": ("pad", 1, 1), "square window (tighter)": ("crop", 1, 1),
+          "4:3 window (tighter)": ("crop", 4, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from model.embedder import Embedder
+    from model.images import fit_aspect
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="model folder whose gallery embeddings bench_relevance cached")
@@ -88,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     photos = [Image.open(gallery.paths[q]).convert("RGB") for q in gallery.queries]
     rows = []
     for frame, how in FRAMES.items():
-        framed = photos if how is None else [(canvas if how[0] == "canvas" else window)(p, how[1]) for p in photos]
+        framed = photos if how is None else [fit_aspect(p, how[1], how[2], how[0]) for p in photos]
         for mode in ("stretch", "pad", "crop"):
             if how is None and mode != "stretch":
                 continue  # a 3:4 photo is the same under every mode
