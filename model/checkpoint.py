@@ -28,6 +28,11 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def card_resize_mode(card: dict[str, Any]) -> str:
+    """A card's resize_mode (model.images.fit_aspect); cards written before the key existed stretched images."""
+    return str(card.get("resize_mode", "stretch"))
+
+
 def model_fingerprint(folder: str | Path) -> str:
     """A checkpoint's fingerprint (what index versions record and servers check): what makes its vectors.
 
@@ -38,7 +43,7 @@ def model_fingerprint(folder: str | Path) -> str:
     folder = Path(folder)
     weights = sha256_file(folder / WEIGHTS_FILE)
     card = folder / CARD_FILE
-    mode = json.loads(card.read_text(encoding="utf-8")).get("resize_mode", "stretch") if card.is_file() else "stretch"
+    mode = card_resize_mode(json.loads(card.read_text(encoding="utf-8")) if card.is_file() else {})
     if mode == "stretch":
         return weights
     return hashlib.sha256(f"{weights}:resize_mode={mode}".encode()).hexdigest()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model.binary import BinaryRotation, load_rotation, pack_signs
-from model.checkpoint import load_checkpoint, model_fingerprint
+from model.checkpoint import card_resize_mode, load_checkpoint, model_fingerprint
 from model.images import decode_image, fit_aspect
 from model.networks import VitrineModel
 
@@ -33,8 +33,7 @@ class Embedder:
         self.input_size = (int(card["input_size"][0]), int(card["input_size"][1]))  # (H, W)
         self._mean = np.asarray(card["mean"], dtype=np.float32)
         self._std = np.asarray(card["std"], dtype=np.float32)
-        # cards written before resize modes existed resized every image to HxW regardless of its aspect
-        self.resize_mode = str(card.get("resize_mode", "stretch"))
+        self.resize_mode = card_resize_mode(card)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "cpu") -> Embedder:
