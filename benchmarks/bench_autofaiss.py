@@ -156,6 +156,14 @@ def _vm_hwm(pid: int) -> int:
     return 0
 
 
+def placeholder_products(n: int) -> list:
+    """n catalog rows with ids "0".."n-1" and nothing else: what a version needs beside synthetic vectors."""
+    from model.catalog import Product
+
+    return [Product(product_id=str(i), title="", category="c", brand="", price=None, currency="", in_stock=True,
+                    image_url="", attributes={}, split=None) for i in range(n)]
+
+
 def child_vitrine(vectors_path: Path, out: Path, budget: int, threads: int, min_recall: float) -> dict:
     """The vitrine build (runs in its own process): plan under the budget, train, add, write, validate.
 
@@ -167,12 +175,10 @@ def child_vitrine(vectors_path: Path, out: Path, budget: int, threads: int, min_
     from indexer.build import build_index_from_vectors
     from indexer.plan import IndexPlan, estimate_memory
     from indexer.version import open_version
-    from model.catalog import Product
 
     faiss.omp_set_num_threads(threads)
     xb = np.load(vectors_path, mmap_mode="r")
-    products = [Product(product_id=str(i), title="", category="c", brand="", price=None, currency="", in_stock=True,
-                        image_url="", attributes={}, split=None) for i in range(len(xb))]
+    products = placeholder_products(len(xb))
     start = time.perf_counter()
     path = build_index_from_vectors(xb, products, out / "index", "0" * 64, out, memory_budget=budget,
                                     min_recall_at_10=min_recall, validation_queries=256, publish=False)

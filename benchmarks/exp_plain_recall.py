@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_autofaiss import K, load_vectors  # noqa: E402
+from benchmarks.bench_autofaiss import K, load_vectors, placeholder_products  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
 
 
@@ -29,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     from indexer.build import build_index_from_vectors
-    from indexer.plan import parse_bytes
+    from indexer.plan import parse_bytes, plan_index
     from indexer.validate import exact_topk, recall_from_truth
     from indexer.version import open_version
-    from model.catalog import Product
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -47,16 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     faiss.omp_set_num_threads(2)
     xb, xq, data = load_vectors(args.n, None)
     D_true, _ = exact_topk(xb, xq, K)
-    products = [Product(product_id=str(i), title="", category="c", brand="", price=None, currency="", in_stock=True,
-                        image_url="", attributes={}, split=None) for i in range(len(xb))]
+    products = placeholder_products(len(xb))
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)
     rows = []
-    from indexer.plan import plan_index
-
-    planned = plan_index(len(xb), xb.shape[1], memory_budget=parse_bytes(args.memory_budget)).factory
+    planned = plan_index(len(xb), xb.shape[1], memory_budget=parse_bytes(args.memory_budget))  # as the build plans
     for number, label in enumerate(f.strip() for f in args.factories.split(";") if f.strip()):
-        factory = {"planned": None, "planned+opq": f"OPQ64,{planned}"}.get(label, label)
+        factory = {"planned": None, "planned+opq": f"OPQ{planned.pq_m},{planned.factory}"}.get(label, label)
         start = time.perf_counter()
         path = build_index_from_vectors(xb, products, work / f"v{number}", "0" * 64, work, factory,
                                         memory_budget=parse_bytes(args.memory_budget), min_recall_at_10=0.0,
