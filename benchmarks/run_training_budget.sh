@@ -69,3 +69,11 @@ $PY -m benchmarks.bench_relevance --name relevance_budget --model frozen-cnn=fro
     --model vit-weak="$WORK/vit-weak" --model vit-weak-distill="$WORK/vit-weak-distill" \
     --model hybrid-scratch="$WORK/hybrid-scratch" --model hybrid-weak="$WORK/hybrid-weak" \
     --model hybrid-weak-distill="$WORK/hybrid-weak-distill"
+# zoom-out augmentation at the same budget (RESULTS: "Zoom-out augmentation against the scale sensitivity"): the
+# hybrid-weak fine-tune again with --zoom-out 0.5, the two side by side, and both on reframed (phone-like) queries
+[ -f "$WORK/hybrid-weak-zoom/model_card.json" ] || $V train "${S[@]}" --init-from "$WORK/hybrid-pretrain" \
+    --tasks $TASKS --epochs 1 --max-records 18900 "${HYB[@]}" --zoom-out 0.5 --out "$WORK/hybrid-weak-zoom"
+$PY -m benchmarks.bench_relevance --name relevance_zoom_out --model hybrid-weak="$WORK/hybrid-weak" \
+    --model hybrid-weak-zoom-out="$WORK/hybrid-weak-zoom"
+$PY benchmarks/exp_aspect.py "$WORK/hybrid-weak" --queries 1000 --name aspect_hybrid_weak
+$PY benchmarks/exp_aspect.py "$WORK/hybrid-weak-zoom" --queries 1000 --name aspect_hybrid_weak_zoom_out
