@@ -103,6 +103,7 @@ class EmbedRecords:
         torch.set_num_threads(max(1, threads))
         self.embedder = Embedder.load(model, device=device)
         self.device = device
+        self.node = node_name()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -116,7 +117,18 @@ class EmbedRecords:
             vectors[ok] = _forward(self.embedder, pixels, self.device)
         return {"record": np.asarray(batch["record"], dtype=np.int64), "vector": vectors, "ok": ok,
                 "product": batch["product"], "digest": batch["digest"],
-                "error": np.array([error for _, error in decoded], dtype=object)}
+                "error": np.array([error for _, error in decoded], dtype=object),
+                "node": np.array([self.node] * len(decoded), dtype=object)}
+
+
+def node_name() -> str:
+    """The Ray node this process runs on, as its IP address and the first 8 hex digits of its node id."""
+    import ray
+
+    context = ray.get_runtime_context()
+    node_id = context.get_node_id()
+    address = next((node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id), "?")
+    return f"{address}/{node_id[:8]}"
 
 
 class ChunkAssembler:
@@ -204,6 +216,7 @@ def embed_chunks_ray(shards_dir: str | Path, model: str | Path, folder: Path, se
     chunks = pending_chunks(total, settings.chunk_rows, folder)
     assembler = ChunkAssembler(chunks, settings.chunk_rows, total)
     written, bad, embedded = 0, 0, 0
+    per_node: dict[str, int] = {}  # rows each node's actors returned this run (a retried task's repeats too)
     start = time.perf_counter()
     started = connect(ray, settings.ray_address) if chunks else False
     try:
@@ -222,6 +235,8 @@ def embed_chunks_ray(shards_dir: str | Path, model: str | Path, folder: Path, se
                     bad += len(part["bad"])
                     embedded += len(part["records"])
                     maybe_fail("embed", written)
+                for node, count in zip(*np.unique(batch["node"].astype(str), return_counts=True), strict=True):
+                    per_node[str(node)] = per_node.get(str(node), 0) + int(count)
                 bar.update(len(batch["record"]))
     finally:
         if started:
@@ -229,5 +244,9 @@ def embed_chunks_ray(shards_dir: str | Path, model: str | Path, folder: Path, se
     if assembler.missing:
         raise RuntimeError(f"Ray returned {assembler.missing} fewer records than asked for: rerun to resume")
     seconds = time.perf_counter() - start
+    if per_node:
+        logger.info("embed (ray): %d record(s) on %d node(s): %s", sum(per_node.values()), len(per_node),
+                    ", ".join(f"{node} {count}" for node, count in sorted(per_node.items())))
     return {"records": total, "embedded_this_run": embedded, "bad_images_this_run": bad, "chunks_written": written,
-            "seconds": round(seconds, 3), "images_per_s": round(embedded / max(seconds, 1e-9), 2)}
+            "seconds": round(seconds, 3), "images_per_s": round(embedded / max(seconds, 1e-9), 2),
+            "records_per_node": dict(sorted(per_node.items()))}

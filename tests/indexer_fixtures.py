@@ -39,3 +39,17 @@ def make_inputs(work: Path, n: int) -> tuple[Path, Path]:
     card = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "label_maps": {}, "metrics": {}}
     checkpoint = save_checkpoint(work / "checkpoint", create_model(config), card)
     return shards, checkpoint
+
+
+def corrupt_record(shards: Path, record: int) -> None:
+    """Replace the image bytes of `record` in its LMDB shard with garbage (a bad image the build must skip)."""
+    import lmdb
+
+    from model.data import decode_record, load_shards_manifest
+    from model.data.shards import encode_record, record_key
+
+    env = lmdb.open(str(shards / load_shards_manifest(shards)["shards"][0]["path"]), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        product, _ = decode_record(txn.get(record_key(record)))
+        txn.put(record_key(record), encode_record(product, b"not an image"))
+    env.close()

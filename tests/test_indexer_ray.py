@@ -19,7 +19,7 @@ import pytest
 from indexer.faults import ENV, InjectedFault
 from indexer.job import IndexBuildConfig, build_index
 from indexer.version import open_current
-from tests.indexer_fixtures import make_inputs
+from tests.indexer_fixtures import corrupt_record, make_inputs
 from vitrine.cli import main
 
 N_IMAGES = 40
@@ -35,17 +35,8 @@ RAY_TIMEOUT_S = 600  # Ray start-up plus actors importing torch: ~45 s on 2 idle
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(shards, checkpoint): 40 mini-catalog images in 40-record LMDB shards, record 5 corrupted on disk."""
-    import lmdb
-
-    from model.data import decode_record, load_shards_manifest
-    from model.data.shards import encode_record, record_key
-
     shards, checkpoint = make_inputs(tmp_path_factory.mktemp("ray"), N_IMAGES)
-    env = lmdb.open(str(shards / load_shards_manifest(shards)["shards"][0]["path"]), map_size=1 << 30)
-    with env.begin(write=True) as txn:
-        product, _ = decode_record(txn.get(record_key(BAD_RECORD)))
-        txn.put(record_key(BAD_RECORD), encode_record(product, b"not an image"))
-    env.close()
+    corrupt_record(shards, BAD_RECORD)
     return shards, checkpoint
 
 
