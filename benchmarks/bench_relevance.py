@@ -50,15 +50,22 @@ class Gallery:
 
 def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_column: str,
                  strict_columns: list[str], query_split: str, max_queries: int | None = None) -> Gallery:
-    """Every product with an image file; queries are those in `query_split` with a non-empty type."""
+    """Every product with an image file; queries are those in `query_split` with a non-empty type.
+
+    Images are found as the catalog config says (image_pattern in `images_dir`, or the image_column's
+    paths; its URLs are downloaded into `images_dir`/.image-cache first).
+    """
     from model.catalog import read_catalog
+    from model.data.ingest import IngestReport, local_sources
     from model.data.shards import product_label
 
     table = read_catalog(csv_path, catalog_config)
+    sources, _ = local_sources(table.images, images_dir, images_dir / ".image-cache", None, IngestReport(),
+                               progress=True)
     ids, paths, types, stricts, queries = [], [], [], [], []
-    for product in table.products:
-        path = images_dir / catalog_config.image_pattern.format(id=product.product_id)
-        if not path.is_file():
+    for product, source in zip(table.products, sources, strict=True):
+        path = Path(source)
+        if not source or not path.is_file():
             continue
         value = product_label(product, type_column)
         strict = "|".join([value] + [product_label(product, c) for c in strict_columns])

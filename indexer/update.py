@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ class IndexUpdateConfig:
     """Configuration of one incremental update; saved as build_config in the new version's manifest."""
 
     csv_path: str | Path  # the whole new catalog (one row per product)
-    images_dir: str | Path  # folder of the catalog's images (CatalogConfig.image_pattern inside it)
+    images_dir: str | Path | None  # folder of the catalog's images (image_pattern inside it, or where the
+    # image_column's relative paths start; None: the CSV's folder, only with an image_column)
     index_root: str | Path  # holds CURRENT (the live version updated) and the new version
     catalog_config: str | Path | None = None  # JSON column mapping; None: CatalogConfig defaults
     model: str | Path | None = None  # checkpoint; None: the live version's model_path (same fingerprint required)
@@ -53,14 +55,28 @@ class IndexUpdateConfig:
     keep_versions: int | None = 5  # versions kept after publishing
     use_gpu: bool | None = None  # unused by the update's add (kept for flag parity with the build)
     publish: bool = True  # point CURRENT at the new version when validation passes
+    image_cache: str | Path | None = None  # downloaded image URLs (None: <index_root>/.image-cache)
 
 
-def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], str]:
+def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], list[str], set[int]]:
+    """The new catalog's products, its read report, and each product's image as a local path (URLs downloaded)."""
     from model.catalog import CatalogConfig, load_catalog_config, read_catalog
+    from model.data.ingest import IngestReport, local_sources
 
     catalog = load_catalog_config(config.catalog_config) if config.catalog_config else CatalogConfig()
+    if config.images_dir is None and catalog.image_column is None:
+        raise ValueError("an images folder is needed: the catalog config names no image_column, so images are "
+                         f"found as {catalog.image_pattern!r} inside the images folder")
+    images_dir = Path(config.images_dir) if config.images_dir is not None else Path(config.csv_path).resolve().parent
     table = read_catalog(config.csv_path, catalog)
-    return table.products, dict(table.report), catalog.image_pattern
+    fetched = IngestReport()
+    sources, failed = local_sources(table.images, images_dir,
+                                    config.image_cache or Path(config.index_root) / ".image-cache", None, fetched,
+                                    progress=True)
+    report: dict[str, Any] = dict(table.report)
+    if fetched.downloads:
+        report["downloads"] = fetched.downloads
+    return table.products, report, sources, failed
 
 
 def _live_rows(live: IndexVersion) -> tuple[dict[str, int], np.ndarray | None]:
@@ -72,23 +88,29 @@ def _live_rows(live: IndexVersion) -> tuple[dict[str, int], np.ndarray | None]:
     return ids, load_digests(live.path, live.count)
 
 
-def diff_catalog(live: IndexVersion, products: list[Product], images_dir: Path, pattern: str
+def diff_catalog(live: IndexVersion, products: list[Product], sources: list[str], failed: AbstractSet[int] = frozenset()
                  ) -> tuple[list[tuple[Product, bytes, str, int | None]], dict[str, int]]:
-    """Rows of the new version: (product, image bytes or b"" when reused, sha1, live id to reuse or None)."""
+    """Rows of the new version: (product, image bytes or b"" when reused, sha1, live id to reuse or None).
+
+    `sources[i]` is the local image file of `products[i]` ("" when none is named or, for the positions
+    in `failed`, when its URL could not be downloaded: ingest.local_sources).
+    """
+
     live_ids, digests = _live_rows(live)
     counts = {"unchanged": 0, "metadata_changed": 0, "image_changed": 0, "added": 0, "missing_image": 0,
               "duplicate_ids": 0}
     rows: list[tuple[Product, bytes, str, int | None]] = []
     seen: set[str] = set()
-    for product in products:
+    for position, (product, source) in enumerate(zip(products, sources, strict=True)):
         if product.product_id in seen:
             counts["duplicate_ids"] += 1
             continue
         seen.add(product.product_id)
-        path = images_dir / pattern.format(id=product.product_id)
-        if not path.is_file():
+        path = Path(source)
+        if not source or not path.is_file():
             counts["missing_image"] += 1
-            logger.warning("update: no image for product %s at %s: not indexed", product.product_id, path)
+            where = "its URL could not be downloaded" if position in failed else f"none at {source or '(no path)'}"
+            logger.warning("update: no image for product %s (%s): not indexed", product.product_id, where)
             continue
         data = path.read_bytes()
         digest = hashlib.sha1(data).hexdigest()
@@ -142,7 +164,7 @@ def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
     """Apply the new catalog to the live version; returns (new version path, report of what changed)."""
     from model.embedder import Embedder
 
-    products, catalog_report, pattern = _read_catalog(config)
+    products, catalog_report, sources, failed = _read_catalog(config)
     if not products:
         raise ValueError(f"{config.csv_path} has no usable rows: refusing to delete every product of the index")
     with open_current(config.index_root, verify_checksums=True) as live:
@@ -154,7 +176,7 @@ def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
             raise ValueError(f"model {config.model or live.manifest['model_path']} has fingerprint "
                              f"{embedder.fingerprint[:12]}..., the live version {live.name} was built with "
                              f"{live.model_fingerprint[:12]}...: run a full `vitrine index build`")
-        rows, counts = diff_catalog(live, products, Path(config.images_dir), pattern)
+        rows, counts = diff_catalog(live, products, sources, failed)
         vectors, kept, digests, bad = _embed_rows(rows, live, embedder, config.batch_size)
         counts["bad_image"] = bad
         if not kept:

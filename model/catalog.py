@@ -25,6 +25,8 @@ class CatalogConfig:
 
     id_column: str = "id"
     image_pattern: str = "{id}.jpg"  # relative to the images folder
+    image_column: str | None = None  # a column naming each image: a path (absolute, or in the images folder) or an
+    # http(s) URL (downloaded at ingest); wins over image_pattern. None: image_pattern
     title_column: str = "productDisplayName"
     category_column: str = "articleType"
     brand_column: str | None = None  # None: empty brand
@@ -103,6 +105,8 @@ class CatalogTable:
 
     products: list[Product]
     report: dict[str, int] = field(default_factory=dict)
+    images: list[str] = field(default_factory=list)  # each product's image source: a relative or absolute path, or
+    # an http(s) URL (model.data.sources.resolve_source places it); "" when the row names none
 
 
 def iter_csv_rows(csv_path: str | Path, overflow_column: str | None,
@@ -167,7 +171,8 @@ def _parse_stock(text: str) -> bool:
 def _check_columns(header: list[str], config: CatalogConfig, csv_path: str | Path) -> None:
     """Raise when a column named by the config is not in the CSV header (the mapping is wrong)."""
     wanted = [config.id_column, config.title_column, config.category_column, config.brand_column,
-              config.price_column, config.stock_column, config.split_column, *config.attribute_columns]
+              config.price_column, config.stock_column, config.split_column, config.image_column,
+              *config.attribute_columns]
     missing = sorted({c for c in wanted if c is not None and c not in header})
     if missing:
         raise ValueError(f"catalog CSV {csv_path} lacks the configured columns {missing}; its header is "
@@ -181,12 +186,36 @@ def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counte
 
     product_id = cell(config.id_column)
     split = cell(config.split_column) or None
+    source = image_source(row, config)
+    if config.image_url_pattern:
+        image_url = config.image_url_pattern.format(id=product_id)
+    else:  # a URL in the image column is also where shoppers' clients can show the image
+        image_url = source if is_url(source) else ""
     return Product(
         product_id=product_id, title=cell(config.title_column), category=cell(config.category_column),
         brand=cell(config.brand_column), price=_parse_price(cell(config.price_column), report),
-        currency=config.currency, in_stock=_parse_stock(cell(config.stock_column)),
-        image_url=config.image_url_pattern.format(id=product_id) if config.image_url_pattern else "",
+        currency=config.currency, in_stock=_parse_stock(cell(config.stock_column)), image_url=image_url,
         attributes={c: cell(c) for c in config.attribute_columns}, split=split)
+
+
+def is_url(source: str) -> bool:
+    """True for an http(s) URL (case-insensitive scheme)."""
+    return source[:8].lower().startswith(("http://", "https://"))
+
+
+def resolve_source(source: str, images_dir: Path) -> str:
+    """A product's image source as a URL (unchanged), an absolute path, or a path inside `images_dir`."""
+    if is_url(source):
+        return source
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() else images_dir / path)
+
+
+def image_source(row: dict[str, str], config: CatalogConfig) -> str:
+    """Where a row's image is: its image column's path or URL, else image_pattern filled with the id."""
+    if config.image_column is not None:
+        return row.get(config.image_column, "").strip()
+    return config.image_pattern.format(id=row.get(config.id_column, "").strip())
 
 
 def load_split_file(csv_path: str | Path, split_file: str) -> dict[str, str]:
@@ -207,11 +236,14 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
     """Read a catalog CSV into Products with a report of counts (never drops a row silently).
 
     Report keys: rows_read, rows_ok, rows_repaired_overflow, rows_bad (+ rows_bad/<reason>), bad_price,
-    duplicate_ids (first kept), empty_cells/<column>, blank_lines and, when `images_dir` is given,
-    missing_images (products whose image file does not exist; they are kept, ingest drops them).
+    duplicate_ids (first kept), empty_cells/<column>, blank_lines, empty_image_source (no image named),
+    image_urls (images to download) and, when `images_dir` is given, missing_images (products whose image
+    file does not exist; they are kept, ingest drops them). `CatalogTable.images` holds each product's
+    image source (a path or URL; `resolve_source` places a path in the images folder).
     """
     report: Counter[str] = Counter()
     products: list[Product] = []
+    images: list[str] = []
     seen: set[str] = set()
     checked = False
     splits = load_split_file(csv_path, config.split_file) if config.split_file else None
@@ -234,12 +266,17 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
             continue
         seen.add(product.product_id)
         products.append(product)
-        if images_dir is not None and not (Path(images_dir) / config.image_pattern.format(
-                id=product.product_id)).is_file():
+        source = image_source(row, config)
+        images.append(source)
+        if not source:
+            report["empty_image_source"] += 1
+        elif is_url(source):
+            report["image_urls"] += 1
+        elif images_dir is not None and not Path(resolve_source(source, Path(images_dir))).is_file():
             report["missing_images"] += 1
     for key in ("rows_read", "rows_repaired_overflow", "rows_bad", "duplicate_ids", "bad_price"):
         report.setdefault(key, 0)
     if images_dir is not None:
         report.setdefault("missing_images", 0)
     report["rows_ok"] = len(products)
-    return CatalogTable(products=products, report=dict(sorted(report.items())))
+    return CatalogTable(products=products, report=dict(sorted(report.items())), images=images)

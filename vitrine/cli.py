@@ -30,12 +30,17 @@ Typical flow (see README.md):
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ingest", help="catalog CSV + images folder -> LMDB shards + manifest.json",
+    p = sub.add_parser("ingest", help="catalog CSV + images (folder, paths or URLs) -> LMDB shards + manifest.json",
                        description="Read a catalog CSV (column mapping from --catalog-config) and its images, "
                                    "validate every image and write bounded LMDB shards plus manifest.json. "
+                                   "Images are found as image_pattern (default {id}.jpg) in --images, or named "
+                                   "per row by the config's image_column: a path or an http(s) URL (downloaded "
+                                   "into a cache, with retries; failures are counted by reason). "
                                    "Defective rows are repaired or counted in the report, never silently dropped.")
     p.add_argument("--csv", required=True, help="catalog CSV, one row per product")
-    p.add_argument("--images", required=True, help="folder holding the product images")
+    p.add_argument("--images", default=None,
+                   help="folder holding the product images (with an image_column: where its relative paths start; "
+                        "default the CSV's folder)")
     p.add_argument("--out", required=True, help="output folder for shard-*.lmdb and manifest.json")
     p.add_argument("--catalog-config", default=None,
                    help="JSON file with the column mapping (model.catalog.CatalogConfig fields); "
@@ -45,6 +50,14 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="processes decoding and validating images (default 0: one per CPU core)")
     p.add_argument("--max-side", type=int, default=None,
                    help="downscale and re-encode (JPEG) images whose longer side exceeds this many pixels")
+    p.add_argument("--image-cache", default=None,
+                   help="folder keeping downloaded images between runs (default: .<out>.image-cache beside --out)")
+    p.add_argument("--download-threads", type=int, default=16, help="concurrent image downloads (default 16)")
+    p.add_argument("--download-timeout", type=float, default=20.0, help="seconds per download request (default 20)")
+    p.add_argument("--download-retries", type=int, default=3,
+                   help="retries of a download after a timeout, connection error or HTTP 408/429/5xx (default 3)")
+    p.add_argument("--refresh-images", action="store_true",
+                   help="download every image URL again, even when the cache holds it")
     p.set_defaults(handler=commands.cmd_ingest)
 
 
@@ -95,7 +108,11 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
                                     "are dropped; the live version's trained quantizer is reused. The new version "
                                     "is validated and published like a full build.")
     u.add_argument("--csv", required=True, help="the whole new catalog CSV (one row per product)")
-    u.add_argument("--images", required=True, help="folder holding the catalog's images")
+    u.add_argument("--images", default=None,
+                   help="folder holding the catalog's images (with an image_column in the catalog config: where "
+                        "its relative paths start; default the CSV's folder)")
+    u.add_argument("--image-cache", default=None, help="folder keeping downloaded image URLs between runs "
+                                                       "(default <index-root>/.image-cache)")
     u.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     u.add_argument("--catalog-config", default=None, help="JSON column mapping (model.catalog.CatalogConfig)")
     u.add_argument("--model", default=None, help="checkpoint folder (default: the live version's; it must have "

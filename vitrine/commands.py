@@ -46,14 +46,26 @@ def _default_or_existing_model(path: str | None) -> Path:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from model.catalog import CatalogConfig, load_catalog_config
     from model.data.ingest import build_shards
+    from model.data.sources import FetchSettings
 
     csv_path = _existing(args.csv, "catalog CSV")
-    images = _existing(args.images, "images folder")
     config = load_catalog_config(_existing(args.catalog_config, "catalog config")) if args.catalog_config \
         else CatalogConfig()
+    if args.images is None and config.image_column is None:
+        raise UserError("--images is needed: the catalog config names no image_column, so each image is looked "
+                        f"for as {config.image_pattern!r} inside the images folder")
+    images = _existing(args.images, "images folder") if args.images is not None else None
+    for flag, value, low in (("--download-threads", args.download_threads, 1),
+                             ("--download-retries", args.download_retries, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if not args.download_timeout > 0:
+        raise UserError(f"--download-timeout must be positive, got {args.download_timeout}")
+    fetch = FetchSettings(threads=args.download_threads, timeout_s=args.download_timeout,
+                          retries=args.download_retries, refresh=args.refresh_images)
     kwargs = {} if args.max_records_per_shard is None else {"max_records_per_shard": args.max_records_per_shard}
     report = build_shards(csv_path, images, Path(args.out), config, workers=args.workers, max_side=args.max_side,
-                          **kwargs)
+                          image_cache=args.image_cache, fetch=fetch, **kwargs)
     print(json.dumps(report.to_json(), indent=2))
     return 0
 
@@ -113,8 +125,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 def cmd_index_update(args: argparse.Namespace) -> int:
     from indexer.update import IndexUpdateConfig, update_index
 
-    config = IndexUpdateConfig(csv_path=_existing(args.csv, "catalog CSV"), images_dir=_existing(args.images, "images"),
-                               index_root=_existing(args.index_root, "index root"),
+    config = IndexUpdateConfig(csv_path=_existing(args.csv, "catalog CSV"),
+                               images_dir=_existing(args.images, "images") if args.images is not None else None,
+                               index_root=_existing(args.index_root, "index root"), image_cache=args.image_cache,
                                catalog_config=Path(args.catalog_config) if args.catalog_config else None,
                                model=Path(args.model) if args.model else None)
     config = dataclasses.replace(config, **_overrides(args, _BUILD_FLAGS))

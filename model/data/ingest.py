@@ -1,8 +1,11 @@
-"""Ingest: catalog CSV + images folder -> LMDB shards of bounded record count + manifest.json.
+"""Ingest: catalog CSV + images (a folder, paths or URLs) -> LMDB shards of bounded record count + manifest.json.
 
-Every image is validated by decoding it; missing and undecodable images are counted (with reasons) and
-not stored. Output is written under a temporary folder name and renamed at the end, so a half-written
-output is never taken for a finished one; a finished output is reused (idempotent).
+Each product's image is `CatalogConfig.image_pattern` in the images folder, or what its
+`image_column` names: a path or an http(s) URL, downloaded first into a cache folder
+(model.data.sources). Every image is validated by decoding it; missing, undownloadable and
+undecodable images are counted (with reasons) and not stored. Output is written under a temporary
+folder name and renamed at the end, so a half-written output is never taken for a finished one; a
+finished output is reused (idempotent).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from model.catalog import CatalogConfig, Product, read_catalog
+from model.catalog import CatalogConfig, Product, is_url, read_catalog, resolve_source
 from model.data.shards import COUNT_KEY, SHARDS_FORMAT, encode_record, load_shards_manifest, record_key
+from model.data.sources import FetchSettings, fetch_urls
 from model.files import sha256_file
 from model.images import ImageDecodeError, decode_image
 
@@ -40,10 +44,12 @@ class IngestReport:
     products: int = 0  # products read from the CSV (after repair, dedup)
     records: int = 0  # records stored in shards
     shards: int = 0
-    missing_images: int = 0
+    missing_images: int = 0  # no image named, or no file where one was named
+    failed_downloads: int = 0  # image URLs that could not be downloaded (reasons in downloads["errors"])
     bad_images: int = 0
     bad_image_reasons: dict[str, int] = field(default_factory=dict)  # product id -> reason, summarised
     catalog: dict[str, int] = field(default_factory=dict)  # read_catalog's report
+    downloads: dict[str, Any] = field(default_factory=dict)  # model.data.sources.FetchReport when URLs were named
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -64,7 +70,7 @@ def prepare_image(path: str, max_side: int | None = None) -> tuple[bytes | None,
     Runs in ingest worker processes, hence plain arguments and no exceptions for bad input.
     """
     file = Path(path)
-    if not file.is_file():
+    if not path or not file.is_file():
         return None, "missing"
     data = file.read_bytes()
     try:
@@ -114,19 +120,35 @@ def _existing_report(out_dir: Path) -> IngestReport | None:
     return IngestReport.from_json(load_shards_manifest(out_dir)["report"])
 
 
-def build_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Path, config: CatalogConfig, *,
+def default_image_cache(out_dir: str | Path) -> Path:
+    """Where ingest keeps downloaded images by default: a hidden folder beside the output folder."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.image-cache")
+
+
+def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: str | Path, config: CatalogConfig, *,
                  max_records_per_shard: int = DEFAULT_MAX_RECORDS_PER_SHARD, overwrite: bool = False,
-                 progress: bool = True, workers: int = 0, max_side: int | None = None) -> IngestReport:
+                 progress: bool = True, workers: int = 0, max_side: int | None = None,
+                 image_cache: str | Path | None = None, fetch: FetchSettings | None = None) -> IngestReport:
     """Ingest a catalog into `out_dir/shard-00000.lmdb`, ... and `out_dir/manifest.json`.
 
-    `workers` processes decode and validate images (0: one per CPU core); `max_side` (pixels) downscales
-    and re-encodes larger images.
+    `images_dir` holds the images named by `config.image_pattern`, or is where relative paths of
+    `config.image_column` start (None: the CSV's folder; only with an image column). Image URLs are
+    downloaded into `image_cache` (default `default_image_cache(out_dir)`) with `fetch` settings.
+    `workers` processes decode and validate images (0: one per CPU core); `max_side` (pixels)
+    downscales and re-encodes larger images.
 
     When `out_dir` already holds a finished ingest it is kept and its report returned, unless `overwrite`.
     """
     if max_records_per_shard <= 0:
         raise ValueError(f"max_records_per_shard must be positive, got {max_records_per_shard}")
-    out_dir, images_dir = Path(out_dir), Path(images_dir)
+    out_dir = Path(out_dir)
+    if images_dir is None:
+        if config.image_column is None:
+            raise ValueError("an images folder is needed: the catalog config names no image_column, so images are "
+                             f"found as {config.image_pattern!r} inside the images folder")
+        images_dir = Path(csv_path).resolve().parent
+    images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} does not exist")
     if not overwrite and (existing := _existing_report(out_dir)) is not None:
@@ -135,12 +157,15 @@ def build_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
     table = read_catalog(csv_path, config)
     report = IngestReport(rows_read=table.report.get("rows_read", 0), products=len(table.products),
                           catalog=table.report)
+    sources, failed = local_sources(table.images, images_dir, image_cache or default_image_cache(out_dir), fetch,
+                                    report, progress)
+    report.failed_downloads = len(failed)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    options = {"workers": workers, "max_side": max_side, "progress": progress}
-    entries = _write_all_shards(table.products, images_dir, tmp, config, max_records_per_shard, report, options)
+    options = {"workers": workers, "max_side": max_side, "progress": progress, "failed_downloads": failed}
+    entries = _write_all_shards(table.products, sources, tmp, max_records_per_shard, report, options)
     report.shards, report.records = len(entries), sum(e["records"] for e in entries)
     report.seconds = round(time.perf_counter() - start, 3)
     manifest = {"format": SHARDS_FORMAT, "catalog_config": config.to_json(), "max_side": max_side, "shards": entries,
@@ -152,8 +177,22 @@ def build_shards(csv_path: str | Path, images_dir: str | Path, out_dir: str | Pa
     return report
 
 
-def _write_all_shards(products: list[Product], images_dir: Path, tmp: Path, config: CatalogConfig,
-                      max_records: int, report: IngestReport, options: dict[str, Any]) -> list[dict[str, Any]]:
+def local_sources(images: list[str], images_dir: Path, cache: str | Path, fetch: FetchSettings | None,
+                  report: IngestReport, progress: bool) -> tuple[list[str], set[int]]:
+    """(each product's image as a local path, "" when none is named or its download failed; the positions
+    of the failed downloads), downloading URLs first; `report.downloads` gets the download report."""
+    resolved = [resolve_source(source, images_dir) if source else "" for source in images]
+    urls = [source for source in resolved if is_url(source)]
+    if not urls:
+        return resolved, set()
+    paths, fetched = fetch_urls(urls, cache, fetch or FetchSettings(), progress=progress)
+    report.downloads = fetched.to_json()
+    failed = {i for i, source in enumerate(resolved) if is_url(source) and not paths[source]}
+    return [paths[source] if is_url(source) else source for source in resolved], failed
+
+
+def _write_all_shards(products: list[Product], sources: list[str], tmp: Path, max_records: int,
+                      report: IngestReport, options: dict[str, Any]) -> list[dict[str, Any]]:
     """Validate (and maybe re-encode) images in worker processes; write shards of at most `max_records`.
 
     Workers decode in parallel while this process writes shards in catalog order (`imap` keeps order),
@@ -162,16 +201,19 @@ def _write_all_shards(products: list[Product], images_dir: Path, tmp: Path, conf
     reasons: Counter[str] = Counter()
     entries: list[dict[str, Any]] = []
     pending: list[tuple[Product, bytes]] = []
-    jobs = [(str(images_dir / config.image_pattern.format(id=p.product_id)), options["max_side"]) for p in products]
+    jobs = [(source, options["max_side"]) for source in sources]
     workers = options["workers"] or os.cpu_count() or 1
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_prepare_star, jobs, chunksize=64) if pool else map(_prepare_star, jobs)
-        for product, (data, reason) in tqdm(zip(products, results, strict=True), total=len(products),
-                                            desc="ingest", unit="img", disable=not options["progress"],
-                                            mininterval=1.0):
+        failed = options.get("failed_downloads", set())
+        for position, (product, (data, reason)) in tqdm(enumerate(zip(products, results, strict=True)),
+                                                        total=len(products), desc="ingest", unit="img",
+                                                        disable=not options["progress"], mininterval=1.0):
             if data is None:
-                if reason == "missing":
+                if position in failed:
+                    pass  # counted in report.failed_downloads
+                elif reason == "missing":
                     report.missing_images += 1
                 else:
                     report.bad_images += 1
