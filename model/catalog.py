@@ -6,9 +6,11 @@ repairs what it can, counts everything it repairs or drops, and never drops a ro
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import json
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("vitrine.catalog")
 _TRUE_STOCK = {"1", "true", "yes", "y", "in stock", "in_stock", "available"}
 
 
@@ -39,6 +42,8 @@ class CatalogConfig:
     split_column: str | None = "split"  # None: no split
     split_file: str | None = None  # an "id,split" CSV (path relative to the catalog CSV's folder); wins over the column
     overflow_column: str | None = "productDisplayName"  # extra fields of a too-long row are joined back here
+    delimiter: str | None = None  # None: the one of , ; tab | that finds id_column in the header (else ",")
+    encoding: str | None = None  # None: UTF-8 (BOM or not), or Windows-1252 when the file is not valid UTF-8
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -109,16 +114,68 @@ class CatalogTable:
     # an http(s) URL (model.data.sources.resolve_source places it); "" when the row names none
 
 
-def iter_csv_rows(csv_path: str | Path, overflow_column: str | None,
-                  report: Counter[str]) -> Iterator[tuple[list[str], dict[str, str]]]:
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def csv_encoding(csv_path: str | Path, encoding: str | None) -> str:
+    """The encoding to read `csv_path` with: `encoding`, else UTF-8 (with or without a BOM) when the whole file
+    decodes as UTF-8, else Windows-1252 (what spreadsheet programs on Windows export), with a warning."""
+    if encoding is not None:
+        return encoding
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(csv_path, "rb") as handle:
+        try:
+            while chunk := handle.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return "utf-8-sig"
+        except UnicodeDecodeError as exc:
+            logger.warning("catalog CSV %s is not UTF-8 (%s): reading it as Windows-1252; set \"encoding\" in the "
+                           "catalog config to choose another", csv_path, exc.reason)
+            return "cp1252"
+
+
+def csv_delimiter(first_line: str, delimiter: str | None, id_column: str | None) -> str:
+    """`delimiter`, else the first of , ; tab | whose split of the header holds `id_column`, else ","."""
+    if delimiter is not None:
+        return delimiter
+    for candidate in DELIMITERS:
+        fields = next(csv.reader([first_line], delimiter=candidate), [])
+        if id_column is not None and id_column in [f.strip() for f in fields]:
+            return candidate
+    return ","
+
+
+def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Counter[str], *,
+                  delimiter: str | None = ",", encoding: str | None = "utf-8-sig", id_column: str | None = None
+                  ) -> Iterator[tuple[list[str], dict[str, str]]]:
     """Yield (header, row dict) for each data row, repairing rows that have too many fields.
 
-    A row with more fields than the header (an unquoted comma) has its extra fields joined back into
-    `overflow_column` with ","; a row with too few fields (or too many and no overflow column) is counted
-    as bad and skipped. Blank lines are counted.
+    A row with more fields than the header (an unquoted delimiter) has its extra fields joined back
+    into `overflow_column` with the delimiter; a row with too few fields (or too many and no overflow
+    column) is counted as bad and skipped. Blank lines are counted. `delimiter` / `encoding` None:
+    detected (csv_delimiter with `id_column`, csv_encoding).
     """
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+    chosen = csv_encoding(csv_path, encoding)
+    try:
+        yield from _iter_rows(csv_path, overflow_column, report, delimiter, chosen, id_column)
+    except UnicodeDecodeError as exc:  # only with an `encoding` the caller chose (detection checked UTF-8)
+        raise ValueError(f"catalog CSV {csv_path} is not valid {chosen} ({exc.reason} at byte {exc.start}); set "
+                         "\"encoding\" in the catalog config to the file's encoding, e.g. \"cp1252\" or "
+                         "\"latin-1\"") from exc
+
+
+def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counter[str], delimiter: str | None,
+               encoding: str, id_column: str | None) -> Iterator[tuple[list[str], dict[str, str]]]:
+    # the Windows-1252 fallback leaves its five undefined bytes as U+FFFD instead of failing
+    with open(csv_path, newline="", encoding=encoding, errors="replace" if encoding == "cp1252" else "strict") \
+            as handle:
+        first = handle.readline()
+        delimiter = csv_delimiter(first, delimiter, id_column)
+        handle.seek(0)
+        if delimiter != ",":
+            logger.info("catalog CSV %s: fields separated by %r", csv_path, delimiter)
+        reader = csv.reader(handle, delimiter=delimiter)
         header = next(reader, None)
         if not header:
             raise ValueError(f"catalog CSV {csv_path} is empty: expected a header row")
@@ -131,7 +188,7 @@ def iter_csv_rows(csv_path: str | Path, overflow_column: str | None,
             report["rows_read"] += 1
             extra = len(fields) - len(header)
             if extra > 0 and overflow_at is not None:
-                joined = ",".join(fields[overflow_at:overflow_at + extra + 1])
+                joined = delimiter.join(fields[overflow_at:overflow_at + extra + 1])
                 fields = fields[:overflow_at] + [joined] + fields[overflow_at + extra + 1:]
                 report["rows_repaired_overflow"] += 1
             elif extra != 0:
@@ -175,8 +232,11 @@ def _check_columns(header: list[str], config: CatalogConfig, csv_path: str | Pat
               *config.attribute_columns]
     missing = sorted({c for c in wanted if c is not None and c not in header})
     if missing:
+        hint = ""
+        if len(header) == 1 and any(d in header[0] for d in DELIMITERS[1:]):
+            hint = " The header was read as one column: set \"delimiter\" in the catalog config (e.g. \";\")."
         raise ValueError(f"catalog CSV {csv_path} lacks the configured columns {missing}; its header is "
-                         f"{header}. Fix the column mapping (CatalogConfig / --catalog-config).")
+                         f"{header}. Fix the column mapping (CatalogConfig / --catalog-config).{hint}")
 
 
 def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counter[str]) -> Product:
@@ -247,7 +307,8 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
     seen: set[str] = set()
     checked = False
     splits = load_split_file(csv_path, config.split_file) if config.split_file else None
-    for header, row in iter_csv_rows(csv_path, config.overflow_column, report):
+    for header, row in iter_csv_rows(csv_path, config.overflow_column, report, delimiter=config.delimiter,
+                                     encoding=config.encoding, id_column=config.id_column):
         if not checked:
             _check_columns(header, config, csv_path)
             checked = True

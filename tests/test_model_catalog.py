@@ -84,3 +84,34 @@ def test_config_errors_say_what_is_wrong(tmp_path: Path) -> None:
         load_catalog_config(bad)
     with pytest.raises(ValueError, match="lacks the configured columns"):
         read_catalog(MINI / "styles.csv", CatalogConfig(title_column="name"))
+
+
+SHOP = CatalogConfig(id_column="sku", title_column="name", category_column="type", price_column="price",
+                     attribute_columns=("type",), split_column=None, overflow_column="name")
+
+
+def test_spreadsheet_exports_semicolons_tabs_and_windows_1252(tmp_path: Path) -> None:
+    """A European Excel export (';' and Windows-1252, a decimal comma needs quoting there), a TSV, a UTF-8 BOM."""
+    (tmp_path / "eu.csv").write_bytes("sku;name;type;price\r\n1;Caf\u00e9 cr\u00e8me shirt;Shirts;19.90\r\n"
+                                      "2;Blue jeans; slim;Jeans;49\r\n".encode("cp1252"))
+    table = read_catalog(tmp_path / "eu.csv", SHOP)
+    assert [p.title for p in table.products] == ["Caf\u00e9 cr\u00e8me shirt", "Blue jeans; slim"]  # repaired
+    assert table.products[0].price == 19.9 and table.report["rows_repaired_overflow"] == 1
+    (tmp_path / "shop.tsv").write_text("\ufeffsku\tname\ttype\tprice\n7\tT\u00e9e, red\tTshirts\t5\n", encoding="utf-8")
+    product = read_catalog(tmp_path / "shop.tsv", SHOP).products[0]
+    assert (product.product_id, product.title, product.category) == ("7", "T\u00e9e, red", "Tshirts")
+    # a delimiter given in the config wins over detection
+    (tmp_path / "pipe.csv").write_text("sku|name|type|price\n8|a,b;c|Tops|1\n", encoding="utf-8")
+    config = CatalogConfig(**{**SHOP.__dict__, "delimiter": "|"})
+    assert read_catalog(tmp_path / "pipe.csv", config).products[0].title == "a,b;c"
+
+
+def test_wrong_encoding_or_delimiter_gives_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "eu.csv").write_bytes("sku;name;type;price\n1;Caf\u00e9;Shirts;1\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"is not valid utf-8 .* set \"encoding\""):
+        read_catalog(tmp_path / "eu.csv", CatalogConfig(**{**SHOP.__dict__, "encoding": "utf-8"}))
+    (tmp_path / "odd.csv").write_text("sku:name:type:price\n1:a:b:1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="lacks the configured columns"):
+        read_catalog(tmp_path / "odd.csv", SHOP)
+    with pytest.raises(ValueError, match=r"read as one column: set \"delimiter\""):
+        read_catalog(tmp_path / "eu.csv", CatalogConfig(**{**SHOP.__dict__, "id_column": "id", "encoding": "cp1252"}))
