@@ -42,7 +42,8 @@ class ServerConfig:
     processes: int = 1  # server processes sharing the port (SO_REUSEPORT), each with its own GIL, model and index
     max_concurrent_rpcs: int = 64  # requests in progress at once; more are answered RESOURCE_EXHAUSTED
     max_message_bytes: int = 16 << 20  # largest request/response in bytes (bounds query image size)
-    max_image_pixels: int = 40_000_000  # largest decoded query image, width * height pixels
+    max_image_pixels: int = 40_000_000  # largest decoded query image, width * height pixels (a JPEG up to 64x
+    # larger is decoded at 1/2, 1/4 or 1/8 scale under it: model.images.decode_image)
     max_batch_queries: int = 1024  # most searches in one BatchSearch call
     default_top_k: int = 10  # hits returned when a request's top_k is 0
     exact_max: int = 20_000  # filters passing at most this many vectors are answered by exact search

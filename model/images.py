@@ -31,6 +31,7 @@ def _formats() -> tuple[str, ...]:
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # bytes of encoded input
 DEFAULT_MAX_PIXELS = 40_000_000  # width * height after decoding
+JPEG_DRAFT_FACTOR = 64  # a JPEG of up to this many times max_pixels is decoded at 1/2, 1/4 or 1/8 scale
 ALLOWED_FORMATS = _formats()
 
 
@@ -55,6 +56,11 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode JPEG/PNG/WebP (and AVIF/HEIC, see ALLOWED_FORMATS) bytes to an RGB image, EXIF orientation applied.
 
+    A JPEG with more than `max_pixels` pixels (a 48, 108 or 200 megapixel phone photo) is decoded
+    at the smallest of 1/2, 1/4 or 1/8 scale that brings it under the limit (the decoder's own DCT
+    scaling: fast, and the full-size pixels are never allocated); up to JPEG_DRAFT_FACTOR times the
+    limit and Pillow's decompression-bomb ceiling. Other formats over the limit are refused.
+
     Raises ImageDecodeError when the input is empty, too large (bytes or pixels), of another format,
     truncated or corrupt.
     """
@@ -64,12 +70,13 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
         raise ImageDecodeError(f"image too large: {len(data)} bytes > limit of {max_bytes} bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the pixel limit below decides
             image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
             width, height = image.size
-            if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise ImageDecodeError(f"image has {width}x{height} pixels, over the limit of {max_pixels} "
-                                       "pixels (or empty)")
+            if width <= 0 or height <= 0:
+                raise ImageDecodeError(f"image has {width}x{height} pixels (empty)")
+            if width * height > max_pixels:
+                _draft_under(image, max_pixels)
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image) or image)
     except ImageDecodeError:
@@ -81,6 +88,22 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
         raise ImageDecodeError(f"image rejected as a decompression bomb: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({len(data)} bytes): {exc}") from exc
+
+
+def _draft_under(image: Image.Image, max_pixels: int) -> None:
+    """Set a JPEG to decode at the largest of 1/2, 1/4, 1/8 scale with at most `max_pixels`; else refuse it."""
+    width, height = image.size
+    refused = ImageDecodeError(f"image has {width}x{height} pixels, over the limit of {max_pixels} pixels"
+                               + (f" (a JPEG may have up to {JPEG_DRAFT_FACTOR} times that: it is decoded "
+                                  "at reduced scale)" if image.format != "JPEG" else ""))
+    if image.format != "JPEG" or width * height > max_pixels * JPEG_DRAFT_FACTOR:
+        raise refused
+    scale = next((s for s in (2, 4, 8) if -(-width // s) * -(-height // s) <= max_pixels), None)
+    if scale is None:
+        raise refused
+    image.draft(None, (-(-width // scale), -(-height // scale)))
+    if image.size[0] * image.size[1] > max_pixels:
+        raise refused
 
 
 RESIZE_MODES = ("crop", "stretch", "pad")

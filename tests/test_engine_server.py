@@ -86,6 +86,26 @@ def test_search_by_phone_format_image(client: VisualSearchClient, engine_index: 
     assert result.hits[0].score == pytest.approx(jpeg.hits[0].score, abs=0.05)
 
 
+def test_search_by_a_48_megapixel_phone_jpeg(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    """A full-resolution 48 MP photo (over the server's 40 MP decode limit) is decoded at reduced scale, not
+    refused, and finds the product like its small JPEG does."""
+    import io
+
+    from PIL import Image
+
+    from model.images import decode_image
+
+    product = engine_index.products[5]
+    photo = decode_image(engine_index.images[product.product_id]).resize((6048, 8064), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=80)
+    assert 6048 * 8064 > 40_000_000 and len(buffer.getvalue()) < 16 << 20
+    result = client.search_image(buffer.getvalue(), top_k=5)
+    small = client.search_image(engine_index.images[product.product_id], top_k=5)
+    assert product.product_id in {h.product_id for h in result.hits}
+    assert result.hits[0].score == pytest.approx(small.hits[0].score, abs=0.05)
+
+
 def test_search_by_vector(client: VisualSearchClient, engine_index: EngineIndex) -> None:
     rng = np.random.default_rng(0)
     result = client.search_vector(rng.normal(size=engine_index.dim).astype(np.float32) * 3.0, top_k=7)

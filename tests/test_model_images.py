@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -47,6 +48,29 @@ def test_size_limits() -> None:
         decode_image(data, max_bytes=10)
     with pytest.raises(ImageDecodeError, match="over the limit"):
         decode_image(data, max_pixels=99 * 99)
+
+
+def test_a_jpeg_over_the_pixel_limit_is_decoded_at_reduced_scale() -> None:
+    """A 48/108-megapixel phone JPEG is not refused: the decoder scales it by 1/2, 1/4 or 1/8 to fit the limit
+    (shown here with a small limit); the picture, its colours and its EXIF orientation are the same."""
+    photo = Image.open(sorted(MINI_IMAGES.glob("*.jpg"))[0]).convert("RGB")
+    big = photo.resize((1200, 1600), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    for mode in ("RGB", "CMYK", "L"):
+        data = _encode(big.convert(mode), "JPEG", quality=92, exif=exif.tobytes())
+        out = decode_image(data, max_pixels=200_000)  # 1/2 scale would be 480k pixels: 1/4 it is
+        assert out.mode == "RGB" and out.size == (400, 300), (mode, out.size)
+        full = decode_image(data)  # under the default limit: decoded at full size
+        assert full.size == (1600, 1200)
+        a = np.asarray(out.resize((80, 60)), dtype=np.float32)
+        b = np.asarray(full.resize((80, 60)), dtype=np.float32)
+        assert np.abs(a - b).mean() < 4.0, mode
+    png = _encode(big, "PNG")
+    with pytest.raises(ImageDecodeError, match="over the limit of 200000 pixels .a JPEG may have up to 64 times"):
+        decode_image(png, max_pixels=200_000)
+    with pytest.raises(ImageDecodeError, match="over the limit of 20000 pixels$"):
+        decode_image(_encode(big, "JPEG"), max_pixels=20_000)  # even 1/8 scale (150x200) is over
 
 
 def test_png_alpha_is_composited_on_white() -> None:
