@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class CatalogConfig:
     split_file: str | None = None  # an "id,split" CSV (path relative to the catalog CSV's folder); wins over the column
     overflow_column: str | None = "productDisplayName"  # extra fields of a too-long row are joined back here
     delimiter: str | None = None  # None: the one of , ; tab | that finds id_column in the header (else ",")
+    decimal_separator: str | None = None  # of prices; None: detected per cell (model.catalog.parse_price)
     encoding: str | None = None  # None: UTF-8 (BOM or not), or Windows-1252 when the file is not valid UTF-8
 
     def to_json(self) -> dict[str, Any]:
@@ -199,19 +201,50 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
             yield header, dict(zip(header, fields, strict=True))
 
 
-def _parse_price(text: str, report: Counter[str]) -> float | None:
-    """Price as a float, or None when empty or unparsable (unparsable prices are counted)."""
-    if not text:
+_PRICE_RE = re.compile(r"^[+]?(?:\d{1,3}(?:[,.' \u00a0\u202f]\d{3})+|\d*)(?:[.,]\d+)?$")
+
+
+def parse_price(text: str, decimal: str | None = None) -> float | None:
+    """A price cell as a float; None when empty; ValueError when it is not a non-negative amount.
+
+    Currency symbols and codes around the number are ignored ("$1,299.00", "19,90 €", "EUR 5"). The
+    decimal separator is `decimal` when given, else the last "." or "," when it is followed by one,
+    two or four-plus digits, or when both separators appear ("1.299,00"); a lone separator followed by
+    exactly three digits ("1,299", "1.299") is read as thousands grouping (set `decimal` when your
+    catalog writes prices with three decimals).
+    """
+    number = re.sub(r"^[^\d+.,-]+|[^\d.,]+$", "", text.strip())  # currency before and after
+    if not number:
+        if text.strip():
+            raise ValueError(f"no number in {text!r}")
         return None
+    if not _PRICE_RE.match(number.replace("\u2019", "'")):
+        raise ValueError(f"not an amount: {text!r}")
+    number = re.sub(r"['\s\u00a0\u202f\u2019]", "", number)
+    if decimal is None:
+        last = max(number.rfind("."), number.rfind(","))
+        both = "." in number and "," in number
+        decimals = len(number) - last - 1
+        if last >= 0 and (both or decimals != 3 or number.count(number[last]) == 1 and number[:last] in ("0", "")):
+            decimal = number[last]
+        else:
+            decimal = ""  # no decimal part: every separator groups thousands
+    whole, separator, fraction = number.rpartition(decimal) if decimal else ("", "", number)
+    if not separator:
+        whole, fraction = fraction, ""
+    value = float(re.sub(r"[.,]", "", whole) + ("." + fraction if fraction else ""))  # "1.2.3" fraction: ValueError
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"not a non-negative amount: {text!r}")
+    return value
+
+
+def _parse_price(text: str, report: Counter[str], decimal: str | None = None) -> float | None:
+    """Price as a float, or None when empty or unparsable (unparsable prices are counted)."""
     try:
-        value = float(text.replace(",", "").strip())
+        return parse_price(text, decimal)
     except ValueError:
         report["bad_price"] += 1
         return None
-    if not math.isfinite(value) or value < 0:
-        report["bad_price"] += 1
-        return None
-    return value
 
 
 def _parse_stock(text: str) -> bool:
@@ -253,7 +286,8 @@ def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counte
         image_url = source if is_url(source) else ""
     return Product(
         product_id=product_id, title=cell(config.title_column), category=cell(config.category_column),
-        brand=cell(config.brand_column), price=_parse_price(cell(config.price_column), report),
+        brand=cell(config.brand_column), price=_parse_price(cell(config.price_column), report,
+                                                                config.decimal_separator),
         currency=config.currency, in_stock=_parse_stock(cell(config.stock_column)), image_url=image_url,
         attributes={c: cell(c) for c in config.attribute_columns}, split=split)
 

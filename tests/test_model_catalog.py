@@ -115,3 +115,31 @@ def test_wrong_encoding_or_delimiter_gives_a_clear_error(tmp_path: Path) -> None
         read_catalog(tmp_path / "odd.csv", SHOP)
     with pytest.raises(ValueError, match=r"read as one column: set \"delimiter\""):
         read_catalog(tmp_path / "eu.csv", CatalogConfig(**{**SHOP.__dict__, "id_column": "id", "encoding": "cp1252"}))
+
+
+@pytest.mark.parametrize("cell, price", [
+    ("19.90", 19.9), ("19,90", 19.9), ("$1,299.00", 1299.0), ("1.299,00 €", 1299.0), ("1,299", 1299.0),
+    ("1.299", 1299.0), ("EUR 5", 5.0), ("0,5", 0.5), ("1 299,00", 1299.0), ("1\u00a0299,99", 1299.99),
+    ("0.299", 0.299), ("12,345,678", 12345678.0), ("1.234.567,89", 1234567.89), ("19.9 USD", 19.9),
+    ("CHF 1'299.50", 1299.5), (".5", 0.5), ("", None), ("  ", None)])
+def test_prices_as_shops_write_them(cell: str, price: float | None) -> None:
+    from model.catalog import parse_price
+
+    assert parse_price(cell) == price
+
+
+@pytest.mark.parametrize("cell", ["abc", "-5", "19.90.1", "1,2,3", "nan", "inf", "12..5", "$"])
+def test_what_is_not_a_price(cell: str) -> None:
+    from model.catalog import parse_price
+
+    with pytest.raises(ValueError):
+        parse_price(cell)
+
+
+def test_decimal_comma_catalog_and_a_configured_separator(tmp_path: Path) -> None:
+    (tmp_path / "eu.csv").write_text("sku;name;type;price\n1;a;Shirts;19,90 \u20ac\n2;b;Shirts;1.299,00\n"
+                                     "3;c;Shirts;1,299\n4;d;Shirts;gratis\n", encoding="utf-8")
+    table = read_catalog(tmp_path / "eu.csv", SHOP)
+    assert [p.price for p in table.products] == [19.9, 1299.0, 1299.0, None] and table.report["bad_price"] == 1
+    config = CatalogConfig(**{**SHOP.__dict__, "decimal_separator": ","})  # three decimals: say so
+    assert [p.price for p in read_catalog(tmp_path / "eu.csv", config).products][:3] == [19.9, 1299.0, 1.299]
