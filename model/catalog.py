@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("vitrine.catalog")
-_TRUE_STOCK = {"1", "true", "yes", "y", "in stock", "in_stock", "available"}
+# availability words of common exports (Google Merchant in_stock/out_of_stock, WooCommerce instock/outofstock,
+# plain yes/no); compared after lower-casing with "-", "_" and spaces removed
+_TRUE_STOCK = {"true", "yes", "y", "t", "on", "instock", "available", "availablefororder"}
+_FALSE_STOCK = {"false", "no", "n", "f", "off", "outofstock", "soldout", "unavailable", "discontinued",
+                "preorder", "backorder", "onbackorder"}
 
 
 @dataclass(frozen=True)
@@ -247,15 +251,25 @@ def _parse_price(text: str, report: Counter[str], decimal: str | None = None) ->
         return None
 
 
-def _parse_stock(text: str) -> bool:
-    """In stock when the cell is a positive number or a yes-like word; an empty cell means in stock."""
-    text = text.strip().lower()
-    if not text:
+def _parse_stock(text: str, report: Counter[str]) -> bool:
+    """In stock when the cell is a positive number or an in-stock word; an empty cell means in stock.
+
+    Pre-orders and back-orders are out of stock (not buyable now). Any other word is out of stock and
+    counted in the report as stock_unrecognised/<word>, so a mapping that reads a whole catalog as
+    sold out does not go unnoticed.
+    """
+    word = re.sub(r"[\s_-]+", "", text.strip().lower())
+    if not word:
         return True
     try:
-        return float(text) > 0
+        return float(word) > 0
     except ValueError:
-        return text in _TRUE_STOCK
+        pass
+    if word in _TRUE_STOCK:
+        return True
+    if word not in _FALSE_STOCK:
+        report[f"stock_unrecognised/{text.strip()[:40]}"] += 1
+    return False
 
 
 def _check_columns(header: list[str], config: CatalogConfig, csv_path: str | Path) -> None:
@@ -288,7 +302,7 @@ def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counte
         product_id=product_id, title=cell(config.title_column), category=cell(config.category_column),
         brand=cell(config.brand_column), price=_parse_price(cell(config.price_column), report,
                                                                 config.decimal_separator),
-        currency=config.currency, in_stock=_parse_stock(cell(config.stock_column)), image_url=image_url,
+        currency=config.currency, in_stock=_parse_stock(cell(config.stock_column), report), image_url=image_url,
         attributes={c: cell(c) for c in config.attribute_columns}, split=split)
 
 

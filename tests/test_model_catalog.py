@@ -143,3 +143,17 @@ def test_decimal_comma_catalog_and_a_configured_separator(tmp_path: Path) -> Non
     assert [p.price for p in table.products] == [19.9, 1299.0, 1299.0, None] and table.report["bad_price"] == 1
     config = CatalogConfig(**{**SHOP.__dict__, "decimal_separator": ","})  # three decimals: say so
     assert [p.price for p in read_catalog(tmp_path / "eu.csv", config).products][:3] == [19.9, 1299.0, 1.299]
+
+
+def test_stock_words_of_common_exports(tmp_path: Path) -> None:
+    config = CatalogConfig(**{**SHOP.__dict__, "stock_column": "stock"})
+    cells = ["in_stock", "out_of_stock", "instock", "outofstock", "In Stock", "Sold out", "preorder", "3", "0", "",
+             "yes", "no", "maybe later"]
+    rows = "".join(f"{i},p{i},Shirts,1,{cell}\n" for i, cell in enumerate(cells))
+    (tmp_path / "stock.csv").write_text("sku,name,type,price,stock\n" + rows, encoding="utf-8")
+    table = read_catalog(tmp_path / "stock.csv", config)
+    assert [p.in_stock for p in table.products] == [True, False, True, False, True, False, False, True, False,
+                                                     True, True, False, False]
+    assert table.report["stock_unrecognised/maybe later"] == 1
+    assert not any(k.startswith("stock_unrecognised/") and k != "stock_unrecognised/maybe later"
+                   for k in table.report)
