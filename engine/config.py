@@ -59,6 +59,8 @@ class ServerConfig:
     poll_s: float = 2.0  # seconds between two reads of CURRENT
     metrics_port: int | None = None  # Prometheus /metrics HTTP port; None: no metrics endpoint (0: any free port)
     metrics_host: str = "127.0.0.1"  # interface of the metrics endpoint
+    http_port: int | None = None  # HTTP/JSON gateway port (engine.http_gateway) on `host`; None: none (0: any free)
+    http_cors_origin: str | None = None  # the gateway's Access-Control-Allow-Origin ("*" or an origin); None: no CORS
     faiss_threads: int = 1  # OpenMP threads per Faiss call (requests already run in parallel)
     faiss_batch_threads: int = 0  # OpenMP threads of a Faiss call for >= 8 queries (BatchSearch); 0: all cores
     log_json: bool = False  # log one JSON object per line instead of plain text
@@ -91,6 +93,8 @@ def check_role(config: ServerConfig) -> None:
         raise ConfigError(f"shard servers must be host:port, got {bad}")
     if config.processes < 1:
         raise ConfigError(f"processes must be >= 1, got {config.processes}")
+    if config.http_port is not None and config.role == "shard":
+        raise ConfigError("--http-port is for the servers clients call (standalone or root), not a shard server")
     if config.shard_timeout_ms <= 0:
         raise ConfigError(f"shard_timeout_ms must be > 0, got {config.shard_timeout_ms}")
 

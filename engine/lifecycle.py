@@ -60,10 +60,13 @@ class VitrineServer:
         self.metrics_port = metrics_port  # the bound /metrics port; None when not exposed
         self.service_names = tuple(service_names)
         self.closeables = ([runner] if runner is not None else []) + list(closeables)
+        self.http_port: int | None = None  # the bound HTTP/JSON gateway port; None when there is none
+        self.serving = threading.Event()  # set while the server reports SERVING (the HTTP gateway's /healthz)
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stop serving; the returned event is set once requests finished and the version is closed."""
         set_health(self.health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING, self.service_names)
+        self.serving.clear()
         if self.watcher is not None:
             self.watcher.stop()
         stopped = self._server.stop(grace)
@@ -138,6 +141,8 @@ def run_until_signal(config: ServerConfig, create: Callable[[ServerConfig], tupl
         logger.info("serving on %s:%d as %s; Ctrl-C to stop", config.host, port, config.role)
         if server.metrics_port is not None:
             logger.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
+        if getattr(server, "http_port", None) is not None:
+            logger.info("HTTP/JSON gateway on http://%s:%d (POST /v1/search)", config.host, server.http_port)
         stop.wait()
     logger.info("stopping: NOT_SERVING, %.1fs grace for in-flight requests", config.grace_s)
     server.health_servicer.enter_graceful_shutdown()
@@ -158,6 +163,13 @@ def worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
     if metrics_port:  # 0 and None stay: any free port / no endpoint
         metrics_port += index
     return dataclasses.replace(config, processes=1, port=port, metrics_port=metrics_port)
+
+
+def shared_http_port(config: ServerConfig) -> ServerConfig:
+    """The config with a concrete HTTP gateway port for every worker to share (0 becomes one free port)."""
+    if config.http_port == 0:
+        return dataclasses.replace(config, http_port=_free_port(config.host))
+    return config
 
 
 def _worker_main(config: ServerConfig, index: int, count: int, verbose: bool) -> None:
@@ -186,6 +198,9 @@ def run_workers(config: ServerConfig) -> int:
     status is returned: restarting is the job of the process manager (systemd, Kubernetes).
     """
     port = config.port or _free_port(config.host)
+    config = shared_http_port(config)
+    if config.http_port is not None:
+        logger.info("HTTP/JSON gateway of every worker on http://%s:%d", config.host, config.http_port)
     context = multiprocessing.get_context("spawn")
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     workers = []

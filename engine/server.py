@@ -27,6 +27,7 @@ from PIL import Image
 from engine.batcher import BatcherConfig, MicroBatcher
 from engine.config import ServerConfig
 from engine.errors import ShardsUnavailable
+from engine.http_gateway import HttpGateway
 from engine.lifecycle import ServerStartError, VitrineServer, bind, run_until_signal, set_health
 from engine.metrics import Metrics
 from engine.remote import RemoteShardSearch, ShardFanout
@@ -215,12 +216,26 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
     slot.install(searcher)
     _set_index_metrics(metrics, searcher)
     watcher = _start_watcher(config, slot, runner, metrics, fanout) if config.watch else None
+    closeables: list = [fanout] if fanout else []
+    vitrine = VitrineServer(server, slot, runner, metrics, health_servicer, watcher, metrics_port,
+                            service_names=(SERVICE_NAME,), closeables=closeables)
+    if config.http_port is not None:
+        try:
+            gateway = HttpGateway(servicer, vitrine.serving.is_set, config.host, config.http_port,
+                                  max_body_bytes=config.max_message_bytes, max_concurrent=config.max_concurrent_rpcs,
+                                  cors_origin=config.http_cors_origin)
+        except OSError as exc:
+            vitrine.stop(None).wait()
+            raise ServerStartError(f"cannot bind the HTTP gateway to {config.host}:{config.http_port}: {exc}") \
+                from exc
+        vitrine.http_port = gateway.start()
+        vitrine.closeables.insert(0, gateway)
     set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING, (SERVICE_NAME,))
+    vitrine.serving.set()
     logger.info("SERVING index version %s (%s, %d vectors, dim %d)%s", searcher.version.name,
                 searcher.version.factory, searcher.version.count, searcher.version.dim,
                 f" as a root over shard servers {', '.join(config.shard_servers)}" if fanout else "")
-    return VitrineServer(server, slot, runner, metrics, health_servicer, watcher, metrics_port,
-                         service_names=(SERVICE_NAME,), closeables=[fanout] if fanout else []), port
+    return vitrine, port
 
 
 def _set_index_metrics(metrics: Metrics, searcher: Searcher) -> None:

@@ -62,7 +62,8 @@ def test_serve_with_file_env_and_flags_then_query(tmp_path: Path) -> None:
 
 
 def test_serve_with_two_processes_on_one_port(tmp_path: Path) -> None:
-    """`--processes 2`: two worker processes share the port; connections reach both; SIGTERM stops all cleanly."""
+    """`--processes 2`: two worker processes share the gRPC port and the HTTP gateway's port; connections reach
+    both; SIGTERM stops all cleanly."""
     import grpc
     import numpy as np
 
@@ -73,10 +74,13 @@ def test_serve_with_two_processes_on_one_port(tmp_path: Path) -> None:
     while (second := free_port()) == metrics_port + 1 or second == port:
         pass
     metrics_port = second - 1  # workers serve metrics on metrics_port + 0 and + 1: both must be free
+    while (http_port := free_port()) in (port, metrics_port, metrics_port + 1):
+        pass
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "vitrine", "serve", "--index-root", str(index.index_root),
                                "--port", str(port), "--processes", "2", "--metrics-port", str(metrics_port),
-                               "--grace-s", "1"], env=env, stderr=subprocess.PIPE, text=True)
+                               "--http-port", str(http_port), "--grace-s", "1"], env=env, stderr=subprocess.PIPE,
+                              text=True)
     try:
         for worker in (0, 1):  # each worker's metrics endpoint answers once it is loaded
             deadline = time.monotonic() + 240
@@ -92,13 +96,18 @@ def test_serve_with_two_processes_on_one_port(tmp_path: Path) -> None:
         for _ in range(24):  # one connection each: the kernel spreads them over the workers
             with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
                 assert len(search_pb2_grpc.VisualSearchStub(ch).Search(request, timeout=30).hits) == 3
+        body = json.dumps({"vector": {"values": np.ones(index.dim).tolist()}, "top_k": 3}).encode()
+        for _ in range(24):  # the HTTP gateway: one connection per call, spread over the workers too
+            call = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/search", data=body,
+                                          headers={"Content-Type": "application/json"})
+            assert len(json.loads(urllib.request.urlopen(call, timeout=30).read())["hits"]) == 3
         counts = []
         for worker in (0, 1):
             text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + worker}/metrics", timeout=10).read()
             line = next((ln for ln in text.decode().splitlines()
                          if ln.startswith('vitrine_requests_total{code="OK",method="Search"}')), "x 0")
             counts.append(float(line.split()[-1]))
-        assert sum(counts) == 24 and min(counts) > 0, counts  # both processes answered
+        assert sum(counts) == 48 and min(counts) > 0, counts  # both processes answered
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=60)
     finally:

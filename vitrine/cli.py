@@ -172,6 +172,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="requests in progress at once; more are answered RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=int, default=None, help="largest request/response (bytes)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the API as HTTP/JSON on this port (POST /v1/search with JSON or a raw image "
+                        "body, /v1/batch-search, /v1/embed, GET /v1/products/<id>, /v1/index, /healthz; "
+                        "engine/http_gateway.py), for browsers and curl; 0: any free port")
+    p.add_argument("--http-cors-origin", default=None,
+                   help="with --http-port: allow browser calls from this origin (e.g. https://shop.example.com, "
+                        "or * for any)")
     p.add_argument("--no-watch", dest="watch", action="store_const", const=False, default=None,
                    help="do not watch CURRENT for new versions (no hot swap)")
     p.add_argument("--poll-s", type=float, default=None, help="seconds between two reads of CURRENT")

@@ -173,7 +173,7 @@ _SERVE_FLAGS = ("index_root", "model", "host", "port", "processes", "max_workers
                 "max_message_bytes",
                 "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
                 "faiss_threads", "faiss_batch_threads", "torch_threads", "grace_s", "log_json", "role", "shards",
-                "shard_servers", "shard_timeout_ms", "require_all_shards")
+                "shard_servers", "shard_timeout_ms", "require_all_shards", "http_port", "http_cors_origin")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,181 @@
+"""The HTTP/JSON gateway (`vitrine serve --http-port`): the same answers as gRPC, over plain HTTP.
+
+A real server (gRPC and HTTP on ports chosen by the OS) over a real index; requests go out with urllib,
+as a web back end or curl would send them: an image body with query parameters, proto3 JSON bodies,
+GET routes. Errors carry the gRPC code name and its HTTP status.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from engine_fixtures import EngineIndex, build_engine_index
+
+from engine.client import VisualSearchClient
+from engine.server import ServerConfig, create_server
+from engine.types import SearchFilter
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def engine_index(tmp_path_factory: pytest.TempPathFactory) -> EngineIndex:
+    return build_engine_index(tmp_path_factory.mktemp("engine-http"))
+
+
+@pytest.fixture(scope="module")
+def served(engine_index: EngineIndex) -> Iterator[tuple[Any, int]]:
+    server, port = create_server(ServerConfig(index_root=engine_index.index_root, port=0, max_workers=4,
+                                              http_port=0, http_cors_origin="https://shop.example.com",
+                                              max_message_bytes=4 << 20))
+    yield server, port
+    server.stop(None).wait()
+
+
+def http(server: Any, path: str, body: bytes | None = None, content_type: str = "application/json",
+         method: str | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, JSON answer) of one HTTP call to the gateway."""
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", data=body, method=method,
+                                     headers={"Content-Type": content_type, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_search_by_image_body_matches_grpc(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    server, port = served
+    product = engine_index.products[7]
+    image = engine_index.images[product.product_id]
+    status, answer = http(server, "/v1/search?top_k=5", image, "image/jpeg")
+    assert status == 200, answer
+    with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=10.0) as client:
+        expected = client.search_image(image, top_k=5)
+    assert [h["product_id"] for h in answer["hits"]] == [h.product_id for h in expected.hits]
+    assert [h["score"] for h in answer["hits"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
+    assert answer["index_version"] == engine_index.version_path.name
+    assert answer["hits"][0]["product"]["title"] == expected.hits[0].product.title
+
+
+def test_search_by_json_with_filter_matches_grpc(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    server, port = served
+    category = engine_index.products[0].category
+    vector = np.random.default_rng(3).normal(size=engine_index.dim).astype(np.float32)
+    body = {"vector": {"values": vector.tolist()}, "top_k": 8,
+            "filter": {"categories": [category], "price": {"max": 80.0}, "in_stock_only": True},
+            "options": {"one_per_product": True}}
+    status, answer = http(server, "/v1/search", json.dumps(body).encode())
+    assert status == 200, answer
+    with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=10.0) as client:
+        expected = client.search_vector(vector, top_k=8, filter=SearchFilter(
+            categories=(category,), max_price=80.0, in_stock_only=True))
+    assert [h["product_id"] for h in answer["hits"]] == [h.product_id for h in expected.hits] and expected.hits
+    for hit in answer["hits"]:
+        product = hit["product"]
+        assert product["category"] == category and product["in_stock"] and product["price"] <= 80.0
+    # the same through query parameters on an image body, and lowerCamelCase JSON
+    image = engine_index.images[engine_index.products[2].product_id]
+    status, by_query = http(server, f"/v1/search?top_k=3&category={category}&max_price=80&in_stock=true", image,
+                            "image/jpeg")
+    assert status == 200 and 0 < len(by_query["hits"]) <= 3
+    assert all(h["product"]["category"] == category for h in by_query["hits"])
+    camel = {"vector": {"values": vector.tolist()}, "topK": 8, "filter": {"categories": [category],
+                                                                           "price": {"max": 80.0},
+                                                                           "inStockOnly": True}}
+    status, again = http(server, "/v1/search", json.dumps(camel).encode())
+    assert status == 200 and [h["product_id"] for h in again["hits"]] == [h["product_id"] for h in answer["hits"]]
+
+
+def test_batch_embed_product_and_index_routes(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    server, _ = served
+    ids = [p.product_id for p in engine_index.products[:3]]
+    body = {"requests": [{"product_id": ids[0], "top_k": 2}, {"product_id": "no-such-product"},
+                         {"image": base64.b64encode(engine_index.images[ids[1]]).decode(), "top_k": 2}]}
+    status, batch = http(server, "/v1/batch-search", json.dumps(body).encode())
+    assert status == 200 and len(batch["results"]) == 3
+    assert "code" not in batch["results"][0] and len(batch["results"][0]["response"]["hits"]) == 2  # 0 is omitted
+    assert batch["results"][1]["code"] == 5 and "no-such-product" in batch["results"][1]["message"]
+    status, embedded = http(server, "/v1/embed", engine_index.images[ids[2]], "image/jpeg")
+    assert status == 200 and len(embedded["vector"]["values"]) == engine_index.dim
+    assert np.linalg.norm(embedded["vector"]["values"]) == pytest.approx(1.0, abs=1e-4)
+    status, product = http(server, f"/v1/products/{ids[0]}")
+    assert status == 200 and product["product"]["product_id"] == ids[0]
+    status, info = http(server, "/v1/index")
+    assert status == 200 and int(info["count"]) == len(engine_index.products) and info["dim"] == engine_index.dim
+    status, health = http(server, "/healthz")
+    assert (status, health) == (200, {"status": "SERVING"})
+
+
+@pytest.mark.parametrize("path, body, kind, method, status, code, message", [
+    ("/v1/search", b"not an image", "image/jpeg", None, 400, "INVALID_ARGUMENT", "not a recognised image"),
+    ("/v1/search", b"{not json", "application/json", None, 400, "INVALID_ARGUMENT", "not a valid vitrine.v1"),
+    ("/v1/search", b'{"vector": {"values": [1]}, "colour": "red"}', "application/json", None, 400,
+     "INVALID_ARGUMENT", "colour"),
+    ("/v1/search", b"{}", "application/json", None, 400, "INVALID_ARGUMENT", ""),
+    ("/v1/search?top_k=many", b"x", "image/png", None, 400, "INVALID_ARGUMENT", "top_k='many' is not an integer"),
+    ("/v1/search?colour=red", b"x", "image/png", None, 400, "INVALID_ARGUMENT", "unknown query parameters"),
+    ("/v1/products/nope", None, "application/json", None, 404, "NOT_FOUND", "nope"),
+    ("/v1/nothing", None, "application/json", None, 404, "NOT_FOUND", "no such endpoint"),
+    ("/v1/search", None, "application/json", "GET", 405, "UNIMPLEMENTED", "GET is not allowed"),
+])
+def test_errors_carry_the_grpc_code_and_its_http_status(served: tuple[Any, int], path: str, body: bytes | None,
+                                                        kind: str, method: str | None, status: int, code: str,
+                                                        message: str) -> None:
+    got, answer = http(served[0], path, body, kind, method)
+    assert (got, answer["code"]) == (status, code), answer
+    assert message in answer["message"]
+
+
+def test_an_oversized_body_is_refused_unread(served: tuple[Any, int]) -> None:
+    server, _ = served
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 999999999\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            chunks.append(chunk)
+        answer = b"".join(chunks).decode()
+    assert answer.startswith("HTTP/1.1 413") and "over the limit of 4194304 bytes" in answer
+
+
+def test_deadline_and_cors(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    server, _ = served
+    image = engine_index.images[engine_index.products[1].product_id]
+    status, answer = http(server, "/v1/search", image, "image/jpeg", headers={"X-Timeout-Ms": "0.001"})
+    assert (status, answer["code"]) == (504, "DEADLINE_EXCEEDED")
+    status, answer = http(server, "/v1/search?timeout_ms=-5", image, "image/jpeg")
+    assert status == 400 and "timeout_ms must be positive" in answer["message"]
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v1/search", method="OPTIONS",
+                                     headers={"Origin": "https://shop.example.com",
+                                              "Access-Control-Request-Method": "POST"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example.com"
+        assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/healthz")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example.com"
+
+
+def test_health_says_not_serving_once_stopping(tmp_path: Path) -> None:
+    own = build_engine_index(tmp_path)  # its own version: one process opens a version's LMDB once
+    server, _ = create_server(ServerConfig(index_root=own.index_root, port=0, max_workers=2, http_port=0,
+                                           watch=False))
+    try:
+        assert http(server, "/healthz") == (200, {"status": "SERVING"})
+        server.serving.clear()  # what stop() does first, before the grace period
+        assert http(server, "/healthz") == (503, {"status": "NOT_SERVING"})
+    finally:
+        server.stop(None).wait()
+    with pytest.raises(urllib.error.URLError):
+        http(server, "/healthz")  # closed with the server
