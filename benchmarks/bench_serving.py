@@ -15,6 +15,8 @@ call as the server runs it):
 - the ceiling of the transport: the same client against a no-op gRPC server (a separate process
   answering every Search with one prebuilt 10-hit response, no parsing, no search), at the same
   concurrency: no Python gRPC service can answer faster with this client on these cores;
+- the same vector searches through the server's HTTP/JSON gateway (`--http-port`; proto3 JSON bodies
+  posted to /v1/search, one keep-alive connection per client thread, answers parsed), against gRPC;
 - Search by image (mini-catalog JPEGs) at concurrency 16 with and without micro-batching;
 - one BatchSearch of 64 vectors against 64 sequential Search calls, and the floor of the batch: the
   Faiss search of those 64 vectors alone (k = the re-rank candidates, on all cores as the server's
@@ -246,15 +248,45 @@ class Clients:
             channel.close()
 
 
+class HttpClients:
+    """One keep-alive HTTP connection per client thread to the gateway; each call parses its JSON answer."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._local = threading.local()
+
+    def search(self, body: bytes) -> dict:
+        import http.client
+        import json
+
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection.request("POST", "/v1/search", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {answer}")
+        return answer
+
+
+def json_requests(xq: np.ndarray) -> list[bytes]:
+    import json
+
+    return [json.dumps({"vector": {"values": q.tolist()}, "top_k": 10}).encode() for q in xq]
+
+
 def vector_requests(xq: np.ndarray) -> list[search_pb2.SearchRequest]:
     return [search_pb2.SearchRequest(vector=search_pb2.Vector(values=q.tolist()), top_k=10) for q in xq]
 
 
-def bench_vectors(port: int, multi_port: int, noop_port: int, version: IndexVersion, xq: np.ndarray,
-                  args: argparse.Namespace) -> list[dict]:
-    """gRPC Search by vector (one server process, and `--processes`) vs the no-op gRPC ceiling, in-process
-    Faiss and in-process Searcher, per concurrency; every client thread has its own connection."""
+def bench_vectors(port: int, multi_port: int, noop_port: int, http_port: int, version: IndexVersion,
+                  xq: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """gRPC Search by vector (one server process, and `--processes`) vs the no-op gRPC ceiling, the HTTP/JSON
+    gateway, in-process Faiss and in-process Searcher, per concurrency; every client thread has its own
+    connection."""
     server, multi, noop = Clients(port), Clients(multi_port), Clients(noop_port)
+    gateway, bodies = HttpClients(http_port), json_requests(xq)
     requests = vector_requests(xq)
     n = len(requests)
     params = faiss.SearchParametersIVF()
@@ -269,6 +301,7 @@ def bench_vectors(port: int, multi_port: int, noop_port: int, version: IndexVers
     rows = []
     for clients in (server, multi, noop):  # warm-up
         run_load(lambda i, c=clients: c.stub().Search(requests[i % n], timeout=30), 32, 320)
+    run_load(lambda i: gateway.search(bodies[i % n]), 8, 160)
     for concurrency in (1, 8, 32):
         total = args.requests if concurrency > 1 else args.requests // 2
         row = {"concurrency": concurrency,
@@ -276,6 +309,7 @@ def bench_vectors(port: int, multi_port: int, noop_port: int, version: IndexVers
                "grpc_processes": run_load(lambda i: multi.stub().Search(requests[i % n], timeout=30), concurrency,
                                           total),
                "grpc_noop": run_load(lambda i: noop.stub().Search(requests[i % n], timeout=30), concurrency, total),
+               "http": run_load(lambda i: gateway.search(bodies[i % n]), concurrency, total),
                "faiss_inprocess": run_load(faiss_call, concurrency, total),
                "searcher_inprocess": run_load(lambda i: searcher.search(plain[i % n]), concurrency, total)}
         row["ratio_grpc_to_faiss"] = row["grpc"]["qps"] / row["faiss_inprocess"]["qps"]
@@ -283,6 +317,7 @@ def bench_vectors(port: int, multi_port: int, noop_port: int, version: IndexVers
         row["ratio_noop_to_faiss"] = row["grpc_noop"]["qps"] / row["faiss_inprocess"]["qps"]
         row["ratio_grpc_to_noop"] = row["grpc"]["qps"] / row["grpc_noop"]["qps"]
         row["ratio_processes_to_faiss"] = row["grpc_processes"]["qps"] / row["faiss_inprocess"]["qps"]
+        row["ratio_http_to_grpc"] = row["http"]["qps"] / row["grpc"]["qps"]
         print(row, flush=True)
         rows.append(row)
     for clients in (server, multi, noop):
@@ -361,12 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     xq = clustered(1000, args.dim, seed=2)
     results: dict = {"model": model_source, "version": version_path.name}
     flags = ["--workers", "32", "--max-concurrent-rpcs", "1000"]
-    with server_process(args.work, flags) as port, open_version(version_path) as version:
+    http_port = free_port()
+    with server_process(args.work, [*flags, "--http-port", str(http_port)]) as port, \
+            open_version(version_path) as version:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # a real 10-hit answer for the no-op server
             response = search_pb2_grpc.VisualSearchStub(channel).Search(vector_requests(xq[:1])[0], timeout=30)
         with noop_server_process(args.work, response.SerializeToString()) as noop_port, \
                 server_process(args.work, [*flags, "--processes", str(args.processes)]) as multi_port:
-            results["vector"] = bench_vectors(port, multi_port, noop_port, version, xq, args)
+            results["vector"] = bench_vectors(port, multi_port, noop_port, http_port, version, xq, args)
         results["batch"] = bench_batch(port, version, xq, args)
     images = mini_catalog_images()
     results["image"] = {
@@ -394,6 +431,13 @@ def write(args: argparse.Namespace, results: dict) -> None:
                      f"| {row['grpc_noop']['qps']:.0f} | {row['ratio_grpc_to_faiss']:.2f} "
                      f"| {row['ratio_processes_to_faiss']:.2f} | {row['ratio_grpc_to_searcher']:.2f} "
                      f"| {row['ratio_noop_to_faiss']:.2f} | {row['ratio_grpc_to_noop']:.2f} |")
+    lines += ["", "The same searches through the server's HTTP/JSON gateway (one server process, keep-alive "
+              "connections, JSON parsed by the client):", "",
+              "| concurrency | HTTP/JSON QPS | p50 ms | p99 ms | gRPC QPS | HTTP / gRPC |", "|---|---|---|---|---|---|"]
+    for row in results["vector"]:
+        h = row["http"]
+        lines.append(f"| {row['concurrency']} | {h['qps']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} "
+                     f"| {row['grpc']['qps']:.0f} | {row['ratio_http_to_grpc']:.2f} |")
     b, im = results["batch"], results["image"]
     lines += ["", "| measurement | value |", "|---|---|",
               f"| 64 sequential Search calls | {b['sequential_qps']:.0f} queries/s |",
@@ -421,6 +465,7 @@ def plot(results: dict) -> None:
     conc = [r["concurrency"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("grpc", "gRPC Search"), ("grpc_processes", "gRPC Search, several server processes"),
+                       ("http", "HTTP/JSON gateway, one process"),
                        ("grpc_noop", "no-op gRPC server (ceiling)"),
                        ("searcher_inprocess", "in-process Searcher"), ("faiss_inprocess", "in-process Faiss")):
         ax.plot(conc, [r[key]["qps"] for r in rows], marker="o", label=label)
