@@ -56,12 +56,14 @@ class IndexUpdateConfig:
     use_gpu: bool | None = None  # unused by the update's add (kept for flag parity with the build)
     publish: bool = True  # point CURRENT at the new version when validation passes
     image_cache: str | Path | None = None  # downloaded image URLs (None: <index_root>/.image-cache)
+    image_max_age_h: float = 20.0  # cached image URLs older than this are revalidated (conditional GET)
 
 
 def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], list[str], set[int]]:
     """The new catalog's products, its read report, and each product's image as a local path (URLs downloaded)."""
     from model.catalog import CatalogConfig, load_catalog_config, read_catalog
     from model.data.ingest import IngestReport, local_sources
+    from model.data.sources import FetchSettings
 
     catalog = load_catalog_config(config.catalog_config) if config.catalog_config else CatalogConfig()
     if config.images_dir is None and catalog.image_column is None:
@@ -70,9 +72,11 @@ def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, A
     images_dir = Path(config.images_dir) if config.images_dir is not None else Path(config.csv_path).resolve().parent
     table = read_catalog(config.csv_path, catalog)
     fetched = IngestReport()
+    if not config.image_max_age_h >= 0:
+        raise ValueError(f"image_max_age_h must be at least 0, got {config.image_max_age_h}")
     sources, failed = local_sources(table.images, images_dir,
-                                    config.image_cache or Path(config.index_root) / ".image-cache", None, fetched,
-                                    progress=True)
+                                    config.image_cache or Path(config.index_root) / ".image-cache",
+                                    FetchSettings(max_age_s=config.image_max_age_h * 3600.0), fetched, progress=True)
     report: dict[str, Any] = dict(table.report)
     if fetched.downloads:
         report["downloads"] = fetched.downloads

@@ -8,6 +8,7 @@ response slower than the timeout. Ingest and `vitrine index update` read the sam
 from __future__ import annotations
 
 import csv
+import hashlib
 import http.server
 import json
 import threading
@@ -31,12 +32,14 @@ FAST = FetchSettings(threads=4, timeout_s=0.5, retries=2, backoff_s=0.05)
 
 class Server(http.server.ThreadingHTTPServer):
     hits: Counter[str]
+    mutable: dict[str, str]  # /mutable/<name> serves this image file of the mini catalog ("down": 503)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """/img/<file>: the image; /flaky/<file>: 503 on the first request, then the image; /limited/<file>: 429 with
     Retry-After 1 on the first request; /missing/<file>: 404; /html/<file>: an HTML page with status 200;
-    /slow/<file>: the image after 2 s (longer than the tests' timeout)."""
+    /slow/<file>: the image after 2 s (longer than the tests' timeout); /mutable/<name>: the file that
+    server.mutable names, with an ETag, answering 304 to a matching If-None-Match."""
 
     server: Server
 
@@ -44,6 +47,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         kind, _, name = self.path.strip("/").partition("/")
         self.server.hits[self.path] += 1
         first = self.server.hits[self.path] == 1
+        if kind == "mutable":
+            served = self.server.mutable.get(name, "")
+            if served == "down":
+                return self._send(503, b"maintenance", "text/plain")
+            body = (MINI / "images" / served).read_bytes()
+            etag = '"' + hashlib.sha1(body).hexdigest() + '"'
+            if self.headers.get("If-None-Match") == etag:
+                self.server.hits["304"] += 1
+                return self._send(304, b"", "image/jpeg", {"ETag": etag})
+            return self._send(200, body, "image/jpeg", {"ETag": etag})
         file = MINI / "images" / name
         if kind == "missing" or not file.is_file():
             return self._send(404, b"not found", "text/plain")
@@ -61,7 +74,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             self.send_response(code)
             self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
+            if code != 304:
+                self.send_header("Content-Length", str(len(body)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()
@@ -76,7 +90,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def cdn() -> Iterator[Server]:
     server = Server(("127.0.0.1", 0), Handler)
-    server.hits = Counter()
+    server.hits, server.mutable = Counter(), {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -144,6 +158,27 @@ def test_ingest_downloads_urls_counts_failures_and_caches(cdn: Server, tmp_path:
     assert again.records == 7 and again.downloads["cached"] == 5 and again.downloads["downloaded"] == 0
     new_hits = cdn.hits - before
     assert set(new_hits) == {f"/missing/{files[4]}", f"/slow/{files[6]}"}, "only the failures are tried again"
+
+
+def test_a_cached_image_is_revalidated_replaced_or_kept_when_the_cdn_is_down(cdn: Server, tmp_path: Path) -> None:
+    """The nightly run sees an image replaced under the same URL; an unchanged one costs a 304, no body."""
+    files = mini_files(2)
+    cdn.mutable["shoe.jpg"] = files[0]
+    url = f"{base_url(cdn)}/mutable/shoe.jpg"
+    paths, report = fetch_urls([url], tmp_path, FAST, progress=False)
+    assert report.downloaded == 1 and Path(paths[url]).read_bytes() == (MINI / "images" / files[0]).read_bytes()
+    _, report = fetch_urls([url], tmp_path, FAST, progress=False)  # younger than max_age_s: not asked
+    assert (report.cached, cdn.hits["/mutable/shoe.jpg"]) == (1, 1)
+    nightly = FetchSettings(threads=2, timeout_s=0.5, retries=0, max_age_s=0.0)
+    _, report = fetch_urls([url], tmp_path, nightly, progress=False)
+    assert (report.not_modified, report.downloaded, cdn.hits["304"]) == (1, 0, 1)
+    cdn.mutable["shoe.jpg"] = files[1]  # the shop replaced the photo, same URL
+    paths, report = fetch_urls([url], tmp_path, nightly, progress=False)
+    assert report.downloaded == 1 and Path(paths[url]).read_bytes() == (MINI / "images" / files[1]).read_bytes()
+    cdn.mutable["shoe.jpg"] = "down"
+    paths, report = fetch_urls([url], tmp_path, nightly, progress=False)
+    assert (report.stale, report.failed) == (1, 0), "the cached copy serves while the CDN is down"
+    assert Path(paths[url]).read_bytes() == (MINI / "images" / files[1]).read_bytes()
 
 
 def test_fetch_refuses_a_body_over_the_size_limit(cdn: Server, tmp_path: Path) -> None:

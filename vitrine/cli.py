@@ -58,6 +58,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="retries of a download after a timeout, connection error or HTTP 408/429/5xx (default 3)")
     p.add_argument("--refresh-images", action="store_true",
                    help="download every image URL again, even when the cache holds it")
+    p.add_argument("--image-max-age-h", type=float, default=20.0,
+                   help="revalidate a cached image older than this many hours with a conditional GET (304: kept; "
+                        "200: replaced; server down: the cached copy is used); default 20, so every nightly run")
     p.set_defaults(handler=commands.cmd_ingest)
 
 
@@ -113,6 +116,8 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
                         "its relative paths start; default the CSV's folder)")
     u.add_argument("--image-cache", default=None, help="folder keeping downloaded image URLs between runs "
                                                        "(default <index-root>/.image-cache)")
+    u.add_argument("--image-max-age-h", type=float, default=20.0,
+                   help="revalidate cached image URLs older than this many hours (default 20)")
     u.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     u.add_argument("--catalog-config", default=None, help="JSON column mapping (model.catalog.CatalogConfig)")
     u.add_argument("--model", default=None, help="checkpoint folder (default: the live version's; it must have "

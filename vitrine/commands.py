@@ -61,8 +61,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if not args.download_timeout > 0:
         raise UserError(f"--download-timeout must be positive, got {args.download_timeout}")
+    if not args.image_max_age_h >= 0:
+        raise UserError(f"--image-max-age-h must be at least 0, got {args.image_max_age_h}")
     fetch = FetchSettings(threads=args.download_threads, timeout_s=args.download_timeout,
-                          retries=args.download_retries, refresh=args.refresh_images)
+                          retries=args.download_retries, refresh=args.refresh_images,
+                          max_age_s=args.image_max_age_h * 3600.0)
     kwargs = {} if args.max_records_per_shard is None else {"max_records_per_shard": args.max_records_per_shard}
     report = build_shards(csv_path, images, Path(args.out), config, workers=args.workers, max_side=args.max_side,
                           image_cache=args.image_cache, fetch=fetch, **kwargs)
@@ -128,6 +131,7 @@ def cmd_index_update(args: argparse.Namespace) -> int:
     config = IndexUpdateConfig(csv_path=_existing(args.csv, "catalog CSV"),
                                images_dir=_existing(args.images, "images") if args.images is not None else None,
                                index_root=_existing(args.index_root, "index root"), image_cache=args.image_cache,
+                               image_max_age_h=args.image_max_age_h,
                                catalog_config=Path(args.catalog_config) if args.catalog_config else None,
                                model=Path(args.model) if args.model else None)
     config = dataclasses.replace(config, **_overrides(args, _BUILD_FLAGS))

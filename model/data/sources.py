@@ -9,18 +9,26 @@ rebuild and `vitrine index update` read local files afterwards.
 Downloads: a thread pool (network-bound work), a timeout per request, retries with exponential
 back-off on connection errors, timeouts, HTTP 408/429/5xx (a `Retry-After` of at most 30 s is
 honoured), a size limit, and no retry on other HTTP errors (a 404 will not come back). A finished
-download is written atomically to `<cache>/<sha1 of the URL>`; a failure is not cached, so the next
-run tries again. The cache is keyed by URL: an image replaced under the same URL is not seen until
-the cache entry is removed (`refresh=True`, `vitrine ingest --refresh-images`).
+download is written atomically to `<cache>/<sha1 of the URL>`, with `<sha1>.json` beside it (the URL,
+the server's ETag and Last-Modified, when it was checked); a failure is not cached, so the next run
+tries again.
+
+Shops replace images under the same URL (a CDN path made of the product id), so a cached copy older
+than `max_age_s` (default 20 hours: every nightly run) is revalidated with a conditional GET
+(If-None-Match / If-Modified-Since): 304 Not Modified keeps it at the cost of one small request, 200
+replaces it. When the revalidation fails (the CDN is down), the cached copy is used and counted as
+`stale`. `refresh=True` (`vitrine ingest --refresh-images`) downloads everything again unconditionally.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,7 +58,8 @@ class FetchSettings:
     retries: int = 3  # extra attempts after a retryable failure
     backoff_s: float = 0.5  # first back-off; doubled each retry, with jitter
     max_bytes: int = 32 << 20  # a larger body is refused ("too large")
-    refresh: bool = False  # download again even when the cache holds the URL
+    refresh: bool = False  # download again (unconditionally) even when the cache holds the URL
+    max_age_s: float = 20 * 3600.0  # a cached copy older than this is revalidated (0: always; inf: never)
 
 
 @dataclass
@@ -58,9 +67,11 @@ class FetchReport:
     """What `fetch_urls` did: downloads, cache hits, failures by reason."""
 
     urls: int = 0
-    downloaded: int = 0
-    cached: int = 0
-    failed: int = 0
+    downloaded: int = 0  # new or changed images fetched whole
+    cached: int = 0  # cached copies used without asking the server (younger than max_age_s)
+    not_modified: int = 0  # cached copies revalidated: the server answered 304
+    stale: int = 0  # cached copies used because their revalidation failed
+    failed: int = 0  # URLs with no image: download failed and nothing cached
     errors: dict[str, int] = field(default_factory=dict)  # reason -> count
     bytes_downloaded: int = 0
     seconds: float = 0.0
@@ -84,16 +95,29 @@ def cache_path(cache_dir: Path, url: str) -> Path:
     return cache_dir / hashlib.sha1(url.encode("utf-8")).hexdigest()
 
 
-def _get(url: str, settings: FetchSettings) -> bytes:
-    """The body of one GET, or FetchError (its __cause__ keeps the server's headers, for Retry-After)."""
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"})
+NOT_MODIFIED = object()  # _get's answer to a conditional GET that the server answered 304
+
+
+def _get(url: str, settings: FetchSettings, validators: dict[str, str]) -> tuple[bytes | object, dict[str, str]]:
+    """(the body of one GET, or NOT_MODIFIED; the response's ETag / Last-Modified), or FetchError (its
+    __cause__ keeps the server's headers, for Retry-After)."""
+    headers = {"User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.5"}
+    if validators.get("etag"):
+        headers["If-None-Match"] = validators["etag"]
+    if validators.get("last_modified"):
+        headers["If-Modified-Since"] = validators["last_modified"]
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=settings.timeout_s) as response:  # noqa: S310 - http(s) only
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > settings.max_bytes:
                 raise FetchError(f"too large (> {settings.max_bytes >> 20} MiB)", retryable=False)
             body = response.read(settings.max_bytes + 1)
+            answer = {"etag": response.headers.get("ETag", ""),
+                      "last_modified": response.headers.get("Last-Modified", "")}
     except urllib.error.HTTPError as exc:
+        if exc.code == 304 and (validators.get("etag") or validators.get("last_modified")):
+            return NOT_MODIFIED, validators
         retryable = exc.code in (408, 429) or exc.code >= 500
         raise FetchError(f"HTTP {exc.code}", retryable) from exc
     except TimeoutError as exc:
@@ -108,7 +132,7 @@ def _get(url: str, settings: FetchSettings) -> bytes:
         raise FetchError(f"too large (> {settings.max_bytes >> 20} MiB)", retryable=False)
     if not body:
         raise FetchError("empty body", retryable=True)
-    return body
+    return body, answer
 
 
 def _retry_after(exc: FetchError) -> float | None:
@@ -120,21 +144,38 @@ def _retry_after(exc: FetchError) -> float | None:
     return None
 
 
-def download(url: str, target: Path, settings: FetchSettings) -> int:
-    """Download `url` to `target` atomically, retrying what may pass; bytes written, or FetchError."""
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_meta(target: Path) -> dict:
+    """The cache entry's metadata (url, etag, last_modified, checked: Unix time); {} when absent or unreadable."""
+    try:
+        meta = json.loads(target.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def download(url: str, target: Path, settings: FetchSettings, validators: dict[str, str] | None = None) -> int:
+    """Fetch `url` into `target` atomically, retrying what may pass: the bytes written, -1 when the server
+    said the cached copy (described by `validators`) is still current (304), or FetchError."""
     for attempt in range(settings.retries + 1):
         try:
-            body = _get(url, settings)
+            body, answer = _get(url, settings, validators or {})
             break
         except FetchError as exc:
             if not exc.retryable or attempt == settings.retries:
                 raise
             pause = _retry_after(exc) or settings.backoff_s * (2 ** attempt) * (0.5 + random.random())
             time.sleep(pause)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{id(body)}")
-    tmp.write_bytes(body)
-    os.replace(tmp, target)
-    return len(body)
+    if isinstance(body, bytes):
+        _write_atomic(target, body)
+    meta = {"url": url, **answer, "checked": time.time()}
+    _write_atomic(target.with_suffix(".json"), json.dumps(meta).encode("utf-8"))
+    return len(body) if isinstance(body, bytes) else -1
 
 
 def fetch_urls(urls: Iterable[str], cache_dir: str | Path, settings: FetchSettings = FetchSettings(), *,
@@ -150,9 +191,11 @@ def fetch_urls(urls: Iterable[str], cache_dir: str | Path, settings: FetchSettin
     report = FetchReport(urls=len(unique))
     paths: dict[str, str] = {}
     todo = []
+    now = time.time()
     for url in unique:
         target = cache_path(cache, url)
-        if target.is_file() and not settings.refresh:
+        fresh = now - float(read_meta(target).get("checked", 0.0)) < settings.max_age_s
+        if target.is_file() and not settings.refresh and fresh:
             paths[url] = str(target)
             report.cached += 1
         else:
@@ -160,16 +203,24 @@ def fetch_urls(urls: Iterable[str], cache_dir: str | Path, settings: FetchSettin
     errors: Counter[str] = Counter()
 
     def one(url: str) -> tuple[str, int, str]:
+        target = cache_path(cache, url)
+        held = target.is_file() and not settings.refresh
         try:
-            return url, download(url, cache_path(cache, url), settings), ""
+            return url, download(url, target, settings, read_meta(target) if held else None), ""
         except FetchError as exc:
-            return url, 0, exc.reason
+            return url, -2 if held else 0, exc.reason
 
     if todo:
         with ThreadPoolExecutor(max(1, settings.threads), thread_name_prefix="vitrine-fetch") as pool, \
                 tqdm(total=len(todo), desc="download", unit="img", disable=not progress, mininterval=1.0) as bar:
             for url, size, reason in pool.map(one, todo):
                 bar.update(1)
+                if size == -2:  # revalidation failed: the cached copy serves (stale-if-error)
+                    report.stale += 1
+                    paths[url] = str(cache_path(cache, url))
+                    if report.stale <= 20:
+                        logger.warning("could not revalidate %s (%s): using the cached copy", url, reason)
+                    continue
                 if reason:
                     errors[reason] += 1
                     paths[url] = ""
@@ -177,13 +228,17 @@ def fetch_urls(urls: Iterable[str], cache_dir: str | Path, settings: FetchSettin
                         logger.warning("download failed: %s: %s", url, reason)
                     continue
                 paths[url] = str(cache_path(cache, url))
-                report.downloaded += 1
-                report.bytes_downloaded += size
+                if size == -1:
+                    report.not_modified += 1
+                else:
+                    report.downloaded += 1
+                    report.bytes_downloaded += size
     report.failed = sum(errors.values())
     report.errors = dict(sorted(errors.items()))
     report.seconds = round(time.perf_counter() - start, 3)
     if unique:
-        logger.info("download: %d URL(s): %d downloaded (%.1f MiB), %d from the cache %s, %d failed%s",
-                    report.urls, report.downloaded, report.bytes_downloaded / 2**20, report.cached, cache,
-                    report.failed, f" {report.errors}" if report.errors else "")
+        logger.info("download: %d URL(s): %d downloaded (%.1f MiB), %d from the cache %s (%d more revalidated, "
+                    "%d stale), %d failed%s", report.urls, report.downloaded, report.bytes_downloaded / 2**20,
+                    report.cached, cache, report.not_modified, report.stale, report.failed,
+                    f" {report.errors}" if report.errors else "")
     return paths, report
