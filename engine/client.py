@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -16,6 +17,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import convert
+from engine.tls import channel_credentials
 from engine.types import (
     BatchItem,
     Embedding,
@@ -37,7 +39,10 @@ class VisualSearchClient:
     """Client of one VisualSearch server (`target` like "127.0.0.1:50051"); use as a context manager."""
 
     def __init__(self, target: str, timeout_s: float = 5.0, *, retries: int = 2, backoff_s: float = 0.2,
-                 max_message_bytes: int = 16 << 20) -> None:
+                 max_message_bytes: int = 16 << 20, tls: bool = False, tls_ca: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
+        """`tls` (or any tls_* file): connect over TLS, verifying the server against `tls_ca` (PEM; None: the
+        system's CAs) and presenting `tls_cert` / `tls_key` when the server asks for a client certificate."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 (every call has a deadline), got {timeout_s}")
         self.target = target
@@ -46,7 +51,10 @@ class VisualSearchClient:
         self.backoff_s = backoff_s  # wait before the first retry; doubles each time
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(target, options=options)
+        if tls or tls_ca is not None or tls_cert is not None:
+            self._channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = search_pb2_grpc.VisualSearchStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

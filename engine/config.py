@@ -61,6 +61,10 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"  # interface of the metrics endpoint
     http_port: int | None = None  # HTTP/JSON gateway port (engine.http_gateway) on `host`; None: none (0: any free)
     http_cors_origin: str | None = None  # the gateway's Access-Control-Allow-Origin ("*" or an origin); None: no CORS
+    tls_cert: Path | None = None  # PEM certificate (chain): serve gRPC and the HTTP gateway over TLS only
+    tls_key: Path | None = None  # PEM private key of tls_cert
+    tls_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mTLS); a root verifies its
+    # shard servers with it and presents tls_cert to them
     faiss_threads: int = 1  # OpenMP threads per Faiss call (requests already run in parallel)
     faiss_batch_threads: int = 0  # OpenMP threads of a Faiss call for >= 8 queries (BatchSearch); 0: all cores
     log_json: bool = False  # log one JSON object per line instead of plain text
@@ -95,6 +99,10 @@ def check_role(config: ServerConfig) -> None:
         raise ConfigError(f"processes must be >= 1, got {config.processes}")
     if config.http_port is not None and config.role == "shard":
         raise ConfigError("--http-port is for the servers clients call (standalone or root), not a shard server")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("TLS needs both tls_cert and tls_key (--tls-cert, --tls-key), or neither")
+    if config.tls_ca is not None and config.tls_cert is None:
+        raise ConfigError("tls_ca (mutual TLS) needs the server's own tls_cert and tls_key")
     if config.shard_timeout_ms <= 0:
         raise ConfigError(f"shard_timeout_ms must be > 0, got {config.shard_timeout_ms}")
 

@@ -29,6 +29,7 @@ import http.server
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -125,7 +126,8 @@ class HttpGateway:
     """The HTTP/JSON server over a VisualSearchServicer (module docstring); started by `start()`."""
 
     def __init__(self, servicer: Any, is_serving: Callable[[], bool], host: str, port: int, *,
-                 max_body_bytes: int = 16 << 20, max_concurrent: int = 64, cors_origin: str | None = None) -> None:
+                 max_body_bytes: int = 16 << 20, max_concurrent: int = 64, cors_origin: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.servicer = servicer
         self.is_serving = is_serving
         self.max_body_bytes = max_body_bytes
@@ -137,6 +139,9 @@ class HttpGateway:
             owner = gateway
 
         self._server = _Server((host, port), Handler)
+        if tls is not None:  # the handshake runs in the request's thread, not in the accepting loop
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
         self.port = int(self._server.server_address[1])
         self._thread: threading.Thread | None = None
 
@@ -298,6 +303,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             super().handle_one_request()
         except _Answered:
             pass
+        except (ssl.SSLError, ConnectionResetError) as exc:  # a failed handshake: no certificate, wrong CA
+            logger.info("HTTP client %s: TLS failed: %s", self.client_address[0], exc)
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the servicer logs each call
         logger.debug("http %s - %s", self.address_string(), format % args)

@@ -25,6 +25,7 @@ from engine.config import ServerConfig, config_to_json
 from engine.logs import configure_logging
 from engine.metrics import Metrics
 from engine.swap import SearcherSlot, VersionWatcher
+from engine.tls import TlsError, server_credentials
 
 logger = logging.getLogger("vitrine.engine")
 
@@ -104,7 +105,12 @@ def bind(config: ServerConfig) -> tuple[grpc.Server, int]:
     server = grpc.server(executor, options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        if config.tls_cert is not None and config.tls_key is not None:
+            port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key, config.tls_ca))
+        else:
+            port = server.add_insecure_port(address)
+    except TlsError as exc:
+        raise ServerStartError(str(exc)) from exc
     except RuntimeError as exc:
         raise ServerStartError(f"cannot bind {address}: {exc}") from exc
     if port == 0:
@@ -138,7 +144,9 @@ def run_until_signal(config: ServerConfig, create: Callable[[ServerConfig], tupl
         logger.error("cannot start: %s", exc)
         return 1
     with stop_signals() as stop:
-        logger.info("serving on %s:%d as %s; Ctrl-C to stop", config.host, port, config.role)
+        logger.info("serving on %s:%d as %s%s; Ctrl-C to stop", config.host, port, config.role,
+                    "" if config.tls_cert is None else " over TLS" + (" (clients need a certificate)"
+                                                                        if config.tls_ca is not None else ""))
         if server.metrics_port is not None:
             logger.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
         if getattr(server, "http_port", None) is not None:

@@ -55,7 +55,7 @@ class ShardFanout:
     """Channels to the shard servers; `call` asks all of them at once, each with its own deadline."""
 
     def __init__(self, targets: Sequence[str], metrics: Metrics, timeout_s: float,
-                 max_message_bytes: int = 16 << 20) -> None:
+                 max_message_bytes: int = 16 << 20, credentials: grpc.ChannelCredentials | None = None) -> None:
         if not targets:
             raise ValueError("a root needs at least one shard server (host:port)")
         self.targets = list(targets)
@@ -66,7 +66,8 @@ class ShardFanout:
                    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
                    ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
                    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1])]
-        self._channels = [grpc.insecure_channel(target, options=options) for target in self.targets]
+        self._channels = [grpc.insecure_channel(target, options=options) if credentials is None
+                          else grpc.secure_channel(target, credentials, options=options) for target in self.targets]
         self._stubs = [shard_pb2_grpc.IndexShardStub(channel) for channel in self._channels]
         self._states: dict[str, str] = {}  # last result per shard server: state changes are logged
         self._lock = threading.Lock()

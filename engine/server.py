@@ -34,6 +34,7 @@ from engine.remote import RemoteShardSearch, ShardFanout
 from engine.search import Searcher
 from engine.service import VisualSearchServicer
 from engine.swap import SearcherSlot, SwapDeferred, VersionWatcher
+from engine.tls import TlsError, channel_credentials, http_ssl_context
 from engine.types import SearchQuery, SearchRequest
 from indexer.version import IndexVersion, current_version_path, open_version
 from model.embedder import Embedder
@@ -200,8 +201,14 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     server.start()
     logger.info("listening on %s:%d (NOT_SERVING while loading %s)", config.host, port, config.index_root)
-    fanout = ShardFanout(config.shard_servers, metrics, config.shard_timeout_ms / 1e3, config.max_message_bytes) \
-        if config.role == "root" else None
+    try:
+        credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key) \
+            if config.role == "root" and config.tls_ca is not None else None
+    except TlsError as exc:
+        server.stop(None)
+        raise ServerStartError(str(exc)) from exc
+    fanout = ShardFanout(config.shard_servers, metrics, config.shard_timeout_ms / 1e3, config.max_message_bytes,
+                         credentials) if config.role == "root" else None
     try:
         searcher, runner = load_searcher(config, metrics, fanout)
         metrics_port = metrics.serve_http(config.metrics_port, config.metrics_host) \
@@ -221,10 +228,12 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
                             service_names=(SERVICE_NAME,), closeables=closeables)
     if config.http_port is not None:
         try:
+            tls = http_ssl_context(config.tls_cert, config.tls_key, config.tls_ca) \
+                if config.tls_cert is not None and config.tls_key is not None else None
             gateway = HttpGateway(servicer, vitrine.serving.is_set, config.host, config.http_port,
                                   max_body_bytes=config.max_message_bytes, max_concurrent=config.max_concurrent_rpcs,
-                                  cors_origin=config.http_cors_origin)
-        except OSError as exc:
+                                  cors_origin=config.http_cors_origin, tls=tls)
+        except (OSError, TlsError) as exc:
             vitrine.stop(None).wait()
             raise ServerStartError(f"cannot bind the HTTP gateway to {config.host}:{config.http_port}: {exc}") \
                 from exc

@@ -181,6 +181,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="also serve the API as HTTP/JSON on this port (POST /v1/search with JSON or a raw image "
                         "body, /v1/batch-search, /v1/embed, GET /v1/products/<id>, /v1/index, /healthz; "
                         "engine/http_gateway.py), for browsers and curl; 0: any free port")
+    p.add_argument("--tls-cert", default=None, help="serve gRPC (and --http-port) over TLS with this certificate "
+                                                    "chain (PEM)")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
+    p.add_argument("--tls-ca", default=None,
+                   help="mutual TLS: clients must present a certificate signed by this CA (PEM); a root also "
+                        "verifies its shard servers with it and shows them its own --tls-cert")
     p.add_argument("--http-cors-origin", default=None,
                    help="with --http-port: allow browser calls from this origin (e.g. https://shop.example.com, "
                         "or * for any)")
@@ -234,6 +240,10 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-rerank", action="store_true", help="skip the exact re-rank (faster, approximate scores)")
     p.add_argument("--all-images", action="store_true", help="allow several hits of one product")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="connect over TLS, trusting this CA (PEM)")
+    p.add_argument("--tls-cert", default=None, help="client certificate (PEM) for a server that requires one")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
     p.set_defaults(handler=commands.cmd_query)
 
 

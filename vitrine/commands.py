@@ -177,7 +177,8 @@ _SERVE_FLAGS = ("index_root", "model", "host", "port", "processes", "max_workers
                 "max_message_bytes",
                 "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
                 "faiss_threads", "faiss_batch_threads", "torch_threads", "grace_s", "log_json", "role", "shards",
-                "shard_servers", "shard_timeout_ms", "require_all_shards", "http_port", "http_cors_origin")
+                "shard_servers", "shard_timeout_ms", "require_all_shards", "http_port", "http_cors_origin",
+                "tls_cert", "tls_key", "tls_ca")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -206,6 +207,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import grpc
 
     from engine.client import VisualSearchClient, format_results_table
+    from engine.tls import TlsError
     from engine.types import SearchFilter, SearchOptions, SearchQuery, SearchRequest
 
     search_filter = SearchFilter(categories=tuple(args.category or ()), brands=tuple(args.brand or ()),
@@ -213,7 +215,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     options = SearchOptions(nprobe=args.nprobe, exact_rerank=not args.no_rerank, one_per_product=not args.all_images)
     images = [_existing(path, "image file").read_bytes() for path in args.image or ()]
     try:
-        with VisualSearchClient(args.target, timeout_s=args.timeout) as client:
+        with VisualSearchClient(args.target, timeout_s=args.timeout, tls=args.tls, tls_ca=args.tls_ca,
+                                tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             if args.info:
                 print(json.dumps(dataclasses.asdict(client.index_info()), indent=2, default=str))
                 return 0
@@ -231,6 +234,8 @@ def cmd_query(args: argparse.Namespace) -> int:
                                                options=options)
     except grpc.RpcError as err:
         raise UserError(f"{args.target} answered {err.code().name}: {err.details()}") from err
+    except TlsError as err:
+        raise UserError(str(err)) from err
     print(format_results_table(result))
     return 0
 
