@@ -124,3 +124,28 @@ def build_engine_index(root: Path) -> EngineIndex:
                                             FACTORY, nprobe=2, num_shards=2, min_recall_at_10=0.0,
                                             validation_queries=32)
     return EngineIndex(root / "index", model_dir, version_path, products, images, embedder.dim)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _issue(folder: Path, name: str, subject: str, extensions: str) -> None:
+    """name.key + name.pem signed by folder/ca.pem."""
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", subject, cwd=folder)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
+
+
+def make_test_certs(folder: Path) -> Path:
+    """A test CA (ca.pem), a server certificate for localhost / 127.0.0.1 (server.pem, server.key) and a client
+    certificate (client.pem, client.key), made with the openssl command; returns `folder`."""
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+             "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=vitrine test CA", "-addext",
+             "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
+    _issue(folder, "server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                              "extendedKeyUsage=serverAuth,clientAuth\n")
+    _issue(folder, "client", "/CN=shop backend", "extendedKeyUsage=clientAuth\n")
+    return folder

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from engine_fixtures import REPO_ROOT, EngineIndex, build_engine_index
+from engine_fixtures import REPO_ROOT, EngineIndex, build_engine_index, make_test_certs
 
 from engine.client import VisualSearchClient
 from engine.server import ServerConfig, create_server
@@ -112,3 +112,28 @@ def test_node_usage_errors_and_unreachable_server(tmp_path: Path) -> None:
     assert node("--image", str(tmp_path / "missing.jpg")).returncode == 2
     done = node("--target", "127.0.0.1:1", "--info", "--retries", "1", "--deadline-ms", "2000")
     assert done.returncode == 1 and done.stderr.startswith("UNAVAILABLE: ")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_node_over_mutual_tls(tmp_path: Path) -> None:
+    """The Node client with --tls-ca / --tls-cert / --tls-key against a server that requires client certificates."""
+    (tmp_path / "certs").mkdir()
+    certs = make_test_certs(tmp_path / "certs")
+    index = build_engine_index(tmp_path / "index")  # its own version: one process opens a version's LMDB once
+    server, port = create_server(ServerConfig(index_root=index.index_root, port=0, max_workers=2, watch=False,
+                                              tls_cert=certs / "server.pem", tls_key=certs / "server.key",
+                                              tls_ca=certs / "ca.pem"))
+    try:
+        target = f"localhost:{port}"
+        product = index.products[3].product_id
+        done = node("--target", target, "--product-id", product, "--top-k", "3", "--json", "--tls-ca",
+                    str(certs / "ca.pem"), "--tls-cert", str(certs / "client.pem"), "--tls-key",
+                    str(certs / "client.key"))
+        assert done.returncode == 0, done.stderr
+        assert len(json.loads(done.stdout)["hits"]) == 3
+        anonymous = node("--target", target, "--product-id", product, "--tls-ca", str(certs / "ca.pem"),
+                         "--retries", "0", "--deadline-ms", "3000")
+        assert anonymous.returncode == 1 and "UNAVAILABLE" in anonymous.stderr
+        assert node("--target", target, "--info", "--tls-cert", str(certs / "client.pem")).returncode == 2
+    finally:
+        server.stop(None).wait()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +15,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from engine_fixtures import EngineIndex, build_engine_index, free_port, serve_process, stop_processes
+from engine_fixtures import (
+    EngineIndex,
+    build_engine_index,
+    free_port,
+    make_test_certs,
+    serve_process,
+    stop_processes,
+)
 
 from engine.client import VisualSearchClient
 from engine.config import ConfigError, ServerConfig
@@ -27,29 +33,9 @@ pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")]
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(folder: Path, name: str, subject: str, extensions: str) -> None:
-    """name.key + name.pem signed by ca.pem."""
-    (folder / f"{name}.ext").write_text(extensions)
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", subject, cwd=folder)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-             "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=vitrine test CA", "-addext",
-             "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
-    _issue(folder, "server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                                              "extendedKeyUsage=serverAuth,clientAuth\n")
-    _issue(folder, "client", "/CN=shop backend", "extendedKeyUsage=clientAuth\n")
-    return folder
+    return make_test_certs(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@
 //   node search.js --target localhost:50051 --image a.jpg --image b.jpg        # one BatchSearch call
 //   node search.js --target localhost:50051 --info
 //   node search.js ... --json                # the response as JSON (proto field names) instead of a table
+//   node search.js ... --tls-ca ca.pem [--tls-cert client.pem --tls-key client.key]   # TLS / mutual TLS
 //
 // Exit status: 0 answered; 1 the server answered with an error status (printed as CODE: message);
 // 2 bad command line. UNAVAILABLE is retried (--retries, exponential back-off) within the deadline.
@@ -23,13 +24,14 @@ const protoLoader = require('@grpc/proto-loader');
 const PROTO_ROOT = process.env.VITRINE_PROTOS || path.resolve(__dirname, '..', '..', 'protos');
 const USAGE = `usage: node search.js --target HOST:PORT (--image FILE [--image FILE ...] | --product-id ID | --info)
        [--top-k N] [--category C ...] [--brand B ...] [--min-price P] [--max-price P] [--in-stock]
-       [--nprobe N] [--no-rerank] [--deadline-ms MS] [--retries N] [--json]`;
+       [--nprobe N] [--no-rerank] [--deadline-ms MS] [--retries N] [--json]
+       [--tls | --tls-ca CA.pem] [--tls-cert CERT.pem --tls-key KEY.pem]`;
 
 class UsageError extends Error {}
 
 function parseArgs(argv) {
   const args = { target: '127.0.0.1:50051', images: [], categories: [], brands: [], topK: 10, deadlineMs: 10000,
-    retries: 3, json: false, inStock: false, rerank: true, info: false };
+    retries: 3, json: false, inStock: false, rerank: true, info: false, tls: false };
   const number = (flag, value, integer) => {
     const parsed = Number(value);
     if (value === undefined || !Number.isFinite(parsed) || (integer && !Number.isInteger(parsed))) {
@@ -59,13 +61,34 @@ function parseArgs(argv) {
       case '--deadline-ms': args.deadlineMs = number(flag, value(), true); break;
       case '--retries': args.retries = number(flag, value(), true); break;
       case '--json': args.json = true; break;
+      case '--tls': args.tls = true; break;
+      case '--tls-ca': args.tlsCa = value(); break;
+      case '--tls-cert': args.tlsCert = value(); break;
+      case '--tls-key': args.tlsKey = value(); break;
       case '-h': case '--help': console.log(USAGE); process.exit(0); break;
       default: throw new UsageError(`unknown argument ${JSON.stringify(flag)}`);
     }
   }
   const modes = [args.images.length > 0, args.productId !== undefined, args.info].filter(Boolean).length;
   if (modes !== 1) throw new UsageError('give exactly one of --image, --product-id or --info');
+  if ((args.tlsCert === undefined) !== (args.tlsKey === undefined)) {
+    throw new UsageError('--tls-cert and --tls-key go together');
+  }
   return args;
+}
+
+// Plaintext, or TLS verified against --tls-ca (else the system's CAs), with a client certificate for mutual TLS.
+function credentials(args) {
+  if (!args.tls && args.tlsCa === undefined && args.tlsCert === undefined) return grpc.credentials.createInsecure();
+  const read = (file) => {
+    try {
+      return fs.readFileSync(file);
+    } catch (error) {
+      throw new UsageError(`cannot read ${file}: ${error.message}`);
+    }
+  };
+  return grpc.credentials.createSsl(args.tlsCa === undefined ? null : read(args.tlsCa),
+    args.tlsKey === undefined ? null : read(args.tlsKey), args.tlsCert === undefined ? null : read(args.tlsCert));
 }
 
 function loadService() {
@@ -136,8 +159,16 @@ async function main(argv) {
     console.error(`error: ${error.message}\n${USAGE}`);
     return 2;
   }
+  let channelCredentials;
+  try {
+    channelCredentials = credentials(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`error: ${error.message}`);
+    return 2;
+  }
   const VisualSearch = loadService();
-  const client = new VisualSearch(args.target, grpc.credentials.createInsecure(), {
+  const client = new VisualSearch(args.target, channelCredentials, {
     'grpc.max_send_message_length': 64 * 1024 * 1024, 'grpc.max_receive_message_length': 64 * 1024 * 1024,
   });
   try {
