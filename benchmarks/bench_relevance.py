@@ -5,7 +5,10 @@ is every catalog image except the query itself, search is exact (inner product o
 embeddings). Reported per model: top-1 relevance "type" (first result has the query's type column value),
 "strict" (type and every `--strict-columns` value), Recall@1/5/10 and mAP@10 under both relevance rules, a
 per-type breakdown, and the same top-1 numbers with binary codes (sign bits, after the
-model's ITQ rotation when `vitrine binarize` fitted one; Hamming distance).
+model's ITQ rotation when `vitrine binarize` fitted one; Hamming distance). Top-1 numbers carry 95%
+bootstrap intervals over the queries, and every model is compared with `--baseline` (default: the last
+model) on the same queries: the difference and the ratio with 95% paired-bootstrap intervals, so a
+difference smaller than its noise is called so.
 Any catalog CSV with label columns works: the column mapping is a `--catalog-config` JSON.
 
 Outputs (in `--out`, default benchmarks/results): relevance.json, relevance.md, relevance.png (bar chart)
@@ -152,6 +155,35 @@ def relevance_metrics(found: np.ndarray, queries: np.ndarray, labels: np.ndarray
     return {k: round(v, 4) for k, v in out.items()}
 
 
+BOOTSTRAP_SAMPLES = 2000  # resamples of the queries for the 95% intervals
+
+
+def bootstrap_interval(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of per-query values (queries resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    values = np.asarray(values, dtype=np.float64)
+    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return round(float(low), 4), round(float(high), 4)
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
+                      seed: int = 0) -> dict[str, Any]:
+    """Model a against model b on the same queries (per-query 0/1 hits): the difference of means and the ratio,
+    each with a 95% paired-bootstrap interval (the same resampled queries for both models)."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    picks = rng.integers(0, len(a), size=(samples, len(a)))
+    mean_a, mean_b = a[picks].mean(axis=1), b[picks].mean(axis=1)
+    diff = np.percentile(mean_a - mean_b, [2.5, 97.5])
+    ratio = np.percentile(mean_a / np.maximum(mean_b, 1e-12), [2.5, 97.5])
+    return {"difference": round(float(a.mean() - b.mean()), 4),
+            "difference_95": [round(float(diff[0]), 4), round(float(diff[1]), 4)],
+            "ratio": round(float(a.mean() / max(b.mean(), 1e-12)), 4),
+            "ratio_95": [round(float(ratio[0]), 4), round(float(ratio[1]), 4)],
+            "significant": bool(diff[0] > 0 or diff[1] < 0)}
+
+
 def evaluate(vectors: np.ndarray, gallery: Gallery, codes: np.ndarray | None = None) -> dict[str, Any]:
     """All metrics of one model's gallery embeddings (binary: `codes`, default plain sign bits)."""
     found = neighbours(vectors, gallery.queries)
@@ -163,6 +195,10 @@ def evaluate(vectors: np.ndarray, gallery: Gallery, codes: np.ndarray | None = N
                                                                  gallery.strict_labels),
                               "dim": int(vectors.shape[1])}
     first_ok = gallery.type_labels[found[:, 0]] == gallery.type_labels[gallery.queries]
+    first_strict = gallery.strict_labels[found[:, 0]] == gallery.strict_labels[gallery.queries]
+    result["type"]["top1_95"] = list(bootstrap_interval(first_ok))
+    result["strict"]["top1_95"] = list(bootstrap_interval(first_strict))
+    result["hits"] = {"type": first_ok, "strict": first_strict}  # per query, for paired comparisons (not saved)
     per_type: dict[str, dict[str, float]] = {}
     for value in sorted(set(gallery.type_labels[gallery.queries])):
         mask = gallery.type_labels[gallery.queries] == value
@@ -182,20 +218,46 @@ def chance(gallery: Gallery) -> dict[str, float]:
     return out
 
 
+def compare(results: dict[str, dict[str, Any]], baseline: str) -> dict[str, dict[str, Any]]:
+    """Every other model against `baseline`, paired on the same queries, for type and strict top-1."""
+    base = results[baseline]["hits"]
+    return {name: {kind: paired_comparison(r["hits"][kind], base[kind]) for kind in ("type", "strict")}
+            for name, r in results.items() if name != baseline}
+
+
+def _interval(low_high: list[float]) -> str:
+    return f"[{low_high[0]:.3f}, {low_high[1]:.3f}]"
+
+
 def markdown_table(results: dict[str, dict[str, Any]], chance_level: dict[str, float], n_queries: int,
-                   n_gallery: int) -> str:
-    """The models side by side (Markdown)."""
+                   n_gallery: int, comparisons: dict[str, dict[str, Any]] | None = None,
+                   baseline: str | None = None) -> str:
+    """The models side by side (Markdown), 95% bootstrap intervals of top-1, paired comparisons to `baseline`."""
     lines = [f"Queries: {n_queries} test-split images; gallery: {n_gallery} catalog images (query excluded); "
              f"exact inner-product search. Chance top-1: type {chance_level['type']:.3f}, strict "
-             f"{chance_level['strict']:.3f}.", "",
+             f"{chance_level['strict']:.3f}. Brackets: 95% intervals, bootstrap over the queries "
+             f"({BOOTSTRAP_SAMPLES} resamples).", "",
              "| model | dim | top-1 type | top-1 strict | R@1 | R@5 | R@10 (strict) | mAP@10 (strict) | "
              "binary top-1 type | binary top-1 strict | strict: binary - float |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         s, t, bs, bt = r["strict"], r["type"], r["binary_strict"], r["binary_type"]
-        lines.append(f"| {name} | {r['dim']} | {t['top1']:.3f} | {s['top1']:.3f} | {s['recall@1']:.3f} | "
+        lines.append(f"| {name} | {r['dim']} | {t['top1']:.3f} {_interval(t['top1_95'])} | {s['top1']:.3f} "
+                     f"{_interval(s['top1_95'])} | {s['recall@1']:.3f} | "
                      f"{s['recall@5']:.3f} | {s['recall@10']:.3f} | {s['map@10']:.3f} | {bt['top1']:.3f} | "
                      f"{bs['top1']:.3f} | {100 * (bs['top1'] - s['top1']):+.1f} pts |")
+    if comparisons:
+        lines += ["", f"Paired against {baseline} on the same queries (95% paired-bootstrap intervals; "
+                      "'yes': the difference's interval excludes 0):", "",
+                  "| model | type: difference | significant | strict: difference | significant | strict: ratio |",
+                  "|---|---|---|---|---|---|"]
+        for name, c in comparisons.items():
+            t, s = c["type"], c["strict"]
+            lines.append(f"| {name} | {100 * t['difference']:+.1f} pts [{100 * t['difference_95'][0]:+.1f}, "
+                         f"{100 * t['difference_95'][1]:+.1f}] | {'yes' if t['significant'] else 'no'} | "
+                         f"{100 * s['difference']:+.1f} pts [{100 * s['difference_95'][0]:+.1f}, "
+                         f"{100 * s['difference_95'][1]:+.1f}] | {'yes' if s['significant'] else 'no'} | "
+                         f"{s['ratio']:.2f}x {_interval(s['ratio_95'])} |")
     names = list(results)
     types = sorted(next(iter(results.values()))["per_type"].items(), key=lambda kv: -kv[1]["queries"])[:25]
     lines += ["", "Top-1 relevance (type) per articleType, the 25 most queried types:", "",
@@ -286,6 +348,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--query-split", default="test", help="split whose images are the queries")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded sample of the queries")
     p.add_argument("--name", default="relevance", help="result file name (JSON, Markdown, PNGs)")
+    p.add_argument("--baseline", default=None,
+                   help="model NAME the others are compared with, paired on the same queries (default: the last "
+                        "--model, when there are several)")
     p.add_argument("--out", type=Path, default=None, help="result folder (default benchmarks/results)")
     p.add_argument("--cache-dir", type=Path, default=REPO / "work" / "relevance-cache", help="embedding cache")
     return p.parse_args(argv)
@@ -318,13 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: type {results[name]['type']['top1']:.3f} strict {results[name]['strict']['top1']:.3f} "
               f"binary strict {results[name]['binary_strict']['top1']:.3f}", flush=True)
     level = chance(gallery)
-    table = markdown_table(results, level, len(gallery.queries), len(gallery.ids))
+    baseline = args.baseline or (list(models)[-1] if len(models) > 1 else None)
+    if baseline is not None and baseline not in results:
+        raise SystemExit(f"--baseline {baseline!r} is not one of the models: {', '.join(results)}")
+    comparisons = compare(results, baseline) if baseline is not None else {}
+    table = markdown_table(results, level, len(gallery.queries), len(gallery.ids), comparisons, baseline)
     out = args.out or RESULTS_DIR
     config = {"models": models, "csv": str(args.csv), "type_column": args.type_column,
               "strict_columns": strict_columns, "query_split": args.query_split, "max_queries": args.max_queries,
               "queries": int(len(gallery.queries)), "gallery": len(gallery.ids)}
-    summary = {n: {k: v for k, v in r.items() if k != "examples"} for n, r in results.items()}
-    path = write_result(args.name, config, {"models": summary, "chance": level, "seconds": timings}, table, out)
+    summary = {n: {k: v for k, v in r.items() if k not in ("examples", "hits")} for n, r in results.items()}
+    path = write_result(args.name, config, {"models": summary, "chance": level, "seconds": timings,
+                                            "baseline": baseline, "paired": comparisons}, table, out)
     plot_bars(results, level, out / f"{args.name}.png")
     first = next(iter(results))
     plot_examples(gallery, results[first], first, out / f"{args.name}_examples.png")

@@ -26,6 +26,19 @@ def test_metrics_match_a_hand_computed_case() -> None:
     assert metrics["map@10"] == pytest.approx(round(((1 / 2 + 2 / 3) / 2) / 2, 4))
 
 
+def test_bootstrap_intervals_and_paired_comparison() -> None:
+    from benchmarks.bench_relevance import bootstrap_interval, paired_comparison
+
+    rng = np.random.default_rng(5)
+    hits = rng.random(4000) < 0.8
+    low, high = bootstrap_interval(hits)
+    assert low < hits.mean() < high and 0.015 < high - low < 0.035  # ~ +-1.96 sqrt(.8 .2 / 4000) = +-0.0124
+    better = hits | (rng.random(4000) < 0.5)  # the same queries plus about half of the misses
+    c = paired_comparison(better, hits)
+    assert c["significant"] and c["difference_95"][0] > 0 and c["ratio"] > 1
+    assert not paired_comparison(hits, hits)["significant"] and paired_comparison(hits, hits)["difference"] == 0
+
+
 def test_neighbours_exclude_the_query_float_and_binary() -> None:
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(50, 16)).astype(np.float32)
@@ -48,8 +61,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_harness_run_writes_json_markdown_and_plots(tiny_model: Path, tmp_path: Path) -> None:
     code = main(["--csv", str(MINI / "styles.csv"), "--images", str(MINI / "images"), "--model",
-                 f"tiny={tiny_model}", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
-                 "--name", "rel"])
+                 f"tiny={tiny_model}", "--model", f"again={tiny_model}", "--out", str(tmp_path), "--cache-dir",
+                 str(tmp_path / "cache"), "--name", "rel"])
     assert code == 0
     payload = json.loads((tmp_path / "rel.json").read_text())
     result = payload["results"]["models"]["tiny"]
@@ -58,6 +71,12 @@ def test_harness_run_writes_json_markdown_and_plots(tiny_model: Path, tmp_path: 
     assert result["type"]["top1"] > payload["results"]["chance"]["type"]  # even one epoch beats chance
     assert result["strict"]["recall@1"] == result["strict"]["top1"] <= result["strict"]["recall@10"]
     assert sum(v["queries"] for v in result["per_type"].values()) == 201
+    low, high = result["type"]["top1_95"]
+    assert low <= result["type"]["top1"] <= high
+    paired = payload["results"]["paired"]["tiny"]  # against the last model, here the same one
+    assert payload["results"]["baseline"] == "again" and paired["strict"]["difference"] == 0
+    assert not paired["type"]["significant"]
+    assert "Paired against again" in (tmp_path / "rel.md").read_text()
     assert "| tiny | 32 |" in (tmp_path / "rel.md").read_text()
     for png in ("rel.png", "rel_examples.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
