@@ -4,8 +4,10 @@ Measures, in one run on the same machine: (a) the shard loader alone (LMDB read,
 augmentation, collation into batches) with 0, 1 and 2 dataloader workers; (b) the model's training step
 (forward, backward, AdamW) on random tensors at the same batch size and input size, fp32 and bf16 autocast.
 The loader keeps up when its rate is well above the model's. Medians of repeated timed windows.
+`--model` takes the architecture, input size, resize mode and heads from a model card (e.g. the
+committed default, a hybrid ViT at 128x96); without it, the earlier pure ViT at `--image-size`.
 
-    python -m benchmarks.bench_loader --shards work/default-model/shards
+    python -m benchmarks.bench_loader --shards work/default-model/shards --model model/default
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from benchmarks.common import peak_rss_mb, write_result  # noqa: E402
 
 
 def loader_rate(shards: Path, workers: int, batch_size: int, size: tuple[int, int], batches: int,
-                repeats: int) -> dict[str, float]:
+                repeats: int, resize_mode: str = "stretch") -> dict[str, float]:
     """Records/s of ShardDataset + DataLoader (median over `repeats` windows of `batches` batches)."""
     from torch.utils.data import DataLoader
 
@@ -35,7 +37,8 @@ def loader_rate(shards: Path, workers: int, batch_size: int, size: tuple[int, in
     from model.training_data import Augment, make_targets, scan_label_maps
 
     label_maps, ids = scan_label_maps(shards, ("articleType", "baseColour"), ("train",))
-    dataset = ShardDataset(shards, Augment(size, IMAGENET_MEAN, IMAGENET_STD), make_targets(label_maps, ids))
+    dataset = ShardDataset(shards, Augment(size, IMAGENET_MEAN, IMAGENET_STD, resize_mode=resize_mode),
+                           make_targets(label_maps, ids))
     rates = []
     for repeat in range(repeats):
         dataset.set_epoch(repeat)
@@ -58,8 +61,8 @@ def model_rate(batch_size: int, size: tuple[int, int], bf16: bool, steps: int, r
 
     from model.networks import ModelConfig, create_model
 
-    model = create_model(ModelConfig(image_size=size, heads={"articleType": 142, "baseColour": 46}, **arch))
-    optimizer = torch.optim.AdamW(model.parameters())
+    model = create_model(ModelConfig(**{"heads": {"articleType": 142, "baseColour": 46}, **arch, "image_size": size}))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     images = torch.randn(batch_size, 3, *size)
     labels = torch.randint(0, 40, (batch_size,))
 
@@ -92,16 +95,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=30, help="batches per timed loader window")
     p.add_argument("--steps", type=int, default=5, help="steps per timed model window")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder whose card gives the architecture, input size, resize mode and heads "
+                        "(default: the earlier pure ViT, patch 8, width 192, depth 6, at --image-size)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--name", default="loader", help="result file name")
     args = p.parse_args(argv)
     size = tuple(int(v) for v in args.image_size.split("x"))
-    arch = {"patch_size": 8, "width": 192, "depth": 6, "num_heads": 3, "embedding_dim": 256}
-    loaders = {w: loader_rate(args.shards, w, args.batch_size, size, args.batches, args.repeats) for w in (0, 1, 2)}
+    arch: dict[str, Any] = {"patch_size": 8, "width": 192, "depth": 6, "num_heads": 3, "embedding_dim": 256}
+    resize_mode = "stretch"
+    if args.model is not None:
+        from model.checkpoint import card_resize_mode, load_model_card
+
+        card = load_model_card(args.model)
+        arch = {k: v for k, v in card["model_config"].items() if k != "image_size"}
+        size = tuple(card["model_config"]["image_size"])
+        resize_mode = card_resize_mode(card)
+    loaders = {w: loader_rate(args.shards, w, args.batch_size, size, args.batches, args.repeats,  # type: ignore[arg-type]
+                              resize_mode) for w in (0, 1, 2)}
     models = {name: model_rate(args.batch_size, size, bf16, args.steps, args.repeats, arch)  # type: ignore[arg-type]
               for name, bf16 in (("fp32", False), ("bf16", True))}
     fastest_model = max(m["images_per_s"] for m in models.values())
-    lines = [f"Batch {args.batch_size}, input {args.image_size}, {torch.get_num_threads()} torch threads; medians "
-             f"of {args.repeats} windows.", "", "| what | rate (images/s) | vs fastest model step |", "|---|---|---|"]
+    lines = [f"Batch {args.batch_size}, input {size[0]}x{size[1]} ({resize_mode}), model "
+             f"{args.model or 'pure ViT'}, {torch.get_num_threads()} torch threads; medians of {args.repeats} "
+             "windows.", "", "| what | rate (images/s) | vs fastest model step |", "|---|---|---|"]
     for workers, r in loaders.items():
         lines.append(f"| loader, {workers} workers | {r['records_per_s']:.0f} | "
                      f"{r['records_per_s'] / fastest_model:.1f}x |")
@@ -109,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| model train step, {name} | {r['images_per_s']:.0f} | "
                      f"{r['images_per_s'] / fastest_model:.2f}x |")
     table = "\n".join(lines)
-    write_result("loader", {"shards": str(args.shards), "batch_size": args.batch_size, "image_size": args.image_size,
-                            "arch": arch, "threads": torch.get_num_threads()},
+    write_result(args.name, {"shards": str(args.shards), "batch_size": args.batch_size, "image_size": list(size),
+                             "model": str(args.model) if args.model else None, "resize_mode": resize_mode,
+                             "arch": arch, "threads": torch.get_num_threads()},
                  {"loader": loaders, "model": models, "peak_rss_mb": round(peak_rss_mb(), 1)}, table, args.out)
     print(table)
     return 0
