@@ -78,9 +78,11 @@ class VisualSearchClient:
         return convert.result_from_proto(response)
 
     def search_image(self, data: bytes, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
-                     options: SearchOptions | None = None) -> SearchResult:
-        """Products visually similar to an encoded image (JPEG/PNG/WebP/AVIF/HEIC bytes)."""
-        return self.search(_request(SearchQuery(image=data), top_k, filter, options))
+                     options: SearchOptions | None = None,
+                     crop: tuple[float, float, float, float] | None = None) -> SearchResult:
+        """Products visually similar to an encoded image (JPEG/PNG/WebP/AVIF/HEIC bytes), or to its `crop`
+        region: (x, y, width, height) in fractions of the image's width and height."""
+        return self.search(_request(SearchQuery(image=data, crop=crop), top_k, filter, options))
 
     def search_vector(self, vector: np.ndarray, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
                       options: SearchOptions | None = None) -> SearchResult:
@@ -110,9 +112,12 @@ class VisualSearchClient:
             results.append(item.result)
         return results
 
-    def embed(self, data: bytes) -> Embedding:
-        """The server model's embedding of an encoded image (JPEG/PNG/WebP/AVIF/HEIC bytes)."""
-        response = self._call(lambda: self._stub.Embed(search_pb2.EmbedRequest(image=data), timeout=self.timeout_s))
+    def embed(self, data: bytes, crop: tuple[float, float, float, float] | None = None) -> Embedding:
+        """The server model's embedding of an encoded image (JPEG/PNG/WebP/AVIF/HEIC bytes), or of its crop region."""
+        message = search_pb2.EmbedRequest(image=data)
+        if crop is not None:
+            message.crop.CopyFrom(convert.region_to_proto(crop))
+        response = self._call(lambda: self._stub.Embed(message, timeout=self.timeout_s))
         return convert.embedding_from_proto(response)
 
     def get_product(self, product_id: str) -> Product:

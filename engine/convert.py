@@ -91,6 +91,8 @@ def options_from_proto(message: pb.SearchOptions) -> SearchOptions:
 
 def query_to_proto(query: SearchQuery, message: pb.SearchRequest) -> None:
     """Set the `query` oneof of `message` from a SearchQuery (nothing set for an empty query)."""
+    if query.crop is not None:
+        message.crop.CopyFrom(region_to_proto(query.crop))
     if query.image is not None:
         message.image = query.image
     elif query.vector is not None:
@@ -99,16 +101,30 @@ def query_to_proto(query: SearchQuery, message: pb.SearchRequest) -> None:
         message.product_id = query.product_id
 
 
+def region_to_proto(region: tuple[float, float, float, float]) -> pb.Region:
+    """(x, y, width, height) fractions as a protobuf Region."""
+    x, y, width, height = region
+    return pb.Region(x=x, y=y, width=width, height=height)
+
+
+def region_from_proto(message: pb.SearchRequest | pb.EmbedRequest) -> tuple[float, float, float, float] | None:
+    """The crop of a request as (x, y, width, height), None when unset."""
+    if not message.HasField("crop"):
+        return None
+    return (message.crop.x, message.crop.y, message.crop.width, message.crop.height)
+
+
 def query_from_proto(message: pb.SearchRequest) -> SearchQuery:
     """The query of a protobuf SearchRequest (an empty SearchQuery when the oneof is unset)."""
     which = message.WhichOneof("query")
+    crop = region_from_proto(message)
     if which == "image":
-        return SearchQuery(image=message.image)
+        return SearchQuery(image=message.image, crop=crop)
     if which == "vector":
-        return SearchQuery(vector=np.asarray(message.vector.values, dtype=np.float32))
+        return SearchQuery(vector=np.asarray(message.vector.values, dtype=np.float32), crop=crop)
     if which == "product_id":
-        return SearchQuery(product_id=message.product_id)
-    return SearchQuery()
+        return SearchQuery(product_id=message.product_id, crop=crop)
+    return SearchQuery(crop=crop)
 
 
 def request_to_proto(request: SearchRequest) -> pb.SearchRequest:

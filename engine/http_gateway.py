@@ -5,7 +5,7 @@
   POST /v1/search           a SearchRequest as JSON, or the raw image as the body (Content-Type image/*
                             or application/octet-stream) with query parameters top_k, category and brand
                             (repeatable), min_price, max_price, in_stock, nprobe, exact_rerank,
-                            one_per_product
+                            one_per_product, crop (x,y,width,height: fractions of the image)
   POST /v1/batch-search     a BatchSearchRequest as JSON
   POST /v1/embed            an EmbedRequest as JSON, or the raw image as the body
   GET  /v1/products/<id>    GetProduct (the id URL-encoded)
@@ -97,7 +97,7 @@ def _number(value: str, name: str, kind: Callable[[str], Any]) -> Any:
 def search_request_from_query(image: bytes, query: dict[str, list[str]]) -> search_pb2.SearchRequest:
     """A SearchRequest for an image body with its options as query parameters."""
     known = {"top_k", "category", "brand", "min_price", "max_price", "in_stock", "nprobe", "exact_rerank",
-             "one_per_product", "timeout_ms"}
+             "one_per_product", "timeout_ms", "crop"}
     unknown = sorted(set(query) - known)
     if unknown:
         raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
@@ -119,6 +119,30 @@ def search_request_from_query(image: bytes, query: dict[str, list[str]]) -> sear
     for name in ("exact_rerank", "one_per_product"):
         if name in last:
             setattr(request.options, name, _bool(last[name], name))
+    if "crop" in last:
+        request.crop.CopyFrom(crop_from_query(last["crop"]))
+    return request
+
+
+def crop_from_query(text: str) -> search_pb2.Region:
+    """A crop query parameter "x,y,width,height" (fractions) as a Region (checked by the servicer)."""
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"query parameter crop={text!r} must be x,y,width,height in fractions of the image")
+    x, y, width, height = (_number(part, "crop", float) for part in parts)
+    return search_pb2.Region(x=x, y=y, width=width, height=height)
+
+
+def embed_request_from_query(image: bytes, query: dict[str, list[str]]) -> search_pb2.EmbedRequest:
+    """An EmbedRequest for an image body (query parameters: crop, timeout_ms)."""
+    unknown = sorted(set(query) - {"crop", "timeout_ms"})
+    if unknown:
+        raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"unknown query parameters {unknown}; known: crop, "
+                                                           "timeout_ms")
+    request = search_pb2.EmbedRequest(image=image)
+    if query.get("crop"):
+        request.crop.CopyFrom(crop_from_query(query["crop"][-1]))
     return request
 
 
@@ -233,7 +257,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             method, kind = route
             if method in ("Search", "Embed") and self._is_image():
                 request: Message = search_request_from_query(body, query) if method == "Search" \
-                    else search_pb2.EmbedRequest(image=body)
+                    else embed_request_from_query(body, query)
             else:
                 request = self._parse_json(body, kind)
             return self._call(method, request, query)

@@ -23,11 +23,11 @@ from PIL import Image
 
 from engine.candidates import EXACT_MAX, Candidates, ShardSearch, filter_mask
 from engine.errors import DeadlineExceeded, EngineError, InvalidQuery, ProductNotFound
-from engine.types import MAX_TOP_K, IndexInfo, SearchHit, SearchRequest, SearchResult
+from engine.types import MAX_TOP_K, IndexInfo, SearchHit, SearchQuery, SearchRequest, SearchResult
 from indexer.validate import RERANK_MIN_CANDIDATES, rerank_candidates
 from indexer.version import IndexVersion
 from model.catalog import Product
-from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
+from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, crop_fraction, decode_image
 
 __all__ = ["Searcher", "QueryVector", "filter_mask", "normalize", "OVERFETCH"]
 
@@ -71,6 +71,14 @@ class _Job:
     query: QueryVector | None = None
     image: Image.Image | None = None
     outcome: SearchResult | Exception | None = None
+
+
+def crop_query(image: Image.Image, crop: tuple[float, float, float, float]) -> Image.Image:
+    """The crop region of a query image; InvalidQuery (INVALID_ARGUMENT) when the region is not inside it."""
+    try:
+        return crop_fraction(image, *crop)
+    except ValueError as exc:
+        raise InvalidQuery(str(exc)) from None
 
 
 class Searcher:
@@ -132,7 +140,7 @@ class Searcher:
             if query.kind == "image":
                 began = time.perf_counter()
                 assert query.image is not None
-                job.image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+                job.image = self.decode_query_image(query)
                 self.observe("decode", time.perf_counter() - began)
             else:
                 job.query = self.query_vector(job.request)
@@ -224,7 +232,15 @@ class Searcher:
                 raise InvalidQuery("a price bound is NaN; leave the bound unset for an open range")
         if low is not None and high is not None and low > high:
             raise InvalidQuery(f"the price range is empty: min {low} > max {high}")
+        if request.query.crop is not None and request.query.kind != "image":
+            raise InvalidQuery("crop applies to image queries only (it marks part of the query image)")
         return top_k
+
+    def decode_query_image(self, query: SearchQuery) -> Image.Image:
+        """The query's image, decoded within the size limits and cut to its crop region when it has one."""
+        assert query.image is not None
+        image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        return image if query.crop is None else crop_query(image, query.crop)
 
     def query_vector(self, request: SearchRequest) -> QueryVector:
         """Resolve a vector or product-id query to a unit embedding (image queries: see search_batch)."""
@@ -241,8 +257,7 @@ class Searcher:
             assert query.product_id is not None
             return self._product_query(query.product_id, request.options.exclude_query_product)
         if kind == "image":
-            assert query.image is not None
-            image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+            image = self.decode_query_image(query)
             return QueryVector(normalize(self.embed([image], None)[0], "image embedding"))
         if kind == "ambiguous":
             raise InvalidQuery("the query sets more than one of image, vector and product_id; set exactly one")

@@ -19,7 +19,7 @@ from PIL import Image
 from engine import convert
 from engine.errors import InvalidQuery, status_for
 from engine.metrics import Metrics
-from engine.search import Searcher, check_deadline, normalize
+from engine.search import Searcher, check_deadline, crop_query, normalize
 from engine.swap import SearcherSlot
 from engine.types import BatchItem, Embedding
 from model.images import decode_image
@@ -118,6 +118,9 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
             start = time.perf_counter()
             deadline = deadline_of(context)
             image = decode_image(request.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+            crop = convert.region_from_proto(request)
+            if crop is not None:
+                image = crop_query(image, crop)
             self.metrics.observe_stage("decode", time.perf_counter() - start)
             check_deadline(deadline, "embedding the image")
             began = time.perf_counter()

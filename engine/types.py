@@ -25,6 +25,7 @@ class SearchQuery:
     image: bytes | None = None  # encoded JPEG/PNG/WebP/AVIF/HEIC
     vector: np.ndarray | None = None  # (dim,) float32, any non-zero scale
     product_id: str | None = None  # a catalog product id; its stored embedding is the query
+    crop: tuple[float, float, float, float] | None = None  # image queries: (x, y, width, height) in fractions
 
     @property
     def kind(self) -> str:
@@ -39,7 +40,8 @@ class SearchQuery:
             return NotImplemented
         same_vector = (self.vector is None and other.vector is None) or (
             self.vector is not None and other.vector is not None and np.array_equal(self.vector, other.vector))
-        return self.image == other.image and self.product_id == other.product_id and same_vector
+        return (self.image == other.image and self.product_id == other.product_id and same_vector
+                and self.crop == other.crop)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ Formats: JPEG, PNG and WebP always; AVIF where Pillow was built with libavif (th
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError, features
@@ -104,6 +105,27 @@ def _draft_under(image: Image.Image, max_pixels: int) -> None:
     image.draft(None, (-(-width // scale), -(-height // scale)))
     if image.size[0] * image.size[1] > max_pixels:
         raise refused
+
+
+def check_region(x: float, y: float, width: float, height: float) -> None:
+    """ValueError unless (x, y, width, height) is a non-empty rectangle inside the unit square (1e-4 slack)."""
+    slack = 1e-4
+    values = (x, y, width, height)
+    if not all(math.isfinite(v) for v in values) or width <= 0 or height <= 0 or x < 0 or y < 0 \
+            or x + width > 1 + slack or y + height > 1 + slack:
+        raise ValueError(f"the crop region (x {x:g}, y {y:g}, width {width:g}, height {height:g}) must lie inside "
+                         "the image: fractions of its width and height with x, y >= 0, width, height > 0, "
+                         "x + width <= 1 and y + height <= 1")
+
+
+def crop_fraction(image: Image.Image, x: float, y: float, width: float, height: float) -> Image.Image:
+    """The part of `image` given in fractions of its size (check_region's rules), at least 1x1 pixel."""
+    check_region(x, y, width, height)
+    w, h = image.size
+    left, top = min(w - 1, int(round(x * w))), min(h - 1, int(round(y * h)))
+    right = max(left + 1, min(w, int(round((x + width) * w))))
+    bottom = max(top + 1, min(h, int(round((y + height) * h))))
+    return image.crop((left, top, right, bottom))
 
 
 RESIZE_MODES = ("crop", "stretch", "pad")

@@ -114,6 +114,18 @@ def test_node_usage_errors_and_unreachable_server(tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stderr.startswith("UNAVAILABLE: ")
 
 
+def test_node_crop_matches_the_python_client(target: str, engine_index: EngineIndex, tmp_path: Path) -> None:
+    _, path = image_file(engine_index, 7, tmp_path)
+    done = node("--target", target, "--image", str(path), "--crop", "0,0.25,1,0.5", "--top-k", "5", "--json")
+    assert done.returncode == 0, done.stderr
+    with VisualSearchClient(target) as client:
+        expected = client.search_image(path.read_bytes(), top_k=5, crop=(0.0, 0.25, 1.0, 0.5))
+    assert [h["product_id"] for h in json.loads(done.stdout)["hits"]] == [h.product_id for h in expected.hits]
+    bad = node("--target", target, "--image", str(path), "--crop", "0,0,2,1")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    assert node("--target", target, "--product-id", "x", "--crop", "0,0,1,1").returncode == 2
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
 def test_node_over_mutual_tls(tmp_path: Path) -> None:
     """The Node client with --tls-ca / --tls-cert / --tls-key against a server that requires client certificates."""

@@ -96,6 +96,24 @@ def test_search_by_json_with_filter_matches_grpc(served: tuple[Any, int], engine
     assert status == 200 and [h["product_id"] for h in again["hits"]] == [h["product_id"] for h in answer["hits"]]
 
 
+def test_crop_as_a_query_parameter_and_in_json(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    server, _ = served
+    product = engine_index.products[9]
+    image = engine_index.images[product.product_id]
+    status, whole = http(server, "/v1/embed", image, "image/jpeg")
+    status, half = http(server, "/v1/embed?crop=0,0,1,0.5", image, "image/jpeg")
+    assert status == 200 and half["vector"]["values"] != whole["vector"]["values"]
+    body = {"image": base64.b64encode(image).decode(), "crop": {"x": 0, "y": 0, "width": 1, "height": 0.5},
+            "top_k": 3}
+    status, by_json = http(server, "/v1/search", json.dumps(body).encode())
+    status2, by_query = http(server, "/v1/search?top_k=3&crop=0,0,1,0.5", image, "image/jpeg")
+    assert status == status2 == 200 and by_json["hits"] == by_query["hits"]
+    status, answer = http(server, "/v1/search?crop=0,0,1", image, "image/jpeg")
+    assert status == 400 and "x,y,width,height" in answer["message"]
+    status, answer = http(server, "/v1/search?crop=0,0,2,1", image, "image/jpeg")
+    assert status == 400 and "must lie inside the image" in answer["message"]
+
+
 def test_batch_embed_product_and_index_routes(served: tuple[Any, int], engine_index: EngineIndex) -> None:
     server, _ = served
     ids = [p.product_id for p in engine_index.products[:3]]

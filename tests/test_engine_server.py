@@ -106,6 +106,56 @@ def test_search_by_a_48_megapixel_phone_jpeg(client: VisualSearchClient, engine_
     assert result.hits[0].score == pytest.approx(small.hits[0].score, abs=0.05)
 
 
+def _two_products_photo(engine_index: EngineIndex) -> tuple[bytes, str, str]:
+    """A PNG showing two catalog products side by side (as decoded), and their ids, left then right."""
+    import io
+
+    from PIL import Image
+
+    from model.images import decode_image
+
+    left, right = engine_index.products[11], engine_index.products[40]
+    a, b = (decode_image(engine_index.images[p.product_id]) for p in (left, right))
+    canvas = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), (255, 255, 255))
+    canvas.paste(a, (0, 0))
+    canvas.paste(b, (a.width, 0))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    assert a.width == b.width and a.height == b.height == canvas.height  # catalog photos share one size
+    return buffer.getvalue(), left.product_id, right.product_id
+
+
+def test_search_by_a_cropped_region_of_a_photo(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    """A photo of two products: each half, marked with crop, finds its own product (its own embedding: score 1)."""
+    photo, left, right = _two_products_photo(engine_index)
+    for crop, wanted in (((0.0, 0.0, 0.5, 1.0), left), ((0.5, 0.0, 0.5, 1.0), right)):
+        result = client.search_image(photo, top_k=5, crop=crop)
+        own = [h for h in result.hits if h.product_id == wanted]
+        assert own and own[0].score == pytest.approx(1.0, abs=1e-3), (crop, [h.product_id for h in result.hits])
+        alone = client.embed(engine_index.images[wanted]).vector
+        np.testing.assert_allclose(client.embed(photo, crop=crop).vector, alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("crop, message", [((0.0, 0.0, 0.0, 1.0), "must lie inside"),
+                                           ((0.6, 0.0, 0.5, 1.0), "x + width <= 1"),
+                                           ((-0.1, 0.0, 0.5, 0.5), "must lie inside")])
+def test_a_crop_outside_the_photo_is_invalid(client: VisualSearchClient, engine_index: EngineIndex,
+                                             crop: tuple[float, float, float, float], message: str) -> None:
+    photo, _, _ = _two_products_photo(engine_index)
+    with pytest.raises(grpc.RpcError) as error:
+        client.search_image(photo, crop=crop)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
+
+
+def test_a_crop_needs_an_image_query(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    from engine.types import SearchQuery, SearchRequest
+
+    request = SearchRequest(SearchQuery(product_id=engine_index.products[0].product_id, crop=(0, 0, 1, 1)), 3)
+    with pytest.raises(grpc.RpcError) as error:
+        client.search(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image queries only" in error.value.details()
+
+
 def test_search_by_vector(client: VisualSearchClient, engine_index: EngineIndex) -> None:
     rng = np.random.default_rng(0)
     result = client.search_vector(rng.normal(size=engine_index.dim).astype(np.float32) * 3.0, top_k=7)
@@ -302,3 +352,19 @@ def test_request_threads_run_faiss_on_the_configured_openmp_threads(client: Visu
     client.search_vector(vectors[1], top_k=3)
     assert seen[0] == seen[-1] == (1, 1) and len(seen) > 2, seen
     assert set(seen[1:-1]) == {(9, os.cpu_count())}, seen  # (nprobe may double on this tiny index: several calls)
+
+
+def test_vitrine_query_with_crop(server: tuple[grpc.Server, int], engine_index: EngineIndex, tmp_path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from vitrine.cli import main
+
+    photo, left, right = _two_products_photo(engine_index)
+    (tmp_path / "two.png").write_bytes(photo)
+    target = f"127.0.0.1:{server[1]}"
+    assert main(["query", "--target", target, "--image", str(tmp_path / "two.png"), "--crop", "0.5,0,0.5,1",
+                 "--top-k", "5"]) == 0
+    assert right in capsys.readouterr().out
+    assert main(["query", "--target", target, "--product-id", left, "--crop", "0,0,1,1"]) == 2
+    assert "--crop marks part of a query photo" in capsys.readouterr().err
+    assert main(["query", "--target", target, "--image", str(tmp_path / "two.png"), "--crop", "half"]) == 2
+    assert "--crop must be X,Y,W,H" in capsys.readouterr().err

@@ -239,6 +239,9 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, default=0, help="IVF lists to visit (0: the index default)")
     p.add_argument("--no-rerank", action="store_true", help="skip the exact re-rank (faster, approximate scores)")
     p.add_argument("--all-images", action="store_true", help="allow several hits of one product")
+    p.add_argument("--crop", default=None, metavar="X,Y,W,H",
+                   help="with --image: search with this part of the photo only, in fractions of its width and "
+                        "height (e.g. 0.5,0,0.5,1 for the right half)")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
     p.add_argument("--tls-ca", default=None, help="connect over TLS, trusting this CA (PEM)")

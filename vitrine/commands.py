@@ -203,6 +203,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def _crop(text: str) -> tuple[float, float, float, float]:
+    """--crop X,Y,W,H as four floats (the server checks that the region lies inside the image)."""
+    try:
+        x, y, width, height = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--crop must be X,Y,W,H in fractions of the image (e.g. 0.5,0,0.5,1), got {text!r}") from None
+    return x, y, width, height
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import grpc
 
@@ -214,6 +223,9 @@ def cmd_query(args: argparse.Namespace) -> int:
                                  min_price=args.min_price, max_price=args.max_price, in_stock_only=args.in_stock)
     options = SearchOptions(nprobe=args.nprobe, exact_rerank=not args.no_rerank, one_per_product=not args.all_images)
     images = [_existing(path, "image file").read_bytes() for path in args.image or ()]
+    crop = _crop(args.crop) if args.crop is not None else None
+    if crop is not None and not images:
+        raise UserError("--crop marks part of a query photo: it needs --image")
     try:
         with VisualSearchClient(args.target, timeout_s=args.timeout, tls=args.tls, tls_ca=args.tls_ca,
                                 tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
@@ -221,14 +233,15 @@ def cmd_query(args: argparse.Namespace) -> int:
                 print(json.dumps(dataclasses.asdict(client.index_info()), indent=2, default=str))
                 return 0
             if len(images) > 1:
-                requests = [SearchRequest(SearchQuery(image=data), args.top_k, search_filter, options)
+                requests = [SearchRequest(SearchQuery(image=data, crop=crop), args.top_k, search_filter, options)
                             for data in images]
                 for path, item in zip(args.image, client.batch_search(requests), strict=True):
                     print(f"== {path}")
                     print(format_results_table(item.result) if item.result else f"{item.code}: {item.message}")
                 return 0
             if images:
-                result = client.search_image(images[0], top_k=args.top_k, filter=search_filter, options=options)
+                result = client.search_image(images[0], top_k=args.top_k, filter=search_filter, options=options,
+                                             crop=crop)
             else:
                 result = client.search_product(args.product_id, top_k=args.top_k, filter=search_filter,
                                                options=options)

@@ -11,6 +11,7 @@
 //   node search.js --target localhost:50051 --info
 //   node search.js ... --json                # the response as JSON (proto field names) instead of a table
 //   node search.js ... --tls-ca ca.pem [--tls-cert client.pem --tls-key client.key]   # TLS / mutual TLS
+//   node search.js --target localhost:50051 --image street.jpg --crop 0.3,0.2,0.4,0.6   # the marked region only
 //
 // Exit status: 0 answered; 1 the server answered with an error status (printed as CODE: message);
 // 2 bad command line. UNAVAILABLE is retried (--retries, exponential back-off) within the deadline.
@@ -25,7 +26,7 @@ const PROTO_ROOT = process.env.VITRINE_PROTOS || path.resolve(__dirname, '..', '
 const USAGE = `usage: node search.js --target HOST:PORT (--image FILE [--image FILE ...] | --product-id ID | --info)
        [--top-k N] [--category C ...] [--brand B ...] [--min-price P] [--max-price P] [--in-stock]
        [--nprobe N] [--no-rerank] [--deadline-ms MS] [--retries N] [--json]
-       [--tls | --tls-ca CA.pem] [--tls-cert CERT.pem --tls-key KEY.pem]`;
+       [--crop X,Y,W,H] [--tls | --tls-ca CA.pem] [--tls-cert CERT.pem --tls-key KEY.pem]`;
 
 class UsageError extends Error {}
 
@@ -61,6 +62,7 @@ function parseArgs(argv) {
       case '--deadline-ms': args.deadlineMs = number(flag, value(), true); break;
       case '--retries': args.retries = number(flag, value(), true); break;
       case '--json': args.json = true; break;
+      case '--crop': args.crop = parseCrop(value()); break;
       case '--tls': args.tls = true; break;
       case '--tls-ca': args.tlsCa = value(); break;
       case '--tls-cert': args.tlsCert = value(); break;
@@ -71,6 +73,9 @@ function parseArgs(argv) {
   }
   const modes = [args.images.length > 0, args.productId !== undefined, args.info].filter(Boolean).length;
   if (modes !== 1) throw new UsageError('give exactly one of --image, --product-id or --info');
+  if (args.crop !== undefined && args.images.length === 0) {
+    throw new UsageError('--crop marks part of a query photo: it needs --image');
+  }
   if ((args.tlsCert === undefined) !== (args.tlsKey === undefined)) {
     throw new UsageError('--tls-cert and --tls-key go together');
   }
@@ -116,6 +121,16 @@ function call(client, method, request, args) {
   });
 }
 
+// --crop X,Y,W,H: a region of the query photo in fractions of its width and height (the server checks it).
+function parseCrop(text) {
+  const parts = text.split(',').map(Number);
+  if (parts.length !== 4 || parts.some((v) => !Number.isFinite(v))) {
+    throw new UsageError(`--crop must be X,Y,W,H in fractions of the image, got ${JSON.stringify(text)}`);
+  }
+  const [x, y, width, height] = parts;
+  return { x, y, width, height };
+}
+
 function searchRequest(query, args) {
   const filter = { categories: args.categories, brands: args.brands, in_stock_only: args.inStock };
   if (args.minPrice !== undefined || args.maxPrice !== undefined) {
@@ -125,7 +140,9 @@ function searchRequest(query, args) {
   }
   const options = { exact_rerank: args.rerank };
   if (args.nprobe !== undefined) options.nprobe = args.nprobe;
-  return { ...query, top_k: args.topK, filter, options };
+  const request = { ...query, top_k: args.topK, filter, options };
+  if (args.crop !== undefined && query.image !== undefined) request.crop = args.crop;
+  return request;
 }
 
 function readImage(file) {

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/vitrine/v1/search.proto\x12\nvitrine.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"@\n\nPriceRange\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"j\n\x06\x46ilter\x12\x12\n\ncategories\x18\x01 \x03(\t\x12%\n\x05price\x18\x02 \x01(\x0b\x32\x16.vitrine.v1.PriceRange\x12\x15\n\rin_stock_only\x18\x03 \x01(\x08\x12\x0e\n\x06\x62rands\x18\x04 \x03(\t\"\xbb\x01\n\rSearchOptions\x12\x0e\n\x06nprobe\x18\x01 \x01(\x05\x12\"\n\x15\x65xclude_query_product\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x0c\x65xact_rerank\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x0fone_per_product\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\x18\n\x16_exclude_query_productB\x0f\n\r_exact_rerankB\x12\n\x10_one_per_product\"\x8e\x02\n\x07Product\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05\x62rand\x18\x04 \x01(\t\x12\x12\n\x05price\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x11\n\timage_url\x18\x07 \x01(\t\x12\x10\n\x08in_stock\x18\x08 \x01(\x08\x12\x37\n\nattributes\x18\t \x03(\x0b\x32#.vitrine.v1.Product.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_price\"\xc4\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x12.vitrine.v1.VectorH\x00\x12\x14\n\nproduct_id\x18\x03 \x01(\tH\x00\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\"\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x12.vitrine.v1.Filter\x12*\n\x07options\x18\x06 \x01(\x0b\x32\x19.vitrine.v1.SearchOptionsB\x07\n\x05query\"N\n\x03Hit\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12$\n\x07product\x18\x03 \x01(\x0b\x32\x13.vitrine.v1.Product\"\x80\x01\n\x0eSearchResponse\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.vitrine.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x0f\n\x07took_us\x18\x03 \x01(\x03\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x05 \x03(\x05\"A\n\x12\x42\x61tchSearchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.vitrine.v1.SearchRequest\"`\n\x11\x42\x61tchSearchResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12,\n\x08response\x18\x03 \x01(\x0b\x32\x1a.vitrine.v1.SearchResponse\"m\n\x13\x42\x61tchSearchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.vitrine.v1.BatchSearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x0f\n\x07took_us\x18\x03 \x01(\x03\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\"_\n\rEmbedResponse\x12\"\n\x06vector\x18\x01 \x01(\x0b\x32\x12.vitrine.v1.Vector\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07took_us\x18\x03 \x01(\x03\"\x15\n\x13GetIndexInfoRequest\"\'\n\x11GetProductRequest\x12\x12\n\nproduct_id\x18\x01 \x01(\t\"Q\n\x12GetProductResponse\x12$\n\x07product\x18\x01 \x01(\x0b\x32\x13.vitrine.v1.Product\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\xf2\x01\n\x14GetIndexInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0f\n\x07\x66\x61\x63tory\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\"\n\x06metric\x18\x06 \x01(\x0e\x32\x12.vitrine.v1.Metric\x12\x30\n\x0c\x63reated_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bshard_count\x18\x08 \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_nprobe\x18\t \x01(\x05*I\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x18\n\x14METRIC_INNER_PRODUCT\x10\x01\x12\r\n\tMETRIC_L2\x10\x02\x32\xfd\x02\n\x0cVisualSearch\x12?\n\x06Search\x12\x19.vitrine.v1.SearchRequest\x1a\x1a.vitrine.v1.SearchResponse\x12N\n\x0b\x42\x61tchSearch\x12\x1e.vitrine.v1.BatchSearchRequest\x1a\x1f.vitrine.v1.BatchSearchResponse\x12<\n\x05\x45mbed\x12\x18.vitrine.v1.EmbedRequest\x1a\x19.vitrine.v1.EmbedResponse\x12Q\n\x0cGetIndexInfo\x12\x1f.vitrine.v1.GetIndexInfoRequest\x1a .vitrine.v1.GetIndexInfoResponse\x12K\n\nGetProduct\x12\x1d.vitrine.v1.GetProductRequest\x1a\x1e.vitrine.v1.GetProductResponseB^\n\x0e\x64\x65v.vitrine.v1B\x0bSearchProtoP\x01Z=github.com/vitrine-search/vitrine/gen/go/vitrine/v1;vitrinev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/vitrine/v1/search.proto\x12\nvitrine.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"@\n\nPriceRange\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"j\n\x06\x46ilter\x12\x12\n\ncategories\x18\x01 \x03(\t\x12%\n\x05price\x18\x02 \x01(\x0b\x32\x16.vitrine.v1.PriceRange\x12\x15\n\rin_stock_only\x18\x03 \x01(\x08\x12\x0e\n\x06\x62rands\x18\x04 \x03(\t\"\xbb\x01\n\rSearchOptions\x12\x0e\n\x06nprobe\x18\x01 \x01(\x05\x12\"\n\x15\x65xclude_query_product\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x19\n\x0c\x65xact_rerank\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x0fone_per_product\x18\x04 \x01(\x08H\x02\x88\x01\x01\x42\x18\n\x16_exclude_query_productB\x0f\n\r_exact_rerankB\x12\n\x10_one_per_product\"\x8e\x02\n\x07Product\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05\x62rand\x18\x04 \x01(\t\x12\x12\n\x05price\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x11\n\timage_url\x18\x07 \x01(\t\x12\x10\n\x08in_stock\x18\x08 \x01(\x08\x12\x37\n\nattributes\x18\t \x03(\x0b\x32#.vitrine.v1.Product.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_price\"\xe6\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x12.vitrine.v1.VectorH\x00\x12\x14\n\nproduct_id\x18\x03 \x01(\tH\x00\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\"\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x12.vitrine.v1.Filter\x12*\n\x07options\x18\x06 \x01(\x0b\x32\x19.vitrine.v1.SearchOptions\x12 \n\x04\x63rop\x18\x07 \x01(\x0b\x32\x12.vitrine.v1.RegionB\x07\n\x05query\"=\n\x06Region\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\"N\n\x03Hit\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12$\n\x07product\x18\x03 \x01(\x0b\x32\x13.vitrine.v1.Product\"\x80\x01\n\x0eSearchResponse\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.vitrine.v1.Hit\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x0f\n\x07took_us\x18\x03 \x01(\x03\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x12\x16\n\x0emissing_shards\x18\x05 \x03(\x05\"A\n\x12\x42\x61tchSearchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.vitrine.v1.SearchRequest\"`\n\x11\x42\x61tchSearchResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12,\n\x08response\x18\x03 \x01(\x0b\x32\x1a.vitrine.v1.SearchResponse\"m\n\x13\x42\x61tchSearchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.vitrine.v1.BatchSearchResult\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x0f\n\x07took_us\x18\x03 \x01(\x03\"?\n\x0c\x45mbedRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12 \n\x04\x63rop\x18\x02 \x01(\x0b\x32\x12.vitrine.v1.Region\"_\n\rEmbedResponse\x12\"\n\x06vector\x18\x01 \x01(\x0b\x32\x12.vitrine.v1.Vector\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07took_us\x18\x03 \x01(\x03\"\x15\n\x13GetIndexInfoRequest\"\'\n\x11GetProductRequest\x12\x12\n\nproduct_id\x18\x01 \x01(\t\"Q\n\x12GetProductResponse\x12$\n\x07product\x18\x01 \x01(\x0b\x32\x13.vitrine.v1.Product\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\xf2\x01\n\x14GetIndexInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0f\n\x07\x66\x61\x63tory\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\"\n\x06metric\x18\x06 \x01(\x0e\x32\x12.vitrine.v1.Metric\x12\x30\n\x0c\x63reated_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bshard_count\x18\x08 \x01(\x05\x12\x16\n\x0e\x64\x65\x66\x61ult_nprobe\x18\t \x01(\x05*I\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x18\n\x14METRIC_INNER_PRODUCT\x10\x01\x12\r\n\tMETRIC_L2\x10\x02\x32\xfd\x02\n\x0cVisualSearch\x12?\n\x06Search\x12\x19.vitrine.v1.SearchRequest\x1a\x1a.vitrine.v1.SearchResponse\x12N\n\x0b\x42\x61tchSearch\x12\x1e.vitrine.v1.BatchSearchRequest\x1a\x1f.vitrine.v1.BatchSearchResponse\x12<\n\x05\x45mbed\x12\x18.vitrine.v1.EmbedRequest\x1a\x19.vitrine.v1.EmbedResponse\x12Q\n\x0cGetIndexInfo\x12\x1f.vitrine.v1.GetIndexInfoRequest\x1a .vitrine.v1.GetIndexInfoResponse\x12K\n\nGetProduct\x12\x1d.vitrine.v1.GetProductRequest\x1a\x1e.vitrine.v1.GetProductResponseB^\n\x0e\x64\x65v.vitrine.v1B\x0bSearchProtoP\x01Z=github.com/vitrine-search/vitrine/gen/go/vitrine/v1;vitrinev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.vitrine.v1B\013SearchProtoP\001Z=github.com/vitrine-search/vitrine/gen/go/vitrine/v1;vitrinev1'
   _globals['_PRODUCT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_METRIC']._serialized_start=1948
-  _globals['_METRIC']._serialized_end=2021
+  _globals['_METRIC']._serialized_start=2079
+  _globals['_METRIC']._serialized_end=2152
   _globals['_VECTOR']._serialized_start=79
   _globals['_VECTOR']._serialized_end=103
   _globals['_PRICERANGE']._serialized_start=105
@@ -50,29 +50,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_start=681
   _globals['_PRODUCT_ATTRIBUTESENTRY']._serialized_end=730
   _globals['_SEARCHREQUEST']._serialized_start=743
-  _globals['_SEARCHREQUEST']._serialized_end=939
-  _globals['_HIT']._serialized_start=941
-  _globals['_HIT']._serialized_end=1019
-  _globals['_SEARCHRESPONSE']._serialized_start=1022
-  _globals['_SEARCHRESPONSE']._serialized_end=1150
-  _globals['_BATCHSEARCHREQUEST']._serialized_start=1152
-  _globals['_BATCHSEARCHREQUEST']._serialized_end=1217
-  _globals['_BATCHSEARCHRESULT']._serialized_start=1219
-  _globals['_BATCHSEARCHRESULT']._serialized_end=1315
-  _globals['_BATCHSEARCHRESPONSE']._serialized_start=1317
-  _globals['_BATCHSEARCHRESPONSE']._serialized_end=1426
-  _globals['_EMBEDREQUEST']._serialized_start=1428
-  _globals['_EMBEDREQUEST']._serialized_end=1457
-  _globals['_EMBEDRESPONSE']._serialized_start=1459
-  _globals['_EMBEDRESPONSE']._serialized_end=1554
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=1556
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=1577
-  _globals['_GETPRODUCTREQUEST']._serialized_start=1579
-  _globals['_GETPRODUCTREQUEST']._serialized_end=1618
-  _globals['_GETPRODUCTRESPONSE']._serialized_start=1620
-  _globals['_GETPRODUCTRESPONSE']._serialized_end=1701
-  _globals['_GETINDEXINFORESPONSE']._serialized_start=1704
-  _globals['_GETINDEXINFORESPONSE']._serialized_end=1946
-  _globals['_VISUALSEARCH']._serialized_start=2024
-  _globals['_VISUALSEARCH']._serialized_end=2405
+  _globals['_SEARCHREQUEST']._serialized_end=973
+  _globals['_REGION']._serialized_start=975
+  _globals['_REGION']._serialized_end=1036
+  _globals['_HIT']._serialized_start=1038
+  _globals['_HIT']._serialized_end=1116
+  _globals['_SEARCHRESPONSE']._serialized_start=1119
+  _globals['_SEARCHRESPONSE']._serialized_end=1247
+  _globals['_BATCHSEARCHREQUEST']._serialized_start=1249
+  _globals['_BATCHSEARCHREQUEST']._serialized_end=1314
+  _globals['_BATCHSEARCHRESULT']._serialized_start=1316
+  _globals['_BATCHSEARCHRESULT']._serialized_end=1412
+  _globals['_BATCHSEARCHRESPONSE']._serialized_start=1414
+  _globals['_BATCHSEARCHRESPONSE']._serialized_end=1523
+  _globals['_EMBEDREQUEST']._serialized_start=1525
+  _globals['_EMBEDREQUEST']._serialized_end=1588
+  _globals['_EMBEDRESPONSE']._serialized_start=1590
+  _globals['_EMBEDRESPONSE']._serialized_end=1685
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=1687
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=1708
+  _globals['_GETPRODUCTREQUEST']._serialized_start=1710
+  _globals['_GETPRODUCTREQUEST']._serialized_end=1749
+  _globals['_GETPRODUCTRESPONSE']._serialized_start=1751
+  _globals['_GETPRODUCTRESPONSE']._serialized_end=1832
+  _globals['_GETINDEXINFORESPONSE']._serialized_start=1835
+  _globals['_GETINDEXINFORESPONSE']._serialized_end=2077
+  _globals['_VISUALSEARCH']._serialized_start=2155
+  _globals['_VISUALSEARCH']._serialized_end=2536
 # @@protoc_insertion_point(module_scope)
