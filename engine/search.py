@@ -139,7 +139,6 @@ class Searcher:
             query = job.request.query
             if query.kind == "image":
                 began = time.perf_counter()
-                assert query.image is not None
                 job.image = self.decode_query_image(query)
                 self.observe("decode", time.perf_counter() - began)
             else:
