@@ -19,7 +19,8 @@ failed call answers {"code": "INVALID_ARGUMENT", "message": "..."} with the HTTP
 code (the google.api HTTP mapping: INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
 UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL 500, ...). A deadline: header `X-Timeout-Ms` or
 query parameter `timeout_ms`. Requests beyond `max_concurrent` in progress answer 429 at once; bodies
-over `max_body_bytes` answer 413 without being read. CORS: `cors_origin` (e.g. "*" or
+over `max_body_bytes` answer 413 without being read; a connection idle for `idle_timeout_s` (30 s) is
+closed, so idle keep-alive clients do not hold a thread each. CORS: `cors_origin` (e.g. "*" or
 "https://shop.example.com") adds the Access-Control headers and answers OPTIONS preflights.
 """
 
@@ -54,6 +55,7 @@ HTTP_STATUS = {  # google.api's mapping of gRPC codes to HTTP statuses
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 IMAGE_TYPES = ("image/", "application/octet-stream")
+IDLE_TIMEOUT_S = 30.0  # each connection has a thread: idle keep-alive connections must not hold them forever
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
@@ -151,7 +153,7 @@ class HttpGateway:
 
     def __init__(self, servicer: Any, is_serving: Callable[[], bool], host: str, port: int, *,
                  max_body_bytes: int = 16 << 20, max_concurrent: int = 64, cors_origin: str | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.servicer = servicer
         self.is_serving = is_serving
         self.max_body_bytes = max_body_bytes
@@ -161,6 +163,7 @@ class HttpGateway:
 
         class Handler(_Handler):
             owner = gateway
+            timeout = idle_timeout_s  # a keep-alive connection idle (or a client stalled) this long is closed
 
         self._server = _Server((host, port), Handler)
         if tls is not None:  # the handshake runs in the request's thread, not in the accepting loop
@@ -329,6 +332,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass
         except (ssl.SSLError, ConnectionResetError) as exc:  # a failed handshake: no certificate, wrong CA
             logger.info("HTTP client %s: TLS failed: %s", self.client_address[0], exc)
+            self.close_connection = True
+        except TimeoutError:  # idle past the timeout (or stalled mid-request): close, freeing the thread
             self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the servicer logs each call

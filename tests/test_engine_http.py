@@ -197,3 +197,29 @@ def test_health_says_not_serving_once_stopping(tmp_path: Path) -> None:
         server.stop(None).wait()
     with pytest.raises(urllib.error.URLError):
         http(server, "/healthz")  # closed with the server
+
+
+def test_an_idle_connection_is_closed_and_frees_its_thread() -> None:
+    """A keep-alive client that goes quiet (or never sends a request) is disconnected after the idle timeout."""
+    import threading
+    import time
+
+    from engine.http_gateway import HttpGateway
+
+    gateway = HttpGateway(servicer=None, is_serving=lambda: True, host="127.0.0.1", port=0, idle_timeout_s=0.5)
+    gateway.start()
+    try:
+        before = threading.active_count()
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as quiet, \
+                socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as served_once:
+            served_once.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert served_once.recv(4096).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            assert quiet.recv(1) == b"" and served_once.recv(1) == b""  # both closed by the server
+            assert time.monotonic() - start < 5
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= before, "the connection threads ended"
+    finally:
+        gateway.close()
