@@ -112,7 +112,8 @@ class VisualSearchServicer:
         INVALID_ARGUMENT   the image cannot be decoded or is too large (bytes or pixels), the vector
         has the wrong dimension, non-finite values or is all zeros, the query is
         empty (no oneof field set), top_k is negative or above 1000, nprobe is
-        negative, or the price range is inverted or NaN.
+        negative, the price range is inverted or NaN, or crop is set without an
+        image query or does not lie inside the image.
         NOT_FOUND          query.product_id names no product of the index version.
         RESOURCE_EXHAUSTED the request is larger than the server's message size limit (16 MiB by
         default), or the server already runs its maximum of concurrent requests
@@ -152,7 +153,8 @@ class VisualSearchServicer:
 
         Status codes:
         OK                 the L2-normalised embedding and the fingerprint of the model that made it.
-        INVALID_ARGUMENT   the image is empty, cannot be decoded or is too large (bytes or pixels).
+        INVALID_ARGUMENT   the image is empty, cannot be decoded or is too large (bytes or pixels), or
+        crop does not lie inside the image.
         RESOURCE_EXHAUSTED the image is larger than the message size limit, or the server already
         runs its maximum of concurrent requests.
         UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff.
