@@ -67,16 +67,8 @@ class ModelRunner:
         return self.embedder.embed_images(images)
 
     def _forward(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Unit embeddings of preprocessed (3, H, W) arrays, one forward pass (as Embedder.embed_images runs it)."""
-        embedder = self.embedder
-        use_cuda = embedder.device.startswith("cuda")
-        with torch.inference_mode():
-            tensor = torch.from_numpy(np.stack(arrays)).to(embedder.device)
-            if getattr(embedder, "channels_last", False):
-                tensor = tensor.to(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
-                vectors = embedder.model.embed(tensor).float().cpu().numpy()
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        """Unit embeddings of preprocessed (3, H, W) arrays: one batch through the Embedder's shared forward pass."""
+        return self.embedder.embed_pixels(np.stack(arrays))
 
     def close(self) -> None:
         if self.batcher is not None:

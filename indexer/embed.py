@@ -169,18 +169,9 @@ def save_chunk(folder: Path, chunk: int, parts: list[dict[str, Any]], dim: int) 
     os.replace(tmp, chunk_path(folder, chunk))
 
 
-def _forward(embedder: Any, pixels: Any, device: str) -> np.ndarray:
-    """L2-normalised float16 embeddings of a preprocessed batch."""
-    import torch
-
-    with torch.inference_mode():
-        tensor = pixels.to(device, non_blocking=True)
-        if getattr(embedder, "channels_last", False):  # the Embedder's memory format for CNN trunks
-            tensor = tensor.to(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            embedded = embedder.model.embed(tensor)
-        embedded = torch.nn.functional.normalize(embedded.float(), dim=1)
-    return embedded.cpu().numpy().astype(np.float16)
+def _forward(embedder: Any, pixels: Any) -> np.ndarray:
+    """L2-normalised float16 embeddings of a preprocessed batch (the Embedder's shared forward pass)."""
+    return embedder.embed_pixels(pixels).astype(np.float16)
 
 
 def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: EmbedSettings) -> dict[str, Any]:
@@ -213,7 +204,7 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
             chunk = first // settings.chunk_rows
             for record, error in batch["bad"]:
                 logger.warning("skipping record %d: bad image: %s", record, error)
-            vectors = _forward(embedder, batch["pixels"], settings.device) if batch["pixels"] is not None \
+            vectors = _forward(embedder, batch["pixels"]) if batch["pixels"] is not None \
                 else np.zeros((0, embedder.dim), np.float16)
             parts.append({**batch, "vectors": vectors})
             bad += len(batch["bad"])

@@ -114,7 +114,7 @@ class EmbedRecords:
         vectors = np.zeros((len(decoded), self.embedder.dim), dtype=np.float16)
         if ok.any():
             pixels = torch.from_numpy(np.stack([p for p, _ in decoded if p is not None]))
-            vectors[ok] = _forward(self.embedder, pixels, self.device)
+            vectors[ok] = _forward(self.embedder, pixels)
         return {"record": np.asarray(batch["record"], dtype=np.int64), "vector": vectors, "ok": ok,
                 "product": batch["product"], "digest": batch["digest"],
                 "error": np.array([error for _, error in decoded], dtype=object),

@@ -56,24 +56,31 @@ class Embedder:
         pixels = np.asarray(resized, dtype=np.float32) / 255.0
         return ((pixels - self._mean) / self._std).transpose(2, 0, 1)
 
+    def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """L2-normalised float32 embeddings (n, dim) of a preprocessed batch (n, 3, H, W).
+
+        The one forward pass that every path shares (embed_images, the indexer's embed stage and its Ray
+        actors, the server's micro-batcher), so an index and the queries against it are embedded alike:
+        the card's memory format, bf16 autocast on CUDA, rows normalised in float32.
+        """
+        with torch.inference_mode():
+            tensor = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+            tensor = tensor.to(self.device, non_blocking=True)
+            if self.channels_last:
+                tensor = tensor.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda")):
+                embedded = self.model.embed(tensor)
+            vectors = embedded.float().cpu().numpy()
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
         """Embeddings of PIL images, float32 (n, dim), rows L2-normalised."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         parts = [np.zeros((0, self.dim), dtype=np.float32)]
-        use_cuda = self.device.startswith("cuda")
-        with torch.inference_mode():
-            for begin in range(0, len(images), batch_size):
-                batch = np.stack([self.preprocess(im) for im in images[begin:begin + batch_size]])
-                tensor = torch.from_numpy(batch).to(self.device)
-                if self.channels_last:
-                    tensor = tensor.to(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
-                    embedded = self.model.embed(tensor)
-                parts.append(embedded.float().cpu().numpy())
-        vectors = np.concatenate(parts).astype(np.float32, copy=False)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.maximum(norms, 1e-12)
+        for begin in range(0, len(images), batch_size):
+            parts.append(self.embed_pixels(np.stack([self.preprocess(im) for im in images[begin:begin + batch_size]])))
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     def embed_bytes(self, datas: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
         """Embeddings of encoded images; raises ImageDecodeError on the first undecodable one."""
