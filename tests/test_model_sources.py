@@ -130,14 +130,16 @@ def test_ingest_downloads_urls_counts_failures_and_caches(cdn: Server, tmp_path:
             ("p6", "Bags", f"{url}/slow/{files[6]}"), ("p7", "Shirts", "p7.jpg"),  # relative to --images
             ("p8", "Shirts", str(MINI / "images" / files[8])),  # absolute
             ("p9", "Shirts", ""),  # no image named
+            ("p11", "Shirts", "s3://bucket/p11.jpg"),  # a scheme vitrine does not fetch: missing, said so
             ("p10", "Shirts", f"{url}/img/{files[0]}")]  # the same URL as p0: downloaded once
     write_catalog(tmp_path / "shop.csv", rows)
     cache = tmp_path / "cache"
     report = build_shards(tmp_path / "shop.csv", local, tmp_path / "shards", CONFIG, progress=False, workers=1,
                           image_cache=cache, fetch=FAST)
-    assert report.products == 11 and report.records == 7  # p0 p1 p2 p3 p7 p8 p10
+    assert report.products == 12 and report.records == 7  # p0 p1 p2 p3 p7 p8 p10
     assert report.failed_downloads == 2 and report.downloads["errors"] == {"HTTP 404": 1, "timeout": 1}
-    assert report.bad_images == 1 and report.missing_images == 1  # the HTML page; p9's empty cell
+    assert report.bad_images == 1 and report.missing_images == 2  # the HTML page; p9's empty cell, p11's s3://
+    assert report.unsupported_sources == {"s3://": 1}
     assert report.downloads["urls"] == 7 and report.downloads["downloaded"] == 5
     assert report.catalog["image_urls"] == 8 and report.catalog["empty_image_source"] == 1
     stored = {record.product.product_id: record for record in iter_shard_records(tmp_path / "shards")}

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import multiprocessing
 import os
+import re
 import shutil
 import struct
 import time
@@ -34,6 +36,8 @@ from model.files import sha256_file
 from model.images import ImageDecodeError, decode_image
 
 DEFAULT_MAX_RECORDS_PER_SHARD = 4096
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")  # a URL's scheme (a Windows "C:\\" path has no "//")
+logger = logging.getLogger("vitrine.ingest")
 
 
 @dataclass
@@ -50,6 +54,7 @@ class IngestReport:
     bad_image_reasons: dict[str, int] = field(default_factory=dict)  # product id -> reason, summarised
     catalog: dict[str, int] = field(default_factory=dict)  # read_catalog's report
     downloads: dict[str, Any] = field(default_factory=dict)  # model.data.sources.FetchReport when URLs were named
+    unsupported_sources: dict[str, int] = field(default_factory=dict)  # e.g. {"s3://": 12}: counted as missing
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -181,7 +186,15 @@ def local_sources(images: list[str], images_dir: Path, cache: str | Path, fetch:
                   report: IngestReport, progress: bool) -> tuple[list[str], set[int]]:
     """(each product's image as a local path, "" when none is named or its download failed; the positions
     of the failed downloads), downloading URLs first; `report.downloads` gets the download report."""
-    resolved = [resolve_source(source, images_dir) if source else "" for source in images]
+    schemes = Counter(m.group(1).lower() for source in images if (m := _SCHEME.match(source))
+                      and not is_url(source))
+    if schemes:  # s3://, gs://, ftp://...: not fetched; the products count as missing images
+        logger.warning("image sources with the scheme(s) %s are not supported (%d products): copy those images "
+                       "to a folder, or serve them over http(s)", ", ".join(f"{k}://" for k in sorted(schemes)),
+                       sum(schemes.values()))
+        report.unsupported_sources = {f"{k}://": v for k, v in sorted(schemes.items())}
+    resolved = ["" if _SCHEME.match(source) and not is_url(source) else
+                resolve_source(source, images_dir) if source else "" for source in images]
     urls = [source for source in resolved if is_url(source)]
     if not urls:
         return resolved, set()
