@@ -9,7 +9,7 @@ rebuild and `vitrine index update` read local files afterwards.
 Downloads: a thread pool (network-bound work), a timeout per request, retries with exponential
 back-off on connection errors, timeouts, HTTP 408/429/5xx (a `Retry-After` of at most 30 s is
 honoured), a size limit, and no retry on other HTTP errors (a 404 will not come back). A finished
-download is written atomically to `<cache>/<sha1 of the URL>`, with `<sha1>.json` beside it (the URL,
+download is written atomically to `<cache>/<2 hex digits>/<sha1 of the URL>`, with `<sha1>.json` beside it (the URL,
 the server's ETag and Last-Modified, when it was checked); a failure is not cached, so the next run
 tries again.
 
@@ -91,8 +91,10 @@ class FetchError(Exception):
 
 
 def cache_path(cache_dir: Path, url: str) -> Path:
-    """Where the download of `url` lives in the cache."""
-    return cache_dir / hashlib.sha1(url.encode("utf-8")).hexdigest()
+    """Where the download of `url` lives in the cache: <cache>/<2 hex digits>/<sha1 of the URL>, so that a
+    catalog of millions of images spreads over 256 folders instead of one."""
+    digest = hashlib.sha1(url.encode("utf-8")).hexdigest()
+    return cache_dir / digest[:2] / digest
 
 
 NOT_MODIFIED = object()  # _get's answer to a conditional GET that the server answered 304
@@ -145,6 +147,7 @@ def _retry_after(exc: FetchError) -> float | None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
