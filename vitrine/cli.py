@@ -181,15 +181,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="also serve the API as HTTP/JSON on this port (POST /v1/search with JSON or a raw image "
                         "body, /v1/batch-search, /v1/embed, GET /v1/products/<id>, /v1/index, /healthz; "
                         "engine/http_gateway.py), for browsers and curl; 0: any free port")
+    p.add_argument("--http-cors-origin", default=None,
+                   help="with --http-port: allow browser calls from this origin (e.g. https://shop.example.com, "
+                        "or * for any)")
     p.add_argument("--tls-cert", default=None, help="serve gRPC (and --http-port) over TLS with this certificate "
                                                     "chain (PEM)")
     p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
     p.add_argument("--tls-ca", default=None,
                    help="mutual TLS: clients must present a certificate signed by this CA (PEM); a root also "
                         "verifies its shard servers with it and shows them its own --tls-cert")
-    p.add_argument("--http-cors-origin", default=None,
-                   help="with --http-port: allow browser calls from this origin (e.g. https://shop.example.com, "
-                        "or * for any)")
     p.add_argument("--no-watch", dest="watch", action="store_const", const=False, default=None,
                    help="do not watch CURRENT for new versions (no hot swap)")
     p.add_argument("--poll-s", type=float, default=None, help="seconds between two reads of CURRENT")
