@@ -117,7 +117,7 @@ class CatalogTable:
     products: list[Product]
     report: dict[str, int] = field(default_factory=dict)
     images: list[str] = field(default_factory=list)  # each product's image source: a relative or absolute path, or
-    # an http(s) URL (model.data.sources.resolve_source places it); "" when the row names none
+    # an http(s) URL (resolve_source below places a path in the images folder); "" when the row names none
 
 
 DELIMITERS = (",", ";", "\t", "|")
