@@ -50,6 +50,7 @@ from indexer.faults import maybe_fail
 logger = logging.getLogger("vitrine.indexer")
 
 RAY_EXTRA = "pip install 'vitrine-search[ray]'  (or: pip install 'ray[data]>=2.40')"
+ACTOR_START_TIMEOUT_S = 600  # every embedding actor must be up (model loaded) within this, or the stage fails
 
 
 class BackendUnavailable(StageError):
@@ -191,7 +192,11 @@ def create_dataset(ray: Any, chunks: list[int], shards_dir: Path, model: Path, s
                    total: int) -> Any:
     """The lazy Ray Dataset of the pending chunks' records -> EmbedRecords output rows (module docstring)."""
     cuda = settings.device.startswith("cuda")
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver prints its own tqdm bar
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver prints its own tqdm bar
+    # Start every actor before the first batch goes out: otherwise the first actor up takes the work while the
+    # others still load the model, and a cluster without room for them fails with a clear timeout, not a hang.
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     records = ray.data.from_numpy([np.arange(r.start, r.stop, dtype=np.int64)
                                    for r in (chunk_records(c, settings.chunk_rows, total) for c in chunks)])
     read = records.map_batches(read_records, fn_kwargs={"shards_dir": str(shards_dir)},

@@ -45,11 +45,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def alive_nodes(address: str) -> int:
+def alive_nodes(address: str, env: dict[str, str]) -> int:
     """How many nodes the cluster at `address` reports alive (asked from a separate driver process)."""
     code = (f"import ray, logging; ray.init(address={address!r}, logging_level=logging.ERROR); "
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 
@@ -65,28 +65,32 @@ def stop_node(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """A two-node Ray cluster (head + one worker node, 1 CPU each); yields the head's address."""
+def cluster() -> Iterator[tuple[str, dict[str, str]]]:
+    """A two-node Ray cluster (head + one worker node, 1 CPU each); yields the head's address and the environment
+    its drivers use. Every Ray process gets its own HOME: Ray keeps user state there (~/.ray, e.g. an auth
+    token file, which makes the head demand a token that a driver without RAY_AUTH_MODE does not send), and
+    the test must neither read the user's nor leave its own."""
     if not RAY.is_file():
         pytest.skip(f"the ray command is not installed beside {sys.executable}")
     temp = Path(tempfile.mkdtemp(prefix="vray"))  # short: Ray's socket paths must stay under 107 characters
     address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    (temp / "home").mkdir()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(temp / "home")}
     common = ["--num-cpus", "1", "--num-gpus", "0", "--block", "--disable-usage-stats"]
     nodes = [subprocess.Popen([str(RAY), "start", "--head", "--port", address.split(":")[1], "--include-dashboard",
                                "false", "--temp-dir", str(temp), *common], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
     try:
         deadline = time.monotonic() + NODE_START_S
-        while alive_nodes(address) < 1:
+        while alive_nodes(address, env) < 1:
             assert nodes[0].poll() is None and time.monotonic() < deadline, "the head node did not start"
             time.sleep(1)
         nodes.append(subprocess.Popen([str(RAY), "start", "--address", address, *common], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
-        while alive_nodes(address) < 2:
+        while alive_nodes(address, env) < 2:
             assert nodes[1].poll() is None and time.monotonic() < deadline, "the worker node did not join"
             time.sleep(1)
-        yield address
+        yield address, env
     finally:
         for node in reversed(nodes):
             stop_node(node)
@@ -101,17 +105,18 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return shards, checkpoint
 
 
-def test_the_nightly_job_embeds_on_every_node_of_a_ray_cluster(cluster: str, inputs: tuple[Path, Path],
-                                                               tmp_path: Path) -> None:
+def test_the_nightly_job_embeds_on_every_node_of_a_ray_cluster(cluster: tuple[str, dict[str, str]],
+                                                               inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    address, env = cluster
     shards, checkpoint = inputs
     local = tmp_path / "local"
     build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=local, chunk_rows=CHUNK,
                                  batch_size=8, num_workers=0, validation_queries=10), ("embed",))
     root = tmp_path / "ray"
     argv = [sys.executable, "-m", "vitrine", "index", "build", "--shards", str(shards), "--model", str(checkpoint),
-            "--index-root", str(root), "--backend", "ray", "--ray-address", cluster, "--ray-actors", "2",
+            "--index-root", str(root), "--backend", "ray", "--ray-address", address, "--ray-actors", "2",
             "--chunk-rows", str(CHUNK), "--batch-size", "4", "--validation-queries", "10"]
-    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=RAY_TIMEOUT_S - 60)
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=RAY_TIMEOUT_S - 60, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert_same_embeddings(local / ".work" / "embed", root / ".work" / "embed")
     done = json.loads((root / ".work" / "embed" / "done.json").read_text())
