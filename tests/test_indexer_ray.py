@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,12 +45,22 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    """Ray on this machine with 2 CPUs (the build joins it instead of starting its own)."""
+    """Ray on this machine with 2 CPUs (the build joins it instead of starting its own).
+
+    ray.init writes ~/.ray/auth_token and sets RAY_AUTH_MODE=token in this process: HOME points to a temporary
+    folder meanwhile, and the environment is restored after, so no later test (or the user) inherits them."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
+    saved = dict(os.environ)
+    os.environ["HOME"] = tempfile.mkdtemp(prefix="vitrine-ray-home-")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        yield
+        ray.shutdown()
+    finally:
+        shutil.rmtree(os.environ["HOME"], ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _config(inputs: tuple[Path, Path], root: Path, **overrides: object) -> IndexBuildConfig:

@@ -67,28 +67,40 @@ def stop_node(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[str, dict[str, str]]]:
     """A two-node Ray cluster (head + one worker node, 1 CPU each); yields the head's address and the environment
-    its drivers use. Every Ray process gets its own HOME: Ray keeps user state there (~/.ray, e.g. an auth
-    token file, which makes the head demand a token that a driver without RAY_AUTH_MODE does not send), and
-    the test must neither read the user's nor leave its own."""
+    its drivers use. Every Ray process gets its own HOME and no RAY_* variable of this process: Ray keeps user
+    state there (~/.ray/auth_token) and a local ray.init switches token authentication on for its process
+    (RAY_AUTH_MODE=token), and a head and its drivers must agree on both; the test neither reads the user's
+    state nor leaves its own."""
     if not RAY.is_file():
         pytest.skip(f"the ray command is not installed beside {sys.executable}")
     temp = Path(tempfile.mkdtemp(prefix="vray"))  # short: Ray's socket paths must stay under 107 characters
     address = f"127.0.0.1:{free_port()}"
     (temp / "home").mkdir()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(temp / "home")}
+    # no RAY_* settings of this process either: a local ray.init (tests/test_indexer_ray.py) sets RAY_AUTH_MODE=token
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_USAGE_STATS_ENABLED": "0",
+           "HOME": str(temp / "home")}
     common = ["--num-cpus", "1", "--num-gpus", "0", "--block", "--disable-usage-stats"]
-    nodes = [subprocess.Popen([str(RAY), "start", "--head", "--port", address.split(":")[1], "--include-dashboard",
-                               "false", "--temp-dir", str(temp), *common], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+    logs = [temp / "head.log", temp / "worker.log"]
+
+    def started(index: int, what: str) -> None:
+        if nodes[index].poll() is not None or time.monotonic() > deadline:
+            tail = logs[index].read_text(errors="replace")[-3000:] if logs[index].is_file() else ""
+            raise AssertionError(f"the {what} did not start (exit status {nodes[index].poll()}):\n{tail}")
+
+    with open(logs[0], "w") as log:
+        nodes = [subprocess.Popen([str(RAY), "start", "--head", "--port", address.split(":")[1],
+                                   "--include-dashboard", "false", "--temp-dir", str(temp), *common], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)]
     try:
         deadline = time.monotonic() + NODE_START_S
         while alive_nodes(address, env) < 1:
-            assert nodes[0].poll() is None and time.monotonic() < deadline, "the head node did not start"
+            started(0, "head node")
             time.sleep(1)
-        nodes.append(subprocess.Popen([str(RAY), "start", "--address", address, *common], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        with open(logs[1], "w") as log:
+            nodes.append(subprocess.Popen([str(RAY), "start", "--address", address, *common], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
         while alive_nodes(address, env) < 2:
-            assert nodes[1].poll() is None and time.monotonic() < deadline, "the worker node did not join"
+            started(1, "worker node")
             time.sleep(1)
         yield address, env
     finally:
