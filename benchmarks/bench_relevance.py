@@ -59,14 +59,13 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
     paths; its URLs are downloaded into `images_dir`/.image-cache first).
     """
     from model.catalog import read_catalog
-    from model.data.ingest import IngestReport, local_sources
+    from model.data.ingest import local_sources
     from model.data.shards import product_label
 
     table = read_catalog(csv_path, catalog_config)
-    sources, _ = local_sources(table.images, images_dir, images_dir / ".image-cache", None, IngestReport(),
-                               progress=True)
+    sources = local_sources(table.images, images_dir, images_dir / ".image-cache", None, progress=True)
     ids, paths, types, stricts, queries = [], [], [], [], []
-    for product, source in zip(table.products, sources, strict=True):
+    for product, source in zip(table.products, sources.paths, strict=True):
         path = Path(source)
         if not source or not path.is_file():
             continue

@@ -96,14 +96,18 @@ def _number(value: str, name: str, kind: Callable[[str], Any]) -> Any:
             from None
 
 
-def search_request_from_query(image: bytes, query: dict[str, list[str]]) -> search_pb2.SearchRequest:
-    """A SearchRequest for an image body with its options as query parameters."""
-    known = {"top_k", "category", "brand", "min_price", "max_price", "in_stock", "nprobe", "exact_rerank",
-             "one_per_product", "timeout_ms", "crop"}
+def _check_params(query: dict[str, list[str]], known: set[str]) -> None:
+    """INVALID_ARGUMENT naming the query parameters that are not `known` (a typo must not pass silently)."""
     unknown = sorted(set(query) - known)
     if unknown:
         raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
                          f"unknown query parameters {unknown}; known: {', '.join(sorted(known))}")
+
+
+def search_request_from_query(image: bytes, query: dict[str, list[str]]) -> search_pb2.SearchRequest:
+    """A SearchRequest for an image body with its options as query parameters."""
+    _check_params(query, {"top_k", "category", "brand", "min_price", "max_price", "in_stock", "nprobe",
+                          "exact_rerank", "one_per_product", "timeout_ms", "crop"})
     request = search_pb2.SearchRequest(image=image)
     last = {name: values[-1] for name, values in query.items()}
     if "top_k" in last:
@@ -138,10 +142,7 @@ def crop_from_query(text: str) -> search_pb2.Region:
 
 def embed_request_from_query(image: bytes, query: dict[str, list[str]]) -> search_pb2.EmbedRequest:
     """An EmbedRequest for an image body (query parameters: crop, timeout_ms)."""
-    unknown = sorted(set(query) - {"crop", "timeout_ms"})
-    if unknown:
-        raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"unknown query parameters {unknown}; known: crop, "
-                                                           "timeout_ms")
+    _check_params(query, {"crop", "timeout_ms"})
     request = search_pb2.EmbedRequest(image=image)
     if query.get("crop"):
         request.crop.CopyFrom(crop_from_query(query["crop"][-1]))

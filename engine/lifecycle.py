@@ -149,7 +149,7 @@ def run_until_signal(config: ServerConfig, create: Callable[[ServerConfig], tupl
                                                                         if config.tls_ca is not None else ""))
         if server.metrics_port is not None:
             logger.info("metrics on http://%s:%d/metrics", config.metrics_host, server.metrics_port)
-        if getattr(server, "http_port", None) is not None:
+        if server.http_port is not None:
             logger.info("HTTP/JSON gateway on http://%s:%d (POST /v1/search)", config.host, server.http_port)
         stop.wait()
     logger.info("stopping: NOT_SERVING, %.1fs grace for in-flight requests", config.grace_s)

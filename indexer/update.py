@@ -62,25 +62,25 @@ class IndexUpdateConfig:
 def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], list[str], set[int]]:
     """The new catalog's products, its read report, and each product's image as a local path (URLs downloaded)."""
     from model.catalog import CatalogConfig, load_catalog_config, read_catalog
-    from model.data.ingest import IngestReport, local_sources
+    from model.data.ingest import local_sources
     from model.data.sources import FetchSettings
 
     catalog = load_catalog_config(config.catalog_config) if config.catalog_config else CatalogConfig()
     if config.images_dir is None and catalog.image_column is None:
         raise ValueError("an images folder is needed: the catalog config names no image_column, so images are "
                          f"found as {catalog.image_pattern!r} inside the images folder")
-    images_dir = Path(config.images_dir) if config.images_dir is not None else Path(config.csv_path).resolve().parent
-    table = read_catalog(config.csv_path, catalog)
-    fetched = IngestReport()
     if not config.image_max_age_h >= 0:
         raise ValueError(f"image_max_age_h must be at least 0, got {config.image_max_age_h}")
-    sources, failed = local_sources(table.images, images_dir,
-                                    config.image_cache or Path(config.index_root) / ".image-cache",
-                                    FetchSettings(max_age_s=config.image_max_age_h * 3600.0), fetched, progress=True)
+    images_dir = Path(config.images_dir) if config.images_dir is not None else Path(config.csv_path).resolve().parent
+    table = read_catalog(config.csv_path, catalog)
+    sources = local_sources(table.images, images_dir, config.image_cache or Path(config.index_root) / ".image-cache",
+                            FetchSettings(max_age_s=config.image_max_age_h * 3600.0), progress=True)
     report: dict[str, Any] = dict(table.report)
-    if fetched.downloads:
-        report["downloads"] = fetched.downloads
-    return table.products, report, sources, failed
+    if sources.downloads:
+        report["downloads"] = sources.downloads
+    if sources.unsupported:
+        report["unsupported_sources"] = sources.unsupported
+    return table.products, report, sources.paths, sources.failed
 
 
 def _live_rows(live: IndexVersion) -> tuple[dict[str, int], np.ndarray | None]:

@@ -286,14 +286,13 @@ def _check_columns(header: list[str], config: CatalogConfig, csv_path: str | Pat
                          f"{header}. Fix the column mapping (CatalogConfig / --catalog-config).{hint}")
 
 
-def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counter[str]) -> Product:
-    """One Product from a repaired row dict."""
+def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counter[str], source: str) -> Product:
+    """One Product from a repaired row dict (`source`: its image_source)."""
     def cell(column: str | None) -> str:
         return "" if column is None else row.get(column, "").strip()
 
     product_id = cell(config.id_column)
     split = cell(config.split_column) or None
-    source = image_source(row, config)
     if config.image_url_pattern:
         image_url = config.image_url_pattern.format(id=product_id)
     else:  # a URL in the image column is also where shoppers' clients can show the image
@@ -363,7 +362,8 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
         for column, value in row.items():
             if not value.strip():
                 report[f"empty_cells/{column}"] += 1
-        product = _product_from_row(row, config, report)
+        source = image_source(row, config)
+        product = _product_from_row(row, config, report, source)
         if splits is not None:
             product = dataclasses.replace(product, split=splits.get(product.product_id))
         if not product.product_id:
@@ -375,7 +375,6 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
             continue
         seen.add(product.product_id)
         products.append(product)
-        source = image_source(row, config)
         images.append(source)
         if not source:
             report["empty_image_source"] += 1

@@ -28,6 +28,7 @@ import pytest
 
 from indexer.job import IndexBuildConfig, build_index
 from indexer.version import open_current
+from tests.engine_fixtures import free_port
 from tests.indexer_fixtures import REPO, corrupt_record, make_inputs
 from tests.test_indexer_ray import BAD_RECORD, N_IMAGES, RAY_TIMEOUT_S, assert_same_embeddings, needs_ray
 
@@ -35,14 +36,6 @@ pytestmark = [needs_ray, pytest.mark.timeout(RAY_TIMEOUT_S)]
 RAY = Path(sys.executable).with_name("ray")  # the `ray` command of this environment
 NODE_START_S = 120.0
 CHUNK = 4  # 10 chunks (Ray blocks) of 4 records, so both actors get some while the other is busy
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def alive_nodes(address: str, env: dict[str, str]) -> int:

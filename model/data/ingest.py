@@ -162,15 +162,15 @@ def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: s
     table = read_catalog(csv_path, config)
     report = IngestReport(rows_read=table.report.get("rows_read", 0), products=len(table.products),
                           catalog=table.report)
-    sources, failed = local_sources(table.images, images_dir, image_cache or default_image_cache(out_dir), fetch,
-                                    report, progress)
-    report.failed_downloads = len(failed)
+    sources = local_sources(table.images, images_dir, image_cache or default_image_cache(out_dir), fetch, progress)
+    report.failed_downloads = len(sources.failed)
+    report.downloads, report.unsupported_sources = sources.downloads, sources.unsupported
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    options = {"workers": workers, "max_side": max_side, "progress": progress, "failed_downloads": failed}
-    entries = _write_all_shards(table.products, sources, tmp, max_records_per_shard, report, options)
+    options = {"workers": workers, "max_side": max_side, "progress": progress, "failed_downloads": sources.failed}
+    entries = _write_all_shards(table.products, sources.paths, tmp, max_records_per_shard, report, options)
     report.shards, report.records = len(entries), sum(e["records"] for e in entries)
     report.seconds = round(time.perf_counter() - start, 3)
     manifest = {"format": SHARDS_FORMAT, "catalog_config": config.to_json(), "max_side": max_side, "shards": entries,
@@ -182,26 +182,37 @@ def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: s
     return report
 
 
+@dataclass
+class LocalSources:
+    """Each product's image as a local file (local_sources): what ingest, the update and the harness read."""
+
+    paths: list[str]  # local path per product; "" when none is named, its scheme is not fetched or its download failed
+    failed: set[int]  # positions whose URL could not be downloaded
+    downloads: dict[str, Any] = field(default_factory=dict)  # model.data.sources.FetchReport when URLs were named
+    unsupported: dict[str, int] = field(default_factory=dict)  # e.g. {"s3://": 12}: schemes not fetched
+
+
 def local_sources(images: list[str], images_dir: Path, cache: str | Path, fetch: FetchSettings | None,
-                  report: IngestReport, progress: bool) -> tuple[list[str], set[int]]:
-    """(each product's image as a local path, "" when none is named or its download failed; the positions
-    of the failed downloads), downloading URLs first; `report.downloads` gets the download report."""
-    schemes = Counter(m.group(1).lower() for source in images if (m := _SCHEME.match(source))
-                      and not is_url(source))
+                  progress: bool) -> LocalSources:
+    """Each product's image source as a local path, downloading its URLs into `cache` first."""
+    unsupported = [bool(_SCHEME.match(source)) and not is_url(source) for source in images]
+    schemes = Counter(source.split("://", 1)[0].lower() for source, skip in zip(images, unsupported, strict=True)
+                      if skip)
     if schemes:  # s3://, gs://, ftp://...: not fetched; the products count as missing images
         logger.warning("image sources with the scheme(s) %s are not supported (%d products): copy those images "
                        "to a folder, or serve them over http(s)", ", ".join(f"{k}://" for k in sorted(schemes)),
                        sum(schemes.values()))
-        report.unsupported_sources = {f"{k}://": v for k, v in sorted(schemes.items())}
-    resolved = ["" if _SCHEME.match(source) and not is_url(source) else
-                resolve_source(source, images_dir) if source else "" for source in images]
+    resolved = ["" if skip or not source else resolve_source(source, images_dir)
+                for source, skip in zip(images, unsupported, strict=True)]
+    result = LocalSources(resolved, set(), unsupported={f"{k}://": v for k, v in sorted(schemes.items())})
     urls = [source for source in resolved if is_url(source)]
     if not urls:
-        return resolved, set()
+        return result
     paths, fetched = fetch_urls(urls, cache, fetch or FetchSettings(), progress=progress)
-    report.downloads = fetched.to_json()
-    failed = {i for i, source in enumerate(resolved) if is_url(source) and not paths[source]}
-    return [paths[source] if is_url(source) else source for source in resolved], failed
+    result.downloads = fetched.to_json()
+    result.failed = {i for i, source in enumerate(resolved) if is_url(source) and not paths[source]}
+    result.paths = [paths[source] if is_url(source) else source for source in resolved]
+    return result
 
 
 def _write_all_shards(products: list[Product], sources: list[str], tmp: Path, max_records: int,

@@ -193,25 +193,25 @@ def fetch_urls(urls: Iterable[str], cache_dir: str | Path, settings: FetchSettin
     unique = list(dict.fromkeys(urls))
     report = FetchReport(urls=len(unique))
     paths: dict[str, str] = {}
-    todo = []
+    todo: dict[str, dict | None] = {}  # URL -> the validators of its cached copy (None: download it whole)
     now = time.time()
     for url in unique:
         target = cache_path(cache, url)
-        fresh = now - float(read_meta(target).get("checked", 0.0)) < settings.max_age_s
-        if target.is_file() and not settings.refresh and fresh:
+        held = target.is_file() and not settings.refresh
+        meta = read_meta(target) if held else {}
+        if held and now - float(meta.get("checked", 0.0)) < settings.max_age_s:
             paths[url] = str(target)
             report.cached += 1
         else:
-            todo.append(url)
+            todo[url] = meta if held else None
     errors: Counter[str] = Counter()
 
     def one(url: str) -> tuple[str, int, str]:
-        target = cache_path(cache, url)
-        held = target.is_file() and not settings.refresh
+        validators = todo[url]
         try:
-            return url, download(url, target, settings, read_meta(target) if held else None), ""
+            return url, download(url, cache_path(cache, url), settings, validators), ""
         except FetchError as exc:
-            return url, -2 if held else 0, exc.reason
+            return url, -2 if validators is not None else 0, exc.reason
 
     if todo:
         with ThreadPoolExecutor(max(1, settings.threads), thread_name_prefix="vitrine-fetch") as pool, \
