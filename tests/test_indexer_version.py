@@ -206,3 +206,24 @@ def test_open_detects_checksum_and_format(fresh_version: Path) -> None:
         open_version(fresh_version)
     with pytest.raises(VersionError, match="does not exist"):
         open_version(fresh_version.parent / "nope")
+
+
+def test_widen_float16_is_numpys_exact_cast() -> None:
+    """The re-rank's float16 -> float32 widening (through torch when loaded) equals numpy's cast bit for bit,
+    specials included, for large and small arrays and read-only memory maps alike."""
+    import torch  # noqa: F401  (loaded: the fast path is taken)
+
+    from indexer.version import widen_float16
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((300, 64)).astype(np.float16)
+    values[0, :5] = [np.inf, -np.inf, np.nan, 0.0, -0.0]
+    values[1, :2] = [np.finfo(np.float16).tiny / 4, np.finfo(np.float16).max]  # a subnormal, the largest
+    expected = values.astype(np.float32)
+    for part in (values, values[:3], values[::2]):
+        widened = widen_float16(part)
+        assert widened.dtype == np.float32 and widened.shape == part.shape
+        np.testing.assert_array_equal(widened.view(np.uint32), part.astype(np.float32).view(np.uint32))
+    readonly = values.copy()
+    readonly.flags.writeable = False
+    np.testing.assert_array_equal(widen_float16(readonly), expected)
