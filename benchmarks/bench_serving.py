@@ -120,6 +120,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by process `pid` and its descendants (the worker processes of
+    `--processes`); None where /proc is not there (not Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += process_cpu_s(int(child)) or 0.0
+        return total
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+SERVER_PIDS: dict[int, int] = {}  # port -> pid of the server process answering on it (for CPU accounting)
+
+
 @contextlib.contextmanager
 def server_process(work: Path, flags: list[str]) -> Iterator[int]:
     """A `vitrine serve` process on a free port (stderr to work/server.log); yields the port."""
@@ -151,8 +168,10 @@ def server_process(work: Path, flags: list[str]) -> Iterator[int]:
                 except TimeoutError:
                     if time.monotonic() > deadline:
                         raise
+        SERVER_PIDS[port] = process.pid
         yield port
     finally:
+        SERVER_PIDS.pop(port, None)
         process.terminate()
         process.wait(60)
         log.close()
@@ -187,14 +206,17 @@ def noop_server_process(work: Path, response: bytes) -> Iterator[int]:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=60)
         channel.close()
+        SERVER_PIDS[port] = process.pid
         yield port
     finally:
+        SERVER_PIDS.pop(port, None)
         process.terminate()
         process.wait(60)
 
 
-def run_load(call: Callable[[int], object], concurrency: int, total: int) -> dict:
-    """`total` calls of call(i) from `concurrency` threads: QPS, p50 and p99 latency (ms)."""
+def run_load(call: Callable[[int], object], concurrency: int, total: int, server_port: int | None = None) -> dict:
+    """`total` calls of call(i) from `concurrency` threads: QPS, p50 and p99 latency (ms), and the CPU time
+    per call of this (client) process and, given `server_port`, of the server process on that port."""
     latencies: list[float] = []
     counter = iter(range(total))
     lock = threading.Lock()
@@ -213,15 +235,23 @@ def run_load(call: Callable[[int], object], concurrency: int, total: int) -> dic
                 latencies.append(elapsed)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    server_pid = SERVER_PIDS.get(server_port) if server_port is not None else None
+    server_cpu = process_cpu_s(server_pid) if server_pid is not None else None
+    client_cpu = time.process_time()
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    client_cpu = time.process_time() - client_cpu
+    server_after = process_cpu_s(server_pid) if server_pid is not None else None
     lat = np.asarray(latencies) * 1e3
-    return {"qps": total / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "requests": total, "concurrency": concurrency}
+    result = {"qps": total / wall, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+              "requests": total, "concurrency": concurrency, "client_cpu_ms_per_call": client_cpu / total * 1e3}
+    if server_cpu is not None and server_after is not None:
+        result["server_cpu_ms_per_call"] = (server_after - server_cpu) / total * 1e3
+    return result
 
 
 class Clients:
@@ -305,10 +335,12 @@ def bench_vectors(port: int, multi_port: int, noop_port: int, http_port: int, ve
     for concurrency in (1, 8, 32):
         total = args.requests if concurrency > 1 else args.requests // 2
         row = {"concurrency": concurrency,
-               "grpc": run_load(lambda i: server.stub().Search(requests[i % n], timeout=30), concurrency, total),
+               "grpc": run_load(lambda i: server.stub().Search(requests[i % n], timeout=30), concurrency, total,
+                                port),
                "grpc_processes": run_load(lambda i: multi.stub().Search(requests[i % n], timeout=30), concurrency,
-                                          total),
-               "grpc_noop": run_load(lambda i: noop.stub().Search(requests[i % n], timeout=30), concurrency, total),
+                                          total, multi_port),
+               "grpc_noop": run_load(lambda i: noop.stub().Search(requests[i % n], timeout=30), concurrency, total,
+                                     noop_port),
                "http": run_load(lambda i: gateway.search(bodies[i % n]), concurrency, total),
                "faiss_inprocess": run_load(faiss_call, concurrency, total),
                "searcher_inprocess": run_load(lambda i: searcher.search(plain[i % n]), concurrency, total)}
@@ -318,6 +350,10 @@ def bench_vectors(port: int, multi_port: int, noop_port: int, http_port: int, ve
         row["ratio_grpc_to_noop"] = row["grpc"]["qps"] / row["grpc_noop"]["qps"]
         row["ratio_processes_to_faiss"] = row["grpc_processes"]["qps"] / row["faiss_inprocess"]["qps"]
         row["ratio_http_to_grpc"] = row["http"]["qps"] / row["grpc"]["qps"]
+        noop_cpu = row["grpc_noop"].get("server_cpu_ms_per_call")
+        faiss_cpu = row["faiss_inprocess"]["client_cpu_ms_per_call"]
+        if noop_cpu is not None:  # a server's cores must do at least Faiss's work and the transport's per call
+            row["bound_separate_client"] = faiss_cpu / (faiss_cpu + noop_cpu)
         print(row, flush=True)
         rows.append(row)
     for clients in (server, multi, noop):
@@ -438,6 +474,18 @@ def write(args: argparse.Namespace, results: dict) -> None:
         h = row["http"]
         lines.append(f"| {row['concurrency']} | {h['qps']:.0f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} "
                      f"| {row['grpc']['qps']:.0f} | {row['ratio_http_to_grpc']:.2f} |")
+    if all("server_cpu_ms_per_call" in row["grpc_noop"] for row in results["vector"]):
+        lines += ["", "CPU time per call (user + system, from /proc; the in-process Faiss column is the benchmark "
+                  "process's own CPU per search, its load loop included). The bound: with the client on another "
+                  "machine, a server's cores must still spend Faiss's CPU and at least the no-op server's CPU on "
+                  "every call, so gRPC / Faiss <= Faiss CPU / (Faiss CPU + no-op server CPU).", "",
+                  "| concurrency | gRPC server ms | no-op server ms | in-process Faiss ms | gRPC client ms "
+                  "| bound on gRPC / Faiss, client elsewhere |", "|---|---|---|---|---|---|"]
+        for row in results["vector"]:
+            lines.append(f"| {row['concurrency']} | {row['grpc']['server_cpu_ms_per_call']:.3f} "
+                         f"| {row['grpc_noop']['server_cpu_ms_per_call']:.3f} "
+                         f"| {row['faiss_inprocess']['client_cpu_ms_per_call']:.3f} "
+                         f"| {row['grpc']['client_cpu_ms_per_call']:.3f} | {row['bound_separate_client']:.2f} |")
     b, im = results["batch"], results["image"]
     lines += ["", "| measurement | value |", "|---|---|",
               f"| 64 sequential Search calls | {b['sequential_qps']:.0f} queries/s |",

@@ -242,8 +242,8 @@ class ShardSearch:
         probe = nprobe_for(probe, plan.selectivity, self.nlist)
         while True:
             parts = self._fan_out(xq, k, probe, plan.selector)
-            _, I = merge_parts(parts, xq.shape[0], k)  # noqa: E741
-            if probe >= self.nlist or (I >= 0).sum(axis=1).min() >= k:
+            found = sum(((part.ids >= 0).sum(axis=1) for part in parts), np.zeros(xq.shape[0], np.int64))
+            if probe >= self.nlist or found.min() >= k:  # every query's merged top k is full
                 return parts
             probe = min(self.nlist, probe * 2)  # the probed lists hold too few passing vectors
 
