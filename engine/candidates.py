@@ -290,4 +290,5 @@ def merge_topk(D_parts: Sequence[np.ndarray], I_parts: Sequence[np.ndarray], k: 
     if len(D_parts) == 1:
         return D[:, :k], I[:, :k]
     order = np.argsort(-D, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+    rows = np.arange(D.shape[0])[:, None]
+    return D[rows, order], I[rows, order]

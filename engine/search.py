@@ -289,8 +289,8 @@ class Searcher:
         scores = np.matmul(vectors, np.ascontiguousarray(xq, dtype=np.float32)[:, :, None])[:, :, 0]
         scores = np.where(valid, scores, np.float32(-np.inf)).astype(np.float32)
         order = np.argsort(-scores, axis=1, kind="stable")
-        return (np.take_along_axis(ids, order, axis=1).astype(np.int64, copy=False),
-                np.take_along_axis(scores, order, axis=1))
+        rows = np.arange(nq)[:, None]
+        return ids[rows, order].astype(np.int64, copy=False), scores[rows, order]
 
     def _hits(self, ids: np.ndarray, scores: np.ndarray, top_k: int, exclude: str | None,
               one_per_product: bool) -> list[SearchHit]:

@@ -77,6 +77,7 @@ class IndexVersion:
         self.catalog = catalog
         self.filters = filters
         self.vectors = vectors  # (count, dim) float16, memory-mapped
+        self._rows = vectors.view(np.ndarray)  # the same memory without np.memmap's per-indexing overhead
 
     name = property(lambda self: str(self.manifest["version"]), doc="The version's folder name.")
     dim = property(lambda self: int(self.manifest["dim"]), doc="Embedding dimension.")
@@ -123,7 +124,7 @@ class IndexVersion:
         ids = np.asarray(internal_ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.count):
             raise KeyError(f"internal ids must lie in 0..{self.count - 1}")
-        return widen_float16(self.vectors[ids]).reshape(ids.size, self.dim)
+        return widen_float16(self._rows[ids]).reshape(ids.size, self.dim)
 
     def close(self) -> None:
         """Release the catalog store and drop the shards and vector map."""
