@@ -18,9 +18,12 @@ call as the server runs it):
 - the same vector searches through the server's HTTP/JSON gateway (`--http-port`; proto3 JSON bodies
   posted to /v1/search, one keep-alive connection per client thread, answers parsed), against gRPC;
 - Search by image (mini-catalog JPEGs) at concurrency 16 with and without micro-batching;
-- one BatchSearch of 64 vectors against 64 sequential Search calls, and the floor of the batch: the
-  Faiss search of those 64 vectors alone (k = the re-rank candidates, on all cores as the server's
-  batch runs it).
+- one BatchSearch of 64 vectors against 64 sequential Search calls (20 interleaved rounds, medians),
+  and the floor of the batch: the Faiss search of those 64 vectors alone (k = the re-rank candidates,
+  on all cores as the server's batch runs it);
+- CPU time per call from /proc: of the server, of the no-op server, of this process's in-process Faiss
+  loop; with them, the bound on gRPC / Faiss that remains with the client on another machine (a server
+  spends at least Faiss's CPU plus the no-op transport's CPU on each call).
 
 Every load thread (like every server request thread) runs Faiss on one OpenMP thread: OpenMP's
 thread count is a per-thread setting, so each thread sets its own.
@@ -36,6 +39,7 @@ import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -48,6 +52,7 @@ import grpc
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+BATCH_ROUNDS = 20  # interleaved rounds of (64 sequential Search calls, one BatchSearch of 64)
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS_DIR, time_repeated, write_result  # noqa: E402
@@ -369,8 +374,17 @@ def bench_batch(port: int, version: IndexVersion, xq: np.ndarray, args: argparse
     stub = search_pb2_grpc.VisualSearchStub(channel)
     requests = vector_requests(xq[:64])
     batch = search_pb2.BatchSearchRequest(requests=requests)
-    sequential = time_repeated(lambda: [stub.Search(r, timeout=30) for r in requests], repeats=5)
-    batched = time_repeated(lambda: stub.BatchSearch(batch, timeout=60), repeats=5)
+    calls = {"sequential": lambda: [stub.Search(r, timeout=30) for r in requests],
+             "batch": lambda: stub.BatchSearch(batch, timeout=60)}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(BATCH_ROUNDS + 1):  # interleaved, so the machine's drift hits both alike; round 0 warms up
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    sequential, batched = ({"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t)}
+                           for t in (times["sequential"], times["batch"]))
     channel.close()
     params = faiss.SearchParametersIVF()
     params.nprobe = args.nprobe
@@ -378,7 +392,7 @@ def bench_batch(port: int, version: IndexVersion, xq: np.ndarray, args: argparse
             min(version.count, RERANK_DEPTH))
     with omp_threads(os.cpu_count() or 1):  # as the server's batch (faiss_batch_threads 0: all cores)
         floor = time_repeated(lambda: [shard.search(xq[:64], k, params=params) for shard in version.shards],
-                              repeats=5)
+                              repeats=BATCH_ROUNDS)
     result = {"sequential_qps": 64 / sequential["median_s"], "batch_qps": 64 / batched["median_s"],
               "faiss_batch_qps": 64 / floor["median_s"], "faiss_k": k,
               "sequential_s": sequential, "batch_s": batched, "faiss_batch_s": floor}
