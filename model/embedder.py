@@ -21,8 +21,8 @@ class Embedder:
 
     def __init__(self, model: VitrineModel, card: dict[str, Any], fingerprint: str, device: str = "cpu") -> None:
         self.model = model.eval().to(device)
-        # CNN trunks run about 1.8x faster channels-last on CPU; ViTs do not care
-        self.channels_last = not model.config.is_vit
+        # convolutional trunks (CNNs, the hybrid ViT's conv stem) run faster channels-last on CPU
+        self.channels_last = model.config.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model_card = card

@@ -52,6 +52,13 @@ class ModelConfig:
     def is_vit(self) -> bool:
         return self.timm_name.startswith(("vit_", "deit_"))
 
+    @property
+    def channels_last(self) -> bool:
+        """True when the trunk convolves images (a CNN, or a hybrid ViT's conv stem): oneDNN's convolutions then
+        run faster on channels-last tensors (the default hybrid on 2 CPU cores: inference 1.46x in float32,
+        training step 1.08x in bf16). A pure ViT's one patch convolution does not care."""
+        return not self.is_vit or self.stem_blocks > 0
+
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments given to timm.create_model (besides the name); never downloads weights."""
         if not self.is_vit:

@@ -208,6 +208,8 @@ def train(config: TrainConfig) -> Path:
     teacher = load_teacher(config.distill_from, label_maps) if config.distill_from else None
     model, init = _build_model(config, label_maps, len(weak.labels) if weak else 0)
     model.to(device)
+    if model.config.channels_last:
+        model.to(memory_format=torch.channels_last)
     mean, std = config.mean_std
     dataset = ShardDataset(config.shards_dir, Augment((config.image_height, config.image_width), mean, std,
                                                        resize_mode=config.resize_mode, zoom_out=config.zoom_out),
@@ -223,7 +225,8 @@ def train(config: TrainConfig) -> Path:
     work = out_dir.with_name(f".{out_dir.name}.work")
     state = LoopState(config=config, model=model, loader=loader, dataset=dataset, loss_fn=loss_fn,
                       steps_per_epoch=math.ceil(len(ids) / world / config.batch_size), work_dir=work, rank=rank,
-                      world=world, device=device, bf16=use_bf16(config, device))
+                      world=world, device=device, bf16=use_bf16(config, device),
+                      memory_format=torch.channels_last if model.config.channels_last else torch.preserve_format)
     summary = run_epochs(state)
     if rank == 0:
         card = {

@@ -42,6 +42,7 @@ class LoopState:
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     bf16: bool = False
+    memory_format: torch.memory_format = torch.preserve_format  # channels_last for convolutional trunks
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -109,7 +110,7 @@ def run_epochs(state: LoopState) -> dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_factor(step, total_steps, warmup_steps)
                 with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=state.bf16):
-                    outputs = ddp(images.to(state.device, non_blocking=True))
+                    outputs = ddp(images.to(state.device, non_blocking=True, memory_format=state.memory_format))
                 losses = state.loss_fn(outputs, {k: v.to(state.device) for k, v in targets.items()})
                 optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()

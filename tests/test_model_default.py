@@ -45,3 +45,21 @@ def test_default_model_finds_the_same_article_type_on_real_photos() -> None:
     assert len(queries) == 201 and top1 >= 0.85, top1  # 0.94 when committed (hybrid ViT); chance is 0.05
     codes = binary_codes(vectors)
     assert codes.shape == (len(products), embedder.dim // 8) and codes.dtype == np.uint8
+
+
+def test_default_hybrid_embeds_channels_last_as_it_would_contiguous() -> None:
+    """The hybrid's conv stem runs channels-last in the Embedder (faster on CPU); the embeddings are the
+    plain contiguous forward's, to float rounding."""
+    import torch
+
+    from model.checkpoint import load_checkpoint
+    from model.images import decode_image
+
+    embedder = Embedder.load(default_model_path())
+    assert embedder.channels_last and embedder.model.config.channels_last
+    paths = sorted((MINI / "images").glob("*.jpg"))[:16]
+    pixels = np.stack([embedder.preprocess(decode_image(p.read_bytes())) for p in paths])
+    plain, _ = load_checkpoint(default_model_path())
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(plain.eval().embed(torch.from_numpy(pixels)).float(), dim=-1)
+    np.testing.assert_allclose(embedder.embed_pixels(pixels), expected.numpy(), atol=1e-5)
