@@ -86,23 +86,26 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
     return Gallery(ids, paths, np.array(types, dtype=object), np.array(stricts, dtype=object), chosen)
 
 
-def _embedder(spec: str, cache_dir: Path) -> Any:
+def _embedder(spec: str, cache_dir: Path, precision: str = "fp32") -> Any:
     from model.baselines import save_frozen_cnn
     from model.embedder import Embedder
 
     path = save_frozen_cnn(cache_dir / "frozen-cnn") if spec == FROZEN_CNN else Path(spec)
-    return Embedder.load(path)
+    return Embedder.load(path, precision=precision)
 
 
-def embed_gallery(name: str, spec: str, gallery: Gallery, cache_dir: Path, batch_size: int = 32) -> np.ndarray:
-    """(n, dim) float32 embeddings of the gallery with one model, cached by model fingerprint and catalog."""
+def embed_gallery(name: str, spec: str, gallery: Gallery, cache_dir: Path, batch_size: int = 32,
+                  precision: str = "fp32") -> np.ndarray:
+    """(n, dim) float32 embeddings of the gallery with one model, cached by model fingerprint, catalog and the
+    arithmetic (fp32 by default, so the numbers do not depend on the machine's bf16 support)."""
     from tqdm import tqdm
 
     from model.images import decode_image
 
-    embedder = _embedder(spec, cache_dir)
+    embedder = _embedder(spec, cache_dir, precision)
     catalog_key = hashlib.sha256("\n".join(map(str, gallery.paths)).encode()).hexdigest()[:16]
-    cache = cache_dir / f"emb-{embedder.fingerprint[:16]}-{catalog_key}.npy"
+    arithmetic = "" if embedder.precision == "fp32" else f"-{embedder.precision}"
+    cache = cache_dir / f"emb-{embedder.fingerprint[:16]}-{catalog_key}{arithmetic}.npy"
     if cache.is_file():
         return np.load(cache)
     parts = []
@@ -352,6 +355,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--model, when there are several)")
     p.add_argument("--out", type=Path, default=None, help="result folder (default benchmarks/results)")
     p.add_argument("--cache-dir", type=Path, default=REPO / "work" / "relevance-cache", help="embedding cache")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="arithmetic of the models' forward passes (default fp32: the same numbers on every machine)")
     return p.parse_args(argv)
 
 
@@ -374,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     results, timings = {}, {}
     for name, spec in models.items():
         start = time.perf_counter()
-        vectors = embed_gallery(name, spec, gallery, args.cache_dir)
-        embedder = _embedder(spec, args.cache_dir)  # its binary codes: ITQ-rotated sign bits when fitted
+        vectors = embed_gallery(name, spec, gallery, args.cache_dir, precision=args.precision)
+        # its binary codes: ITQ-rotated sign bits when fitted
+        embedder = _embedder(spec, args.cache_dir, args.precision)
         results[name] = evaluate(vectors, gallery, embedder.binary_codes(vectors))
         results[name]["binary_codes"] = "itq" if embedder.binary is not None else "sign"
         timings[name] = round(time.perf_counter() - start, 1)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     config = CatalogConfig(split_column=None, split_file="splits.csv")
     gallery = load_gallery(DATA / "styles.csv", DATA / "images", config, "articleType", ["baseColour"], "test",
                            max_queries=args.queries)
-    embedder = Embedder.load(args.checkpoint)
+    embedder = Embedder.load(args.checkpoint, precision="fp32")  # as the harness embedded the gallery
     key = hashlib.sha256("\n".join(map(str, gallery.paths)).encode()).hexdigest()[:16]
     cached = CACHE / f"emb-{embedder.fingerprint[:16]}-{key}.npy"  # the gallery as the checkpoint's card embeds it
     if not cached.is_file():

@@ -34,7 +34,7 @@ def main(checkpoint: str) -> int:
 
     config = CatalogConfig(split_column=None, split_file="splits.csv")
     gallery = load_gallery(DATA / "styles.csv", DATA / "images", config, "articleType", ["baseColour"], "test")
-    embedder = Embedder.load(checkpoint)
+    embedder = Embedder.load(checkpoint, precision="fp32")  # as the harness embedded the cached originals
     key = hashlib.sha256("\n".join(map(str, gallery.paths)).encode()).hexdigest()[:16]
     cached = CACHE / f"emb-{embedder.fingerprint[:16]}-{key}.npy"
     if not cached.is_file():

@@ -242,8 +242,10 @@ class ShardSearch:
         probe = nprobe_for(probe, plan.selectivity, self.nlist)
         while True:
             parts = self._fan_out(xq, k, probe, plan.selector)
-            found = sum(((part.ids >= 0).sum(axis=1) for part in parts), np.zeros(xq.shape[0], np.int64))
-            if probe >= self.nlist or found.min() >= k:  # every query's merged top k is full
+            valid = np.zeros(xq.shape[0], np.int64)
+            for part in parts:
+                valid += (part.ids >= 0).sum(axis=1)
+            if probe >= self.nlist or valid.min() >= k:  # every query's merged top k is full
                 return parts
             probe = min(self.nlist, probe * 2)  # the probed lists hold too few passing vectors
 

@@ -49,6 +49,7 @@ class ServerConfig:
     exact_max: int = 20_000  # filters passing at most this many vectors are answered by exact search
     rerank_depth: int = 100  # fewest candidates re-scored exactly with the stored float16 vectors
     device: str = "cpu"  # torch device of the embedder ("cuda" when present)
+    precision: str = "auto"  # embedder arithmetic: auto (bf16 where the CPU/GPU computes it natively), fp32, bf16
     grace_s: float = 5.0  # seconds in-flight requests get to finish on shutdown
     micro_batch: bool = True  # embed concurrent image queries together
     max_batch: int = 32  # most images per embedding batch
@@ -97,6 +98,8 @@ def check_role(config: ServerConfig) -> None:
         raise ConfigError(f"shard servers must be host:port, got {bad}")
     if config.processes < 1:
         raise ConfigError(f"processes must be >= 1, got {config.processes}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision must be auto, fp32 or bf16, got {config.precision!r}")
     if config.http_port is not None and config.role == "shard":
         raise ConfigError("--http-port is for the servers clients call (standalone or root), not a shard server")
     if (config.tls_cert is None) != (config.tls_key is None):

@@ -81,10 +81,11 @@ def load_embedder(config: ServerConfig, version: IndexVersion) -> Embedder:
     if not model_path:
         raise ServerStartError(f"index version {version.name} names no model_path; pass the checkpoint explicitly")
     try:
-        embedder = Embedder.load(model_path, device=config.device)
+        embedder = Embedder.load(model_path, device=config.device, precision=config.precision)
     except Exception as exc:
         raise ServerStartError(f"cannot load the model checkpoint {model_path}: {exc}") from exc
     check_model(embedder.fingerprint, version, str(model_path))
+    logger.info("query embedding: model %s on %s in %s", model_path, config.device, embedder.precision)
     return embedder
 
 

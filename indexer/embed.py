@@ -41,18 +41,22 @@ BACKENDS = ("local", "ray")
 
 @dataclass(frozen=True)
 class EmbedSettings:
-    """How the embedding stage runs (none of it changes the embeddings except the model and the shards)."""
+    """How the embedding stage runs (none of it changes the embeddings except the model and the shards, and
+    the device and precision to within bf16 rounding: cosine 0.999 median, interchangeable in a search)."""
 
     batch_size: int = 64  # images per forward pass
     num_workers: int = 2  # DataLoader worker processes decoding images (0: decode in the main process)
     chunk_rows: int = 4096  # catalog records per chunk file, the unit of resume
-    device: str = "cpu"  # torch device of the model ("cuda" runs it under bf16 autocast)
+    device: str = "cpu"  # torch device of the model
+    precision: str = "auto"  # model.embedder.resolve_precision: bf16 autocast where the hardware has it, else fp32
     backend: str = "local"  # "local": DataLoader workers + this process's model; "ray": Ray Data actors
     ray_address: str | None = None  # backend "ray": cluster address ("auto": the running one); None: start Ray here
     ray_actors: int = 2  # backend "ray": embedding actors, each holding one model replica
     ray_cpus_per_actor: float = 1.0  # backend "ray": CPUs each actor reserves (= its torch threads)
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"unknown precision {self.precision!r}: choose from auto, fp32, bf16")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown embedding backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
         if self.ray_actors < 1 or self.ray_cpus_per_actor <= 0:
@@ -304,9 +308,10 @@ def run_embed_stage(shards_dir: str | Path, model: str | Path, folder: Path, set
     else:
         from model.embedder import Embedder
 
-        embedder = Embedder.load(model, device=settings.device)
+        embedder = Embedder.load(model, device=settings.device, precision=settings.precision)
+        logger.info("embed: %s on %s", embedder.precision, settings.device)
         dim, fingerprint = embedder.dim, embedder.fingerprint
-        run = embed_chunks(shards_dir, embedder, folder, settings)
+        run = {**embed_chunks(shards_dir, embedder, folder, settings), "precision": embedder.precision}
     logger.info("embed (%s backend): %d images in %.1f s this run (%.1f images/s), %d bad", settings.backend,
                 run["embedded_this_run"], run["seconds"], run["images_per_s"], run["bad_images_this_run"])
     return finalize(folder, dim, run["records"], {

@@ -96,13 +96,13 @@ def read_records(batch: dict[str, np.ndarray], shards_dir: str) -> dict[str, np.
 class EmbedRecords:
     """Ray actor: one model replica; decodes and preprocesses a batch of records, embeds the decodable ones."""
 
-    def __init__(self, model: str, device: str, threads: int) -> None:
+    def __init__(self, model: str, device: str, threads: int, precision: str = "auto") -> None:
         import torch
 
         from model.embedder import Embedder
 
         torch.set_num_threads(max(1, threads))
-        self.embedder = Embedder.load(model, device=device)
+        self.embedder = Embedder.load(model, device=device, precision=precision)
         self.device = device
         self.node = node_name()
 
@@ -203,7 +203,8 @@ def create_dataset(ray: Any, chunks: list[int], shards_dir: Path, model: Path, s
                                batch_size=settings.batch_size, batch_format="numpy",
                                num_cpus=1 if cuda else settings.ray_cpus_per_actor)
     return read.map_batches(EmbedRecords, fn_constructor_kwargs={
-        "model": str(model), "device": settings.device, "threads": max(1, int(settings.ray_cpus_per_actor))},
+        "model": str(model), "device": settings.device, "threads": max(1, int(settings.ray_cpus_per_actor)),
+        "precision": settings.precision},
         batch_size=settings.batch_size, batch_format="numpy", concurrency=settings.ray_actors,
         num_cpus=settings.ray_cpus_per_actor, num_gpus=1 if cuda else None)
 

@@ -64,7 +64,8 @@ class IndexBuildConfig:
     batch_size: int = 64  # images per embedder forward pass
     num_workers: int = 2  # DataLoader worker processes decoding images (0: decode inline)
     chunk_rows: int = 4096  # catalog records per embedding chunk (the unit of resume)
-    device: str = "cpu"  # torch device of the embedder ("cuda": bf16 autocast)
+    device: str = "cpu"  # torch device of the embedder
+    precision: str = "auto"  # embedder arithmetic: auto (bf16 where the CPU/GPU has it natively), fp32, bf16
     backend: str = "local"  # embed stage: "local" (DataLoader workers) or "ray" (Ray Data actors, the ray extra)
     ray_address: str | None = None  # backend "ray": cluster address ("auto": the running one); None: start Ray here
     ray_actors: int = 2  # backend "ray": embedding actors (one model replica each)
@@ -152,7 +153,8 @@ class BuildJob:
     def stage_embed(self) -> dict[str, Any]:
         c = self.config
         settings = EmbedSettings(batch_size=c.batch_size, num_workers=c.num_workers, chunk_rows=c.chunk_rows,
-                                 device=c.device, backend=c.backend, ray_address=c.ray_address,
+                                 device=c.device, precision=c.precision, backend=c.backend,
+                                 ray_address=c.ray_address,
                                  ray_actors=c.ray_actors, ray_cpus_per_actor=c.ray_cpus_per_actor)
         return embed_stage.run_embed_stage(c.shards_dir, c.model, self.embed_dir, settings, self.key("embed"))
 

@@ -45,6 +45,7 @@ class IndexUpdateConfig:
     catalog_config: str | Path | None = None  # JSON column mapping; None: CatalogConfig defaults
     model: str | Path | None = None  # checkpoint; None: the live version's model_path (same fingerprint required)
     batch_size: int = 64  # images per embedding forward pass
+    precision: str = "auto"  # embedder arithmetic (model.embedder.resolve_precision)
     factory: str | None = None  # must be None or the live factory: the update reuses the trained index
     nprobe: int | None = None  # default lists probed per query; None: the live version's
     num_shards: int | None = None  # None: as many shards as the live version
@@ -175,7 +176,7 @@ def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
         if config.factory is not None and config.factory != live.factory:
             raise ValueError(f"the update reuses the live index {live.factory}; run `vitrine index build` to "
                              f"change it to {config.factory}")
-        embedder = Embedder.load(config.model or live.manifest["model_path"])
+        embedder = Embedder.load(config.model or live.manifest["model_path"], precision=config.precision)
         if embedder.fingerprint != live.model_fingerprint:
             raise ValueError(f"model {config.model or live.manifest['model_path']} has fingerprint "
                              f"{embedder.fingerprint[:12]}..., the live version {live.name} was built with "

@@ -203,3 +203,6 @@ def test_config_precedence(tmp_path: Path) -> None:
         load_server_config(tmp_path / "bad.json", {}, {})
     with pytest.raises(ConfigError, match="index root is not set"):
         load_server_config(None, {}, {})
+    assert load_server_config(None, {"VITRINE_INDEX_ROOT": "/x", "VITRINE_PRECISION": "fp32"}, {}).precision == "fp32"
+    with pytest.raises(ConfigError, match="precision must be auto, fp32 or bf16, got 'fp16'"):
+        load_server_config(None, {"VITRINE_INDEX_ROOT": "/x"}, {"precision": "fp16"})

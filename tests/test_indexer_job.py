@@ -133,3 +133,15 @@ def test_cli_memory_budget_and_gate_leave_current_untouched(inputs: tuple[Path, 
     assert read_current(tmp_path) == live and list_versions(tmp_path) == [live]
     assert main([*base, "--stages", "embed,bogus"]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_the_embed_stage_records_its_arithmetic(reference: Path) -> None:
+    """The build embeds in the precision `auto` resolves to here (bf16 where the CPU has it) and says which."""
+    from model.embedder import resolve_precision
+
+    with open_version(reference) as version:
+        assert version.manifest["embedding"]["last_run"]["precision"] == resolve_precision("auto", "cpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        from indexer.embed import EmbedSettings
+
+        EmbedSettings(precision="half")

@@ -55,7 +55,7 @@ def test_default_hybrid_embeds_channels_last_as_it_would_contiguous() -> None:
     from model.checkpoint import load_checkpoint
     from model.images import decode_image
 
-    embedder = Embedder.load(default_model_path())
+    embedder = Embedder.load(default_model_path(), precision="fp32")
     assert embedder.channels_last and embedder.model.config.channels_last
     paths = sorted((MINI / "images").glob("*.jpg"))[:16]
     pixels = np.stack([embedder.preprocess(decode_image(p.read_bytes())) for p in paths])
@@ -63,3 +63,30 @@ def test_default_hybrid_embeds_channels_last_as_it_would_contiguous() -> None:
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(plain.eval().embed(torch.from_numpy(pixels)).float(), dim=-1)
     np.testing.assert_allclose(embedder.embed_pixels(pixels), expected.numpy(), atol=1e-5)
+
+
+def test_precision_settings_and_bf16_embeddings_match_fp32() -> None:
+    """`auto` is bf16 where oneDNN computes it natively and fp32 elsewhere; bf16 embeddings of real photos are the
+    fp32 ones to bf16 rounding (interchangeable in one index); unknown settings are refused."""
+    import pytest
+    import torch
+
+    from model.embedder import resolve_precision
+    from model.images import decode_image
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "mps") == "fp32"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", "cpu")
+    paths = sorted((MINI / "images").glob("*.jpg"))[:16]
+    images = [decode_image(p.read_bytes()) for p in paths]
+    full = Embedder.load(default_model_path(), precision="fp32")
+    half = Embedder.load(default_model_path(), precision="bf16")
+    assert (full.precision, half.precision) == ("fp32", "bf16")
+    a, b = full.embed_images(images), half.embed_images(images)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-4)
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() > 0.97 and np.median(cosine) > 0.995
+    assert ((a @ b.T).argmax(axis=1) == np.arange(len(paths))).all()  # each bf16 photo finds its fp32 self

@@ -75,7 +75,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 _BUILD_FLAGS = {"factory": "factory", "nprobe": "nprobe", "num_shards": "num_shards", "min_recall": "min_recall_at_10",
                 "validation_queries": "validation_queries", "keep": "keep_versions", "seed": "seed",
-                "use_gpu": "use_gpu", "batch_size": "batch_size", "tune_search": "tune_search"}
+                "use_gpu": "use_gpu", "batch_size": "batch_size", "tune_search": "tune_search",
+                "precision": "precision"}
 
 
 def _run_gated(run: Any) -> Any:
@@ -178,7 +179,7 @@ _SERVE_FLAGS = ("index_root", "model", "host", "port", "processes", "max_workers
                 "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
                 "faiss_threads", "faiss_batch_threads", "torch_threads", "grace_s", "log_json", "role", "shards",
                 "shard_servers", "shard_timeout_ms", "require_all_shards", "http_port", "http_cors_origin",
-                "tls_cert", "tls_key", "tls_ca")
+                "tls_cert", "tls_key", "tls_ca", "precision")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -256,7 +257,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vitrine.demo import DemoConfig, run_demo
 
-    config = DemoConfig(work_dir=Path(args.work_dir), fresh=args.fresh, train=args.train,
+    config = DemoConfig(work_dir=Path(args.work_dir), fresh=args.fresh, train=args.train, precision=args.precision,
                         model=_existing(args.model, "model checkpoint") if args.model else None)
     if args.catalog:
         config = dataclasses.replace(config, catalog_dir=_existing(args.catalog, "catalog folder"))

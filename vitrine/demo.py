@@ -38,6 +38,7 @@ class DemoConfig:
     top_k: int = 5  # results shown per query
     html_queries: int = 60  # queries shown on the HTML page
     fresh: bool = False  # delete work_dir first
+    precision: str = "auto"  # embedding arithmetic of the index build and the server (model.embedder.resolve_precision)
 
 
 @dataclasses.dataclass
@@ -91,7 +92,8 @@ def build_offline(config: DemoConfig) -> dict[str, Path]:
     elif _stage("train", (paths["model"] / "model_card.json").exists()):
         train(TrainConfig(shards_dir=paths["shards"], out_dir=paths["model"], epochs=config.epochs))
     if _stage("index build", _index_matches(paths["index"], paths["model"])):
-        build_index(IndexBuildConfig(shards_dir=paths["shards"], model=paths["model"], index_root=paths["index"]))
+        build_index(IndexBuildConfig(shards_dir=paths["shards"], model=paths["model"], index_root=paths["index"],
+                                     precision=config.precision))
     return paths
 
 
@@ -176,7 +178,7 @@ def serve_and_query(config: DemoConfig, paths: dict[str, Path]) -> dict[str, Any
 
     gallery = _catalog_images(config)
     queries = [(product, image) for product, image in gallery if product.split == "test"]
-    server, port = create_server(ServerConfig(index_root=paths["index"], port=0))
+    server, port = create_server(ServerConfig(index_root=paths["index"], port=0, precision=config.precision))
     print(f"\n== serve: gRPC server on 127.0.0.1:{port}", flush=True)
     try:
         outcomes = run_queries(f"127.0.0.1:{port}", queries, config.top_k)
@@ -206,6 +208,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     paths = build_offline(config)
     summary = serve_and_query(config, paths)
     summary["wall_s"] = round(time.perf_counter() - start, 1)
+    from model.embedder import resolve_precision
+
+    summary["precision"] = resolve_precision(config.precision, "cpu")
     (config.work_dir / "demo_results.json").write_text(json.dumps(summary, indent=2))
     print(f"\n== result: top-1 relevance (same articleType) over {summary['queries']} test-split image queries: "
           f"{summary['top1_relevance_type']:.3f} (strict, + same baseColour: {summary['top1_relevance_strict']:.3f}; "
