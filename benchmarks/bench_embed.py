@@ -4,12 +4,15 @@ Question: does the indexer's embed stage (LMDB reads, JPEG decoding and preproce
 workers, forward passes, float16 chunk files) keep the model busy? Target: >= 85% of the bare model's
 forward rate at the same batch size.
 
-- bare forward: `Embedder.model.embed` on a preprocessed batch already in memory (median of repeats);
+- bare forward: `Embedder.embed_pixels` (the one forward path of every embedding: memory format and
+  precision as the stage runs them) on a preprocessed batch already in memory (median of repeats);
 - embed stage: `indexer.embed.embed_chunks` over the real mini-catalog images ingested into LMDB shards,
   model loaded beforehand, all chunks written (images/s of the whole stage).
 
 Model: the demo architecture (ViT, 4 blocks, width 128, patch 8, input 80x64, dim 128) with random
-weights, or --model CHECKPOINT. Usage: python benchmarks/bench_embed.py [--batch-size 64] [--workers 2]
+weights, or --model CHECKPOINT; --precision fp32|bf16|auto, and --contiguous to run a convolutional trunk
+without channels-last (to measure what that layout buys). Usage: python benchmarks/bench_embed.py
+[--batch-size 64] [--workers 2] [--model model/default --precision bf16 --name bench_embed_default_bf16]
 """
 
 from __future__ import annotations
@@ -41,8 +44,7 @@ def bare_forward_rate(embedder: object, images: list, batch_size: int, repeats: 
     batch = torch.from_numpy(np.stack([embedder.preprocess(im) for im in images[:batch_size]]))  # type: ignore[attr-defined]
 
     def forward() -> None:
-        with torch.inference_mode():
-            embedder.model.embed(batch.to(embedder.device))  # type: ignore[attr-defined]
+        embedder.embed_pixels(batch)  # type: ignore[attr-defined]
 
     timing = time_repeated(forward, repeats=repeats, warmup=2)
     return {**timing, "images_per_s": batch_size / timing["median_s"]}
@@ -56,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: random demo architecture)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--repeats", type=int, default=10, help="timed bare forward passes")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="embedding arithmetic")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="run a convolutional trunk in the contiguous (NCHW) layout instead of channels-last")
+    parser.add_argument("--name", default="bench_embed", help="result file name in benchmarks/results")
     args = parser.parse_args(argv)
+
+    import torch
 
     from indexer.embed import EmbedSettings, embed_chunks
     from model.catalog import CatalogConfig
@@ -70,13 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         write_catalog_rows(work / "styles.csv", catalog_rows(args.images))
         build_shards(work / "styles.csv", MINI / "images", work / "shards", CatalogConfig(), progress=False)
         checkpoint = Path(args.model) if args.model else make_checkpoint(work)
-        embedder = Embedder.load(checkpoint, device=args.device)
+        embedder = Embedder.load(checkpoint, device=args.device, precision=args.precision)
+        if args.contiguous and embedder.channels_last:
+            embedder.channels_last = False
+            embedder.model.to(memory_format=torch.contiguous_format)
         records = iter_shard_records(work / "shards")
         images = [decode_image(next(records).image_bytes) for _ in range(args.batch_size)]
         records.close()  # closes its LMDB environment: the DataLoader workers open their own
         bare = bare_forward_rate(embedder, images, args.batch_size, args.repeats)
         settings = EmbedSettings(batch_size=args.batch_size, num_workers=args.workers, chunk_rows=256,
-                                 device=args.device)
+                                 device=args.device, precision=args.precision)
         (work / "embed").mkdir()
         start = time.perf_counter()
         stage = embed_chunks(work / "shards", embedder, work / "embed", settings)
@@ -85,13 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     ratio = stage_rate / bare["images_per_s"]
     results = {"bare_forward": bare, "embed_stage": {**stage, "wall_s": stage_s, "images_per_s": stage_rate},
                "ratio": ratio, "target_ratio": 0.85, "meets_target": ratio >= 0.85}
-    config = {**vars(args), "model_card": embedder.model_card.get("model_config", embedder.model_card.get("timm_name"))}
+    config = {**vars(args), "model_card": embedder.model_card.get("model_config", embedder.model_card.get("timm_name")),
+              "resolved_precision": embedder.precision, "channels_last": embedder.channels_last}
     markdown = "\n".join([
-        "| batch | workers | bare forward (img/s) | embed stage (img/s) | ratio | target |",
-        "|---|---|---|---|---|---|",
-        f"| {args.batch_size} | {args.workers} | {bare['images_per_s']:.1f} | {stage_rate:.1f} | {ratio:.2f} | 0.85 |",
+        "| model | precision | layout | batch | workers | bare forward (img/s) | embed stage (img/s) | ratio "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {args.model or 'demo ViT (random)'} | {embedder.precision} | "
+        f"{'channels-last' if embedder.channels_last else 'contiguous'} | {args.batch_size} | {args.workers} | "
+        f"{bare['images_per_s']:.1f} | {stage_rate:.1f} | {ratio:.2f} | 0.85 |",
     ])
-    path = write_result("bench_embed", config, results, markdown)
+    path = write_result(args.name, config, results, markdown)
     print(markdown)
     print(f"written {path}")
     return 0

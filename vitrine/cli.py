@@ -196,6 +196,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-watch", dest="watch", action="store_const", const=False, default=None,
                    help="do not watch CURRENT for new versions (no hot swap)")
     p.add_argument("--poll-s", type=float, default=None, help="seconds between two reads of CURRENT")
+    p.add_argument("--device", default=None, help="torch device of the query embedding, e.g. cuda (default cpu)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="arithmetic of the query embedding: auto (default) computes in bf16 where the CPU "
                         "(AVX512-BF16 or AMX) or GPU does it natively, else fp32; bf16 and fp32 embeddings are "

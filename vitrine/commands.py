@@ -179,7 +179,7 @@ _SERVE_FLAGS = ("index_root", "model", "host", "port", "processes", "max_workers
                 "metrics_port", "watch", "poll_s", "micro_batch", "max_batch", "max_wait_ms", "batch_workers",
                 "faiss_threads", "faiss_batch_threads", "torch_threads", "grace_s", "log_json", "role", "shards",
                 "shard_servers", "shard_timeout_ms", "require_all_shards", "http_port", "http_cors_origin",
-                "tls_cert", "tls_key", "tls_ca", "precision")
+                "tls_cert", "tls_key", "tls_ca", "precision", "device")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
