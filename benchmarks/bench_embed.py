@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contiguous", action="store_true",
                         help="run a convolutional trunk in the contiguous (NCHW) layout instead of channels-last")
     parser.add_argument("--name", default="bench_embed", help="result file name in benchmarks/results")
+    parser.add_argument("--shards", default=None,
+                        help="embed these catalog shards (e.g. the full catalog's, as scripts/train_default_model.sh "
+                             "ingests them) instead of --images mini-catalog images: on a small set the DataLoader "
+                             "workers' start-up (each imports torch) weighs on the stage's rate")
     args = parser.parse_args(argv)
 
     import torch
@@ -75,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_catalog_rows(work / "styles.csv", catalog_rows(args.images))
-        build_shards(work / "styles.csv", MINI / "images", work / "shards", CatalogConfig(), progress=False)
+        shards = Path(args.shards) if args.shards else work / "shards"
+        if not args.shards:
+            write_catalog_rows(work / "styles.csv", catalog_rows(args.images))
+            build_shards(work / "styles.csv", MINI / "images", shards, CatalogConfig(), progress=False)
         checkpoint = Path(args.model) if args.model else make_checkpoint(work)
         embedder = Embedder.load(checkpoint, device=args.device, precision=args.precision)
         if args.contiguous and embedder.channels_last:
             embedder.channels_last = False
             embedder.model.to(memory_format=torch.contiguous_format)
-        records = iter_shard_records(work / "shards")
+        records = iter_shard_records(shards)
         images = [decode_image(next(records).image_bytes) for _ in range(args.batch_size)]
         records.close()  # closes its LMDB environment: the DataLoader workers open their own
         bare = bare_forward_rate(embedder, images, args.batch_size, args.repeats)
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                  device=args.device, precision=args.precision)
         (work / "embed").mkdir()
         start = time.perf_counter()
-        stage = embed_chunks(work / "shards", embedder, work / "embed", settings)
+        stage = embed_chunks(shards, embedder, work / "embed", settings)
         stage_s = time.perf_counter() - start
     stage_rate = stage["embedded_this_run"] / stage_s
     ratio = stage_rate / bare["images_per_s"]
@@ -99,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     config = {**vars(args), "model_card": embedder.model_card.get("model_config", embedder.model_card.get("timm_name")),
               "resolved_precision": embedder.precision, "channels_last": embedder.channels_last}
     markdown = "\n".join([
-        "| model | precision | layout | batch | workers | bare forward (img/s) | embed stage (img/s) | ratio "
-        "| target |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {args.model or 'demo ViT (random)'} | {embedder.precision} | "
+        "| model | images | precision | layout | batch | workers | bare forward (img/s) | embed stage (img/s) "
+        "| ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {args.model or 'demo ViT (random)'} | {stage['records']:,} | {embedder.precision} | "
         f"{'channels-last' if embedder.channels_last else 'contiguous'} | {args.batch_size} | {args.workers} | "
         f"{bare['images_per_s']:.1f} | {stage_rate:.1f} | {ratio:.2f} | 0.85 |",
     ])

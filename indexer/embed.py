@@ -3,9 +3,10 @@
 Records are numbered in the shards' stable order (manifest order, then record order). Chunk c holds
 records ``c * chunk_rows ..`` and is one file ``chunk-<c>.npz`` (float16 vectors, record numbers,
 product JSON, image SHA-1, the records whose image did not decode), written to a temporary name and
-renamed: a killed run resumes at the first missing chunk. Images are read, decoded and preprocessed
-(`Embedder.preprocess`) by torch DataLoader workers in parallel with the forward passes of the main
-process (`Embedder.model.embed`, bf16 autocast on CUDA). When every chunk exists, `finalize` joins them
+renamed: a killed run resumes at the first missing chunk. Images are read, decoded and resized to uint8
+pixels (`Embedder.preprocess_uint8`: a quarter of the bytes a float batch would move between processes) by
+torch DataLoader workers in parallel with the forward passes of the main process (`Embedder.embed_pixels`:
+normalisation, memory format, bf16 where `precision` says). When every chunk exists, `finalize` joins them
 into ``vectors.f16.npy`` (row = internal id), ``products.jsonl`` and ``image_sha1.npy``.
 
 With ``backend="ray"`` the chunks are computed by Ray Data actors instead (`indexer.embed_ray`): the
@@ -186,7 +187,7 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
     from model.data import load_shards_manifest
 
     entries = load_shards_manifest(shards_dir)["shards"]
-    dataset = RecordImages(Path(shards_dir), entries, embedder.preprocess)
+    dataset = RecordImages(Path(shards_dir), entries, embedder.preprocess_uint8)  # normalised in embed_pixels
     total = len(dataset)
     batches = pending_batches(total, settings.chunk_rows, settings.batch_size, folder)
     todo = sum(len(b) for b in batches)

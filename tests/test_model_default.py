@@ -90,3 +90,16 @@ def test_precision_settings_and_bf16_embeddings_match_fp32() -> None:
     cosine = (a * b).sum(axis=1)
     assert cosine.min() > 0.97 and np.median(cosine) > 0.995
     assert ((a @ b.T).argmax(axis=1) == np.arange(len(paths))).all()  # each bf16 photo finds its fp32 self
+
+
+def test_uint8_preprocessing_gives_the_float_path_embeddings_bit_for_bit() -> None:
+    """The index build ships uint8 pixels and normalises in embed_pixels; the server normalises per image in
+    `preprocess`. Both must embed a photo identically (an index and its queries must agree)."""
+    from model.images import decode_image
+
+    embedder = Embedder.load(default_model_path(), precision="fp32")
+    images = [decode_image(p.read_bytes()) for p in sorted((MINI / "images").glob("*.jpg"))[:8]]
+    as_float = np.stack([embedder.preprocess(im) for im in images])
+    as_uint8 = np.stack([embedder.preprocess_uint8(im) for im in images])
+    assert as_uint8.dtype == np.uint8 and as_uint8.shape == as_float.shape
+    np.testing.assert_array_equal(embedder.embed_pixels(as_uint8), embedder.embed_pixels(as_float))
