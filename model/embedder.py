@@ -23,7 +23,7 @@ def resolve_precision(precision: str, device: str) -> str:
 
     "auto" is bf16 where the hardware computes it natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or
     AMX, through oneDNN) and fp32 elsewhere, where bf16 would be emulated and slower. Measured on the default
-    model (benchmarks/RESULTS.md): bf16 embeds 2.3x faster on this machine's 2 cores with the same top-1
+    model (benchmarks/RESULTS.md): bf16 runs the forward pass 2x faster on this machine's 2 cores with the same top-1
     relevance, and its embeddings are interchangeable with fp32 ones (cosine 0.999 median to the fp32
     embedding of the same image; bf16 queries against an fp32 index score the same top-1).
     """

@@ -143,7 +143,7 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-shards", type=int, default=None, help="Faiss shards; product -> sha1(id) mod S (default 1)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
                    help="arithmetic of the embedding model: auto (default) computes in bf16 where the CPU (AVX512-BF16 "
-                        "or AMX) or GPU does it natively, 2.3x faster here with the same relevance, else fp32")
+                        "or AMX) or GPU does it natively, about 2x faster here with the same relevance, else fp32")
     p.add_argument("--min-recall", type=float, default=None, help="validation floor of recall@10 with re-ranking "
                                                                   "(default 0.95; exact indices need 1.0)")
     p.add_argument("--no-tune", dest="tune_search", action="store_false", default=None,
