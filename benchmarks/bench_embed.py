@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import time_repeated, write_result  # noqa: E402
+from model.precision import PRECISIONS  # noqa: E402
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: random demo architecture)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--repeats", type=int, default=10, help="timed bare forward passes")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="embedding arithmetic")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="embedding arithmetic")
     parser.add_argument("--contiguous", action="store_true",
                         help="run a convolutional trunk in the contiguous (NCHW) layout instead of channels-last")
     parser.add_argument("--name", default="bench_embed", help="result file name in benchmarks/results")

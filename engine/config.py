@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from model.precision import PRECISIONS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -98,7 +100,7 @@ def check_role(config: ServerConfig) -> None:
         raise ConfigError(f"shard servers must be host:port, got {bad}")
     if config.processes < 1:
         raise ConfigError(f"processes must be >= 1, got {config.processes}")
-    if config.precision not in ("auto", "fp32", "bf16"):
+    if config.precision not in PRECISIONS:
         raise ConfigError(f"precision must be auto, fp32 or bf16, got {config.precision!r}")
     if config.http_port is not None and config.role == "shard":
         raise ConfigError("--http-port is for the servers clients call (standalone or root), not a shard server")

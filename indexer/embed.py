@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from indexer.faults import maybe_fail
+from model.precision import PRECISIONS
 
 logger = logging.getLogger("vitrine.indexer")
 
@@ -56,8 +57,8 @@ class EmbedSettings:
     ray_cpus_per_actor: float = 1.0  # backend "ray": CPUs each actor reserves (= its torch threads)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"unknown precision {self.precision!r}: choose from auto, fp32, bf16")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown embedding backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
         if self.ray_actors < 1 or self.ray_cpus_per_actor <= 0:

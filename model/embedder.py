@@ -14,8 +14,7 @@ from model.binary import BinaryRotation, load_rotation, pack_signs
 from model.checkpoint import card_resize_mode, load_checkpoint, model_fingerprint
 from model.images import decode_image, fit_aspect
 from model.networks import VitrineModel
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from model.precision import PRECISIONS
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -55,6 +54,9 @@ class Embedder:
         self.input_size = (int(card["input_size"][0]), int(card["input_size"][1]))  # (H, W)
         self._mean = np.asarray(card["mean"], dtype=np.float32)
         self._std = np.asarray(card["std"], dtype=np.float32)
+        # the same constants on the device, for embed_pixels' normalisation of uint8 batches
+        self._mean_t = torch.from_numpy(self._mean).to(device).view(1, 3, 1, 1)
+        self._std_t = torch.from_numpy(self._std).to(device).view(1, 3, 1, 1)
         self.resize_mode = card_resize_mode(card)
 
     @classmethod
@@ -98,9 +100,7 @@ class Embedder:
             tensor = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
             tensor = tensor.to(self.device, non_blocking=True)
             if tensor.dtype == torch.uint8:
-                mean = torch.from_numpy(self._mean).to(tensor.device).view(1, 3, 1, 1)
-                std = torch.from_numpy(self._std).to(tensor.device).view(1, 3, 1, 1)
-                tensor = (tensor.float() / 255.0 - mean) / std
+                tensor = (tensor.float() / 255.0 - self._mean_t) / self._std_t
             if self.channels_last:
                 tensor = tensor.to(memory_format=torch.channels_last)
             with torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=torch.bfloat16,

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from model.precision import PRECISIONS
 from vitrine import commands, model_cli
 
 DESCRIPTION = """\
@@ -141,7 +142,7 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", default=None, help="Faiss factory string, e.g. IVF1024,PQ32x8 (default: planned)")
     p.add_argument("--nprobe", type=int, default=None, help="default IVF lists probed per query (default: planned)")
     p.add_argument("--num-shards", type=int, default=None, help="Faiss shards; product -> sha1(id) mod S (default 1)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="arithmetic of the embedding model: auto (default) computes in bf16 where the CPU (AVX512-BF16 "
                         "or AMX) or GPU does it natively, about 2x faster here with the same relevance, else fp32")
     p.add_argument("--min-recall", type=float, default=None, help="validation floor of recall@10 with re-ranking "
@@ -197,7 +198,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="do not watch CURRENT for new versions (no hot swap)")
     p.add_argument("--poll-s", type=float, default=None, help="seconds between two reads of CURRENT")
     p.add_argument("--device", default=None, help="torch device of the query embedding, e.g. cuda (default cpu)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="arithmetic of the query embedding: auto (default) computes in bf16 where the CPU "
                         "(AVX512-BF16 or AMX) or GPU does it natively, else fp32; bf16 and fp32 embeddings are "
                         "interchangeable, so it need not match the index build's")
@@ -272,7 +273,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs with --train (default: the demo's setting)")
     p.add_argument("--fresh", action="store_true", help="delete the work folder first and redo every stage")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="embedding arithmetic of the index build and the server (default auto: bf16 where the CPU "
                         "computes it natively, else fp32); with a live index, add --fresh to re-embed")
     p.set_defaults(handler=commands.cmd_demo)
