@@ -39,7 +39,6 @@ import contextlib
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -55,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH_ROUNDS = 20  # interleaved rounds of (64 sequential Search calls, one BatchSearch of 64)
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import RESULTS_DIR, time_repeated, write_result  # noqa: E402
+from benchmarks.common import RESULTS_DIR, summarize_times, time_repeated, write_result  # noqa: E402
 from engine.candidates import omp_threads  # noqa: E402
 from engine.client import VisualSearchClient  # noqa: E402
 from engine.search import RERANK_DEPTH, Searcher  # noqa: E402
@@ -383,8 +382,7 @@ def bench_batch(port: int, version: IndexVersion, xq: np.ndarray, args: argparse
             call()
             if round_:
                 times[name].append(time.perf_counter() - start)
-    sequential, batched = ({"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "repeats": len(t)}
-                           for t in (times["sequential"], times["batch"]))
+    sequential, batched = summarize_times(times["sequential"]), summarize_times(times["batch"])
     channel.close()
     params = faiss.SearchParametersIVF()
     params.nprobe = args.nprobe

@@ -75,7 +75,12 @@ def time_repeated(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+    return summarize_times(times)
+
+
+def summarize_times(times: list[float]) -> dict[str, float]:
+    """Median, min and max of measured wall times (seconds), and how many there were."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}
 
 
 def write_result(name: str, config: dict[str, Any], results: dict[str, Any], markdown: str,
