@@ -15,6 +15,7 @@ from model.checkpoint import card_resize_mode, load_checkpoint, model_fingerprin
 from model.images import decode_image, fit_aspect
 from model.networks import VitrineModel
 from model.precision import PRECISIONS
+from model.runtime import tune_malloc
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -40,6 +41,7 @@ class Embedder:
 
     def __init__(self, model: VitrineModel, card: dict[str, Any], fingerprint: str, device: str = "cpu",
                  precision: str = "auto") -> None:
+        tune_malloc()  # activation buffers reused instead of mapped and page-faulted per pass (model.runtime)
         self.model = model.eval().to(device)
         # convolutional trunks (CNNs, the hybrid ViT's conv stem) run faster channels-last on CPU
         self.channels_last = model.config.channels_last

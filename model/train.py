@@ -34,6 +34,7 @@ from model.data.shards import ShardDataset
 from model.images import RESIZE_MODES
 from model.losses import MultiTaskLoss
 from model.networks import IMAGENET_LITE0, LITE0_MEAN, LITE0_STD, ModelConfig, VitrineModel, create_model
+from model.runtime import tune_malloc
 from model.train_loop import LoopState, run_epochs
 from model.training_data import Augment, load_teacher, make_targets, scan_label_maps
 
@@ -197,6 +198,7 @@ def train(config: TrainConfig) -> Path:
     config (exactly, in a single process).
     """
     config.validate()
+    tune_malloc()  # activation and gradient buffers reused instead of mapped per step (model.runtime)
     start = time.perf_counter()
     rank, world, device = _init_distributed(config)
     seed_everything(config.seed)
