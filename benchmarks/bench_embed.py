@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="embedding arithmetic")
     parser.add_argument("--contiguous", action="store_true",
                         help="run a convolutional trunk in the contiguous (NCHW) layout instead of channels-last")
+    parser.add_argument("--forward", default="auto", choices=("auto", "main", "workers"),
+                        help="where the stage runs the forward pass (indexer.embed: auto = workers when --workers >= "
+                             "the cores)")
     parser.add_argument("--name", default="bench_embed", help="result file name in benchmarks/results")
     parser.add_argument("--shards", default=None,
                         help="embed these catalog shards (e.g. the full catalog's, as scripts/train_default_model.sh "
@@ -93,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         images = [decode_image(next(records).image_bytes) for _ in range(args.batch_size)]
         records.close()  # closes its LMDB environment: the DataLoader workers open their own
         bare = bare_forward_rate(embedder, images, args.batch_size, args.repeats)
-        settings = EmbedSettings(batch_size=args.batch_size, num_workers=args.workers, chunk_rows=256,
-                                 device=args.device, precision=args.precision)
+        settings = EmbedSettings(batch_size=args.batch_size, num_workers=args.workers,  # default chunk_rows, as builds
+                                 device=args.device, precision=args.precision, forward=args.forward)
         (work / "embed").mkdir()
         start = time.perf_counter()
         stage = embed_chunks(shards, embedder, work / "embed", settings)
@@ -106,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     config = {**vars(args), "model_card": embedder.model_card.get("model_config", embedder.model_card.get("timm_name")),
               "resolved_precision": embedder.precision, "channels_last": embedder.channels_last}
     markdown = "\n".join([
-        "| model | images | precision | layout | batch | workers | bare forward (img/s) | embed stage (img/s) "
-        "| ratio | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | images | precision | layout | batch | workers | forward in | bare forward (img/s) "
+        "| embed stage (img/s) | ratio | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {args.model or 'demo ViT (random)'} | {stage['records']:,} | {embedder.precision} | "
         f"{'channels-last' if embedder.channels_last else 'contiguous'} | {args.batch_size} | {args.workers} | "
+        f"{stage['forward']} | "
         f"{bare['images_per_s']:.1f} | {stage_rate:.1f} | {ratio:.2f} | 0.85 |",
     ])
     path = write_result(args.name, config, results, markdown)

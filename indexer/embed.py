@@ -5,9 +5,22 @@ records ``c * chunk_rows ..`` and is one file ``chunk-<c>.npz`` (float16 vectors
 product JSON, image SHA-1, the records whose image did not decode), written to a temporary name and
 renamed: a killed run resumes at the first missing chunk. Images are read, decoded and resized to uint8
 pixels (`Embedder.preprocess_uint8`: a quarter of the bytes a float batch would move between processes) by
-torch DataLoader workers in parallel with the forward passes of the main process (`Embedder.embed_pixels`:
-normalisation, memory format, bf16 where `precision` says). When every chunk exists, `finalize` joins them
-into ``vectors.f16.npy`` (row = internal id), ``products.jsonl`` and ``image_sha1.npy``.
+torch DataLoader workers; the forward pass (`Embedder.embed_pixels`: normalisation, memory format, bf16
+where `precision` says) runs where `EmbedSettings.forward` says:
+
+- ``"main"``: in the main process, with all of torch's threads, in parallel with the workers' decoding (the
+  choice on a GPU, and on a CPU with more cores than workers);
+- ``"workers"``: inside each DataLoader worker, right after it decodes its batch, with one torch thread per
+  worker; the main process only writes chunks. On a CPU whose cores are all taken by workers this is
+  faster: a multi-threaded forward pass in the main process stalls at every synchronisation point whenever
+  a decoding worker holds one of its cores, so decoding cost the forward pass about its full CPU time in
+  wall-clock (measured on 2 cores: 1.2x the images/s, ``benchmarks/RESULTS.md``);
+- ``"auto"`` (default): ``"workers"`` on a CPU when ``num_workers`` >= the cores this process may use, else
+  ``"main"``.
+
+The two places give the same embeddings to within float rounding (one thread sums in another order than
+several). When every chunk exists, `finalize` joins them into ``vectors.f16.npy`` (row = internal id),
+``products.jsonl`` and ``image_sha1.npy``.
 
 With ``backend="ray"`` the chunks are computed by Ray Data actors instead (`indexer.embed_ray`): the
 same chunk files, so resume, `finalize` and every later stage are the same for both backends.
@@ -15,6 +28,7 @@ same chunk files, so resume, `finalize` and every later stage are the same for b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,6 +48,7 @@ from model.precision import PRECISIONS
 
 logger = logging.getLogger("vitrine.indexer")
 
+FORWARD_PLACES = ("auto", "main", "workers")  # where the embed stage runs the forward pass (module docstring)
 DONE = "done.json"
 VECTORS = "vectors.f16.npy"
 PRODUCTS = "products.jsonl"
@@ -51,6 +66,7 @@ class EmbedSettings:
     chunk_rows: int = 4096  # catalog records per chunk file, the unit of resume
     device: str = "cpu"  # torch device of the model
     precision: str = "auto"  # model.embedder.resolve_precision: bf16 autocast where the hardware has it, else fp32
+    forward: str = "auto"  # where the forward pass runs: "main", "workers" or "auto" (module docstring)
     backend: str = "local"  # "local": DataLoader workers + this process's model; "ray": Ray Data actors
     ray_address: str | None = None  # backend "ray": cluster address ("auto": the running one); None: start Ray here
     ray_actors: int = 2  # backend "ray": embedding actors, each holding one model replica
@@ -59,6 +75,8 @@ class EmbedSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
+        if self.forward not in FORWARD_PLACES:
+            raise ValueError(f"unknown forward place {self.forward!r}: choose from {', '.join(FORWARD_PLACES)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown embedding backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
         if self.ray_actors < 1 or self.ray_cpus_per_actor <= 0:
@@ -129,6 +147,29 @@ def collate(items: list[tuple[int, Any, str, str, str]]) -> dict[str, Any]:
             "digests": [i[3] for i in good], "bad": [(i[0], i[4]) for i in items if i[1] is None]}
 
 
+def collate_and_embed(embedder: Any, items: list[tuple[int, Any, str, str, str]]) -> dict[str, Any]:
+    """`collate`, then the batch's float16 embeddings in place of its pixels (runs in a DataLoader worker)."""
+    batch = collate(items)
+    pixels = batch.pop("pixels")
+    batch["vectors"] = _forward(embedder, pixels) if pixels is not None else np.zeros((0, embedder.dim), np.float16)
+    return batch
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def forward_in_workers(settings: EmbedSettings) -> bool:
+    """Whether the DataLoader workers run the forward pass themselves (`EmbedSettings.forward`)."""
+    if settings.forward != "auto":
+        return settings.forward == "workers"
+    return settings.device == "cpu" and settings.num_workers >= max(2, usable_cores())
+
+
 def shards_fingerprint(shards_dir: str | Path) -> str:
     """sha256 of the shards' manifest.json (it lists every shard's checksum)."""
     return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
@@ -192,8 +233,14 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
     total = len(dataset)
     batches = pending_batches(total, settings.chunk_rows, settings.batch_size, folder)
     todo = sum(len(b) for b in batches)
+    in_workers = forward_in_workers(settings)
+    if in_workers and (settings.num_workers < 1 or not settings.device.startswith("cpu")):
+        raise ValueError(f"forward='workers' needs num_workers >= 1 and a CPU device, got num_workers="
+                         f"{settings.num_workers} and device {settings.device!r}")
+    logger.info("embed: forward pass in %s", f"{settings.num_workers} DataLoader workers, one torch thread each"
+                if in_workers else "the main process")
     loader: Any = DataLoader(dataset, batch_sampler=batches, num_workers=settings.num_workers,  # type: ignore[arg-type]
-                             collate_fn=collate,
+                             collate_fn=functools.partial(collate_and_embed, embedder) if in_workers else collate,
                              pin_memory=settings.device.startswith("cuda"),
                              persistent_workers=False, prefetch_factor=4 if settings.num_workers else None)
     parts: list[dict[str, Any]] = []
@@ -210,9 +257,12 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
             chunk = first // settings.chunk_rows
             for record, error in batch["bad"]:
                 logger.warning("skipping record %d: bad image: %s", record, error)
-            vectors = _forward(embedder, batch["pixels"]) if batch["pixels"] is not None \
-                else np.zeros((0, embedder.dim), np.float16)
-            parts.append({**batch, "vectors": vectors})
+            if in_workers:
+                vectors = batch.pop("vectors")
+            else:
+                vectors = _forward(embedder, batch["pixels"]) if batch["pixels"] is not None \
+                    else np.zeros((0, embedder.dim), np.float16)
+            parts.append({**{k: v for k, v in batch.items() if k != "pixels"}, "vectors": vectors})
             bad += len(batch["bad"])
             embedded += len(vectors)
             bar.update(len(batch["records"]) + len(batch["bad"]))
@@ -222,7 +272,8 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
             maybe_fail("embed", written)
     seconds = time.perf_counter() - start
     return {"records": total, "embedded_this_run": embedded, "bad_images_this_run": bad, "chunks_written": written,
-            "seconds": round(seconds, 3), "images_per_s": round(embedded / max(seconds, 1e-9), 2)}
+            "seconds": round(seconds, 3), "images_per_s": round(embedded / max(seconds, 1e-9), 2),
+            "forward": "workers" if in_workers else "main"}
 
 
 def iter_chunks(folder: Path) -> Iterator[dict[str, np.ndarray]]:

@@ -66,6 +66,7 @@ class IndexBuildConfig:
     chunk_rows: int = 4096  # catalog records per embedding chunk (the unit of resume)
     device: str = "cpu"  # torch device of the embedder
     precision: str = "auto"  # embedder arithmetic: auto (bf16 where the CPU/GPU has it natively), fp32, bf16
+    forward: str = "auto"  # embed stage: forward pass in the main process or the DataLoader workers (indexer.embed)
     backend: str = "local"  # embed stage: "local" (DataLoader workers) or "ray" (Ray Data actors, the ray extra)
     ray_address: str | None = None  # backend "ray": cluster address ("auto": the running one); None: start Ray here
     ray_actors: int = 2  # backend "ray": embedding actors (one model replica each)
@@ -153,7 +154,7 @@ class BuildJob:
     def stage_embed(self) -> dict[str, Any]:
         c = self.config
         settings = EmbedSettings(batch_size=c.batch_size, num_workers=c.num_workers, chunk_rows=c.chunk_rows,
-                                 device=c.device, precision=c.precision, backend=c.backend,
+                                 device=c.device, precision=c.precision, forward=c.forward, backend=c.backend,
                                  ray_address=c.ray_address,
                                  ray_actors=c.ray_actors, ray_cpus_per_actor=c.ray_cpus_per_actor)
         return embed_stage.run_embed_stage(c.shards_dir, c.model, self.embed_dir, settings, self.key("embed"))

@@ -145,3 +145,35 @@ def test_the_embed_stage_records_its_arithmetic(reference: Path) -> None:
         from indexer.embed import EmbedSettings
 
         EmbedSettings(precision="half")
+
+
+def test_forward_in_the_workers_embeds_as_the_main_process_does(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """The embed stage's two places for the forward pass give the same rows (to within float rounding:
+    one torch thread per worker sums in another order) and each run records where it ran."""
+    runs = {}
+    for place in ("main", "workers"):
+        root = tmp_path / place
+        build_index(_config(inputs, root, forward=place), ("embed",))
+        done = json.loads((root / ".work" / "embed" / "done.json").read_text())
+        assert done["last_run"]["forward"] == place
+        runs[place] = (np.load(root / ".work" / "embed" / "vectors.f16.npy").astype(np.float32),
+                       (root / ".work" / "embed" / "products.jsonl").read_text())
+    assert runs["main"][1] == runs["workers"][1]  # same products, same internal-id order
+    np.testing.assert_allclose(runs["main"][0], runs["workers"][0], atol=1e-2)
+    assert np.median(np.sum(runs["main"][0] * runs["workers"][0], axis=1)) > 0.999
+
+
+def test_forward_place_auto_and_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from indexer import embed
+
+    monkeypatch.setattr(embed, "usable_cores", lambda: 2)
+    assert embed.forward_in_workers(embed.EmbedSettings(num_workers=2))  # every core decodes: embed there too
+    assert not embed.forward_in_workers(embed.EmbedSettings(num_workers=1))
+    assert not embed.forward_in_workers(embed.EmbedSettings(num_workers=2, device="cuda"))
+    monkeypatch.setattr(embed, "usable_cores", lambda: 16)
+    assert not embed.forward_in_workers(embed.EmbedSettings(num_workers=2))  # cores to spare: main's threads
+    assert embed.forward_in_workers(embed.EmbedSettings(num_workers=16))
+    assert embed.forward_in_workers(embed.EmbedSettings(num_workers=1, forward="workers"))
+    assert not embed.forward_in_workers(embed.EmbedSettings(num_workers=16, forward="main"))
+    with pytest.raises(ValueError, match="unknown forward place"):
+        embed.EmbedSettings(forward="gpu")

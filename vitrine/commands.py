@@ -101,7 +101,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     config = IndexBuildConfig(shards_dir=_existing(args.shards, "shards folder"),
                               model=_default_or_existing_model(args.model), index_root=Path(args.index_root))
     config = dataclasses.replace(config, **_overrides(args, {
-        **_BUILD_FLAGS, "workers": "num_workers", "chunk_rows": "chunk_rows", "device": "device",
+        **_BUILD_FLAGS, "workers": "num_workers", "chunk_rows": "chunk_rows", "device": "device", "forward": "forward",
         "target_recall": "target_recall", "work_dir": "work_dir", "backend": "backend", "ray_address": "ray_address",
         "ray_actors": "ray_actors", "ray_cpus_per_actor": "ray_cpus_per_actor"}))
     if args.memory_budget is not None:
