@@ -14,7 +14,7 @@ where `precision` says) runs where `EmbedSettings.forward` says:
   worker; the main process only writes chunks. On a CPU whose cores are all taken by workers this is
   faster: a multi-threaded forward pass in the main process stalls at every synchronisation point whenever
   a decoding worker holds one of its cores, so decoding cost the forward pass about its full CPU time in
-  wall-clock (measured on 2 cores: 1.2x the images/s, ``benchmarks/RESULTS.md``);
+  wall-clock (measured on 2 cores, bf16: 1.27x the images/s, ``benchmarks/RESULTS.md``);
 - ``"auto"`` (default): ``"workers"`` on a CPU when ``num_workers`` >= the cores this process may use, else
   ``"main"``.
 

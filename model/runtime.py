@@ -6,9 +6,10 @@ the kernel whenever more than ``M_TRIM_THRESHOLD`` is free there. A forward or b
 convolutional or transformer network allocates and frees activation buffers of several MiB for every
 layer, so each pass maps, page-faults (the kernel zeroes every new page) and unmaps the same memory
 again. Measured on this project's 2-core machine with the default model (``benchmarks/RESULTS.md``):
-one third of the forward pass's CPU time was system time spent in those page faults; with the
-thresholds below the freed buffers stay in the process and are reused, and the batch-64 forward pass
-ran 1.4x faster in bf16 and in fp32, the training step 1.25x, at the same peak memory.
+a quarter to a third of the forward pass's CPU time was system time spent in those page faults; with
+the thresholds below the freed buffers stay in the process and are reused, and the batch-64 forward
+pass ran 1.52x faster in fp32 and 1.35x in bf16, the training step 1.05x, at 4-8% more peak memory
+(`benchmarks/bench_malloc.py`).
 
 The cost: up to ``TRIM_THRESHOLD`` of freed memory stays mapped in the process instead of going back to
 the kernel. Settings: ``VITRINE_MALLOC=0`` (or ``off``) leaves glibc's defaults alone; glibc's own
