@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import time_repeated, write_result  # noqa: E402
+from indexer.embed_options import FORWARD_PLACES  # noqa: E402
 from model.precision import PRECISIONS  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="embedding arithmetic")
     parser.add_argument("--contiguous", action="store_true",
                         help="run a convolutional trunk in the contiguous (NCHW) layout instead of channels-last")
-    parser.add_argument("--forward", default="auto", choices=("auto", "main", "workers"),
+    parser.add_argument("--forward", default="auto", choices=FORWARD_PLACES,
                         help="where the stage runs the forward pass (indexer.embed: auto = workers when --workers >= "
                              "the cores)")
     parser.add_argument("--name", default="bench_embed", help="result file name in benchmarks/results")

@@ -17,6 +17,7 @@ import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,11 @@ def loader_rate(shards: Path, workers: int, batch_size: int, size: tuple[int, in
             "max": round(max(rates), 1)}
 
 
-def model_rate(batch_size: int, size: tuple[int, int], bf16: bool, steps: int, repeats: int,
-               arch: dict[str, Any]) -> dict[str, float]:
-    """Training images/s of the default architecture on random inputs (forward + backward + AdamW)."""
+def train_step(model: Any, batch_size: int, size: tuple[int, int], bf16: bool) -> Callable[[], None]:
+    """One timed training step of `model` on a fixed random batch: forward (bf16 autocast when asked), the
+    articleType loss, backward and AdamW over the trainable parameters."""
     import torch
 
-    from model.networks import ModelConfig, create_model
-
-    model = create_model(ModelConfig(**{"heads": {"articleType": 142, "baseColour": 46}, **arch, "image_size": size}))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     images = torch.randn(batch_size, 3, *size)
     labels = torch.randint(0, 40, (batch_size,))
@@ -74,6 +72,16 @@ def model_rate(batch_size: int, size: tuple[int, int], bf16: bool, steps: int, r
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def model_rate(batch_size: int, size: tuple[int, int], bf16: bool, steps: int, repeats: int,
+               arch: dict[str, Any]) -> dict[str, float]:
+    """Training images/s of the default architecture on random inputs (forward + backward + AdamW)."""
+    from model.networks import ModelConfig, create_model
+
+    model = create_model(ModelConfig(**{"heads": {"articleType": 142, "baseColour": 46}, **arch, "image_size": size}))
+    step = train_step(model, batch_size, size, bf16)
     step()
     rates = []
     for _ in range(repeats):

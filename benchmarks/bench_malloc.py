@@ -7,8 +7,8 @@ are reused. How much faster are the default model's inference and training step,
 Method: each measurement runs in a fresh Python process (the setting is process-wide and inherited), with
 ``VITRINE_MALLOC=0`` (glibc's defaults: the baseline) or unset (vitrine's thresholds), alternating the two
 in ``--rounds`` rounds so that drift of the machine hits both alike. Per process: the model's batch forward
-(``Embedder.embed_pixels``, fp32 and bf16) or its training step (forward + backward + AdamW, bf16 autocast,
-as ``benchmarks/bench_loader.py`` times it), ``--windows`` timed windows after a warm-up; reported: the
+(``Embedder.embed_pixels``, fp32 and bf16) or its training step (``benchmarks.bench_loader.train_step``:
+forward + backward + AdamW, bf16 autocast), ``--windows`` timed windows after a warm-up; reported: the
 median images/s over all windows of all rounds, user and system CPU seconds per image, and peak RSS.
 Usage: python benchmarks/bench_malloc.py [--model model/default] [--rounds 3]
 """
@@ -45,21 +45,13 @@ if workload.startswith("forward"):
     def step():
         embedder.embed_pixels(pixels)
 else:
+    from benchmarks.bench_loader import train_step
     from model.checkpoint import load_checkpoint
     net, card = load_checkpoint(model)
     net.train()
     if net.config.channels_last:  # as model.train runs it
         net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
-    images = torch.randn(batch, 3, *net.config.image_size)
-    labels = torch.randint(0, 40, (batch,))
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = net(images)
-        loss = torch.nn.functional.cross_entropy(out["logits/articleType"].float(), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    step = train_step(net, batch, tuple(net.config.image_size), bf16=True)
 for _ in range(2):
     step()
 rates = []

@@ -43,17 +43,16 @@ from typing import Any
 
 import numpy as np
 
+from indexer.embed_options import BACKENDS, FORWARD_PLACES
 from indexer.faults import maybe_fail
 from model.precision import PRECISIONS
 
 logger = logging.getLogger("vitrine.indexer")
 
-FORWARD_PLACES = ("auto", "main", "workers")  # where the embed stage runs the forward pass (module docstring)
 DONE = "done.json"
 VECTORS = "vectors.f16.npy"
 PRODUCTS = "products.jsonl"
 DIGESTS = "image_sha1.npy"
-BACKENDS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,9 @@ class EmbedSettings:
             raise ValueError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         if self.forward not in FORWARD_PLACES:
             raise ValueError(f"unknown forward place {self.forward!r}: choose from {', '.join(FORWARD_PLACES)}")
+        if self.forward == "workers" and (self.num_workers < 1 or not self.device.startswith("cpu")):
+            raise ValueError(f"forward='workers' needs num_workers >= 1 and a CPU device, got num_workers="
+                             f"{self.num_workers} and device {self.device!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown embedding backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
         if self.ray_actors < 1 or self.ray_cpus_per_actor <= 0:
@@ -150,8 +152,7 @@ def collate(items: list[tuple[int, Any, str, str, str]]) -> dict[str, Any]:
 def collate_and_embed(embedder: Any, items: list[tuple[int, Any, str, str, str]]) -> dict[str, Any]:
     """`collate`, then the batch's float16 embeddings in place of its pixels (runs in a DataLoader worker)."""
     batch = collate(items)
-    pixels = batch.pop("pixels")
-    batch["vectors"] = _forward(embedder, pixels) if pixels is not None else np.zeros((0, embedder.dim), np.float16)
+    batch["vectors"] = _embed_batch(embedder, batch.pop("pixels"))
     return batch
 
 
@@ -216,8 +217,11 @@ def save_chunk(folder: Path, chunk: int, parts: list[dict[str, Any]], dim: int) 
     os.replace(tmp, chunk_path(folder, chunk))
 
 
-def _forward(embedder: Any, pixels: Any) -> np.ndarray:
-    """L2-normalised float16 embeddings of a preprocessed batch (the Embedder's shared forward pass)."""
+def _embed_batch(embedder: Any, pixels: Any) -> np.ndarray:
+    """L2-normalised float16 embeddings of a collated batch's pixels (the Embedder's shared forward pass);
+    (0, dim) when none of its images decoded (pixels None)."""
+    if pixels is None:
+        return np.zeros((0, embedder.dim), np.float16)
     return embedder.embed_pixels(pixels).astype(np.float16)
 
 
@@ -234,9 +238,6 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
     batches = pending_batches(total, settings.chunk_rows, settings.batch_size, folder)
     todo = sum(len(b) for b in batches)
     in_workers = forward_in_workers(settings)
-    if in_workers and (settings.num_workers < 1 or not settings.device.startswith("cpu")):
-        raise ValueError(f"forward='workers' needs num_workers >= 1 and a CPU device, got num_workers="
-                         f"{settings.num_workers} and device {settings.device!r}")
     logger.info("embed: forward pass in %s", f"{settings.num_workers} DataLoader workers, one torch thread each"
                 if in_workers else "the main process")
     loader: Any = DataLoader(dataset, batch_sampler=batches, num_workers=settings.num_workers,  # type: ignore[arg-type]
@@ -257,12 +258,8 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
             chunk = first // settings.chunk_rows
             for record, error in batch["bad"]:
                 logger.warning("skipping record %d: bad image: %s", record, error)
-            if in_workers:
-                vectors = batch.pop("vectors")
-            else:
-                vectors = _forward(embedder, batch["pixels"]) if batch["pixels"] is not None \
-                    else np.zeros((0, embedder.dim), np.float16)
-            parts.append({**{k: v for k, v in batch.items() if k != "pixels"}, "vectors": vectors})
+            vectors = batch.pop("vectors") if in_workers else _embed_batch(embedder, batch.pop("pixels"))
+            parts.append({**batch, "vectors": vectors})
             bad += len(batch["bad"])
             embedded += len(vectors)
             bar.update(len(batch["records"]) + len(batch["bad"]))

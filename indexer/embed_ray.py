@@ -7,7 +7,7 @@ then two `map_batches` steps, both at the stage's batch size:
    the LMDB shards (the shards folder must be at the same path on every node: a shared filesystem);
 2. `EmbedRecords` (an actor pool of ``ray_actors`` actors, each loading the model once, ``num_gpus=1``
    each when the device is CUDA): decode + preprocess with the model's own `Embedder.preprocess`, then
-   the same forward pass as the local backend (`indexer.embed._forward`), float16.
+   the same forward pass as the local backend (`indexer.embed._embed_batch`), float16.
 
 On CPU both steps share the same resources, so Ray Data fuses them into the actors (reads and decodes
 happen beside the model, like DataLoader ``num_workers=0``); with GPU actors they stay separate, so CPU
@@ -38,7 +38,7 @@ import numpy as np
 from indexer.embed import (
     EmbedSettings,
     RecordImages,
-    _forward,
+    _embed_batch,
     chunk_records,
     pending_chunks,
     preprocess_image,
@@ -115,7 +115,7 @@ class EmbedRecords:
         vectors = np.zeros((len(decoded), self.embedder.dim), dtype=np.float16)
         if ok.any():
             pixels = torch.from_numpy(np.stack([p for p, _ in decoded if p is not None]))
-            vectors[ok] = _forward(self.embedder, pixels)
+            vectors[ok] = _embed_batch(self.embedder, pixels)
         return {"record": np.asarray(batch["record"], dtype=np.int64), "vector": vectors, "ok": ok,
                 "product": batch["product"], "digest": batch["digest"],
                 "error": np.array([error for _, error in decoded], dtype=object),

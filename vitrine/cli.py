@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from indexer.embed_options import BACKENDS, FORWARD_PLACES
 from model.precision import PRECISIONS
 from model.runtime import tune_malloc
 from vitrine import commands, model_cli
@@ -94,12 +95,12 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--chunk-rows", type=int, default=None, help="records per embedding chunk, the unit of resume "
                                                                 "(default 4096)")
     b.add_argument("--device", default=None, help="torch device for embedding, e.g. cuda (default cpu)")
-    b.add_argument("--forward", choices=("auto", "main", "workers"), default=None,
+    b.add_argument("--forward", choices=FORWARD_PLACES, default=None,
                    help="where the embed stage runs the model: main (this process, all torch threads, while the "
                         "--workers decode), workers (each DataLoader worker embeds the batch it decoded, one torch "
                         "thread each: faster when the workers take every core), auto (default: workers on a CPU when "
                         "--workers >= its cores, else main)")
-    b.add_argument("--backend", choices=("local", "ray"), default=None,
+    b.add_argument("--backend", choices=BACKENDS, default=None,
                    help="where the embed stage runs: local (DataLoader workers, default) or ray (Ray Data actors "
                         "on a Ray cluster; needs the ray extra: pip install 'vitrine-search[ray]')")
     b.add_argument("--ray-address", default=None, help="with --backend ray: the cluster to join, e.g. auto or "
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded is not news
-    tune_malloc()  # glibc keeps freed buffers for reuse: torch on the CPU runs 1.25-1.4x faster (model.runtime)
+    tune_malloc()  # glibc keeps freed buffers for reuse: torch's forward on the CPU 1.35-1.52x faster (model.runtime)
     try:
         return int(args.handler(args))
     except commands.GateFailed as err:  # a build refused to publish: say why, CURRENT untouched
