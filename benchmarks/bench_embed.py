@@ -13,6 +13,7 @@ Model: the demo architecture (ViT, 4 blocks, width 128, patch 8, input 80x64, di
 weights, or --model CHECKPOINT; --precision fp32|bf16|auto, and --contiguous to run a convolutional trunk
 without channels-last (to measure what that layout buys). Usage: python benchmarks/bench_embed.py
 [--batch-size 64] [--workers 2] [--model model/default --precision bf16 --name bench_embed_default_bf16]
+On a GPU: --device cuda --batch-size 256 --workers 8 --tile 20 (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def make_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "model", create_model(ModelConfig()), card)
 
 
+def tiled_rows(rows: list[list[str]], tile: int) -> list[list[str]]:
+    """Header + each catalog row `tile` times with ids <id>-<copy>, every copy naming the row's own image file."""
+    from tests.indexer_fixtures import MINI
+
+    header, body = rows[0], rows[1:]
+    id_at = header.index("id")
+    out = [[*header, "image"]]
+    for copy in range(tile):
+        for row in body:
+            out.append([*row[:id_at], f"{row[id_at]}-{copy}" if tile > 1 else row[id_at], *row[id_at + 1:],
+                        str(MINI / "images" / f"{row[id_at]}.jpg")])
+    return out
+
+
 def bare_forward_rate(embedder: object, images: list, batch_size: int, repeats: int) -> dict:
     import numpy as np
     import torch
@@ -57,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--images", type=int, default=1007, help="catalog images embedded (mini catalog: 1007)")
+    parser.add_argument("--tile", type=int, default=1,
+                        help="list each of the --images rows this many times, each copy its own product (a larger "
+                             "catalog of the same real photos, e.g. for a GPU, whose rate small catalogs cannot show)")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: random demo architecture)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--repeats", type=int, default=10, help="timed bare forward passes")
@@ -86,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         shards = Path(args.shards) if args.shards else work / "shards"
         if not args.shards:
-            write_catalog_rows(work / "styles.csv", catalog_rows(args.images))
-            build_shards(work / "styles.csv", MINI / "images", shards, CatalogConfig(), progress=False)
+            write_catalog_rows(work / "styles.csv", tiled_rows(catalog_rows(args.images), args.tile))
+            build_shards(work / "styles.csv", MINI / "images", shards, CatalogConfig(image_column="image"),
+                         progress=False, workers=args.workers)
         checkpoint = Path(args.model) if args.model else make_checkpoint(work)
         embedder = Embedder.load(checkpoint, device=args.device, precision=args.precision)
         if args.contiguous and embedder.channels_last:

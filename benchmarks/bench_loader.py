@@ -55,33 +55,40 @@ def loader_rate(shards: Path, workers: int, batch_size: int, size: tuple[int, in
             "max": round(max(rates), 1)}
 
 
-def train_step(model: Any, batch_size: int, size: tuple[int, int], bf16: bool) -> Callable[[], None]:
+def train_step(model: Any, batch_size: int, size: tuple[int, int], bf16: bool,
+               device: str = "cpu") -> Callable[[], None]:
     """One timed training step of `model` on a fixed random batch: forward (bf16 autocast when asked), the
-    articleType loss, backward and AdamW over the trainable parameters."""
+    articleType loss, backward and AdamW over the trainable parameters. On CUDA the step ends with a
+    synchronize, so that timing it times the GPU's work."""
     import torch
 
+    model.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    images = torch.randn(batch_size, 3, *size)
-    labels = torch.randint(0, 40, (batch_size,))
+    images = torch.randn(batch_size, 3, *size, device=device)
+    labels = torch.randint(0, 40, (batch_size,), device=device)
+    cuda = torch.device(device).type == "cuda"
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(images)
         loss = torch.nn.functional.cross_entropy(out["logits/articleType"].float(), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
 
     return step
 
 
 def model_rate(batch_size: int, size: tuple[int, int], bf16: bool, steps: int, repeats: int,
-               arch: dict[str, Any]) -> dict[str, float]:
+               arch: dict[str, Any], device: str = "cpu") -> dict[str, float]:
     """Training images/s of the default architecture on random inputs (forward + backward + AdamW)."""
     from model.networks import ModelConfig, create_model
 
-    model = create_model(ModelConfig(**{"heads": {"articleType": 142, "baseColour": 46}, **arch, "image_size": size}))
-    step = train_step(model, batch_size, size, bf16)
+    model = create_model(ModelConfig(**{"heads": {"articleType": 142, "baseColour": 46}, **arch, "image_size": size}),
+                         pretrained_weights=False)  # random weights time the same
+    step = train_step(model, batch_size, size, bf16, device)
     step()
     rates = []
     for _ in range(repeats):
