@@ -13,7 +13,7 @@ Model: the demo architecture (ViT, 4 blocks, width 128, patch 8, input 80x64, di
 weights, or --model CHECKPOINT; --precision fp32|bf16|auto, and --contiguous to run a convolutional trunk
 without channels-last (to measure what that layout buys). Usage: python benchmarks/bench_embed.py
 [--batch-size 64] [--workers 2] [--model model/default --precision bf16 --name bench_embed_default_bf16]
-On a GPU: --device cuda --batch-size 256 --workers 8 --tile 20 (benchmarks/gpu_check.sh).
+On a GPU: --device cuda --batch-size 256 --workers 12 --tile 40 (as benchmarks/gpu_check.sh runs it).
 """
 
 from __future__ import annotations
