@@ -100,8 +100,6 @@ def embed_gallery(name: str, spec: str, gallery: Gallery, cache_dir: Path, batch
     arithmetic (fp32 by default, so the numbers do not depend on the machine's bf16 support)."""
     from tqdm import tqdm
 
-    from model.images import decode_image
-
     embedder = _embedder(spec, cache_dir, precision)
     catalog_key = hashlib.sha256("\n".join(map(str, gallery.paths)).encode()).hexdigest()[:16]
     arithmetic = "" if embedder.precision == "fp32" else f"-{embedder.precision}"
@@ -111,7 +109,7 @@ def embed_gallery(name: str, spec: str, gallery: Gallery, cache_dir: Path, batch
     parts = []
     start = time.perf_counter()
     for begin in tqdm(range(0, len(gallery.paths), batch_size), desc=f"embed {name}", unit="batch"):
-        images = [decode_image(p.read_bytes()) for p in gallery.paths[begin:begin + batch_size]]
+        images = [embedder.decode(p.read_bytes()) for p in gallery.paths[begin:begin + batch_size]]  # as an index
         parts.append(embedder.embed_images(images, batch_size=batch_size))
     vectors = np.concatenate(parts).astype(np.float32)
     print(f"{name}: embedded {len(vectors)} images in {time.perf_counter() - start:.1f} s", flush=True)

@@ -35,6 +35,8 @@ OVERFETCH = 4  # candidates fetched per wanted hit for exact re-rank, and the gr
 RERANK_DEPTH = RERANK_MIN_CANDIDATES  # fewest candidates re-ranked exactly (PQ orders near neighbours coarsely)
 EmbedFn = Callable[[Sequence[Image.Image], "float | None"], np.ndarray]  # (images, deadline) -> (n, dim)
 ObserveFn = Callable[[str, float], None]  # (stage, seconds)
+# (crop region or None) -> the smallest (width, height) a query image may be decoded at (Embedder.decode_size)
+DecodeSizeFn = Callable[["tuple[float, float, float, float] | None"], "tuple[int, int]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Searcher:
     """Answers SearchRequests over one IndexVersion (shared by threads, never mutated per request).
 
     `embed` turns decoded images into unit embeddings (the server passes its micro-batcher);
+    `decode_size` (the model's `Embedder.decode_size`) lets a large JPEG query decode at reduced scale;
     `observe(stage, seconds)` receives stage timings (decode, embed, search, rerank, fetch).
     `shards` finds the candidates: by default the version's Faiss shards in this process; a root
     passes an engine.remote.RemoteShardSearch that asks the shard servers.
@@ -93,8 +96,10 @@ class Searcher:
     def __init__(self, version: IndexVersion, embed: EmbedFn, *, default_top_k: int = 10,
                  max_top_k: int = MAX_TOP_K, exact_max: int = EXACT_MAX, max_image_bytes: int = DEFAULT_MAX_BYTES,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS, rerank_depth: int = RERANK_DEPTH,
-                 observe: ObserveFn | None = None, shards: ShardSearch | None = None, batch_threads: int = 0) -> None:
+                 observe: ObserveFn | None = None, shards: ShardSearch | None = None, batch_threads: int = 0,
+                 decode_size: DecodeSizeFn | None = None) -> None:
         self.version = version
+        self.decode_size = decode_size
         self.embed = embed
         self.default_top_k = default_top_k
         self.max_top_k = max_top_k
@@ -238,7 +243,8 @@ class Searcher:
     def decode_query_image(self, query: SearchQuery) -> Image.Image:
         """The query's image, decoded within the size limits and cut to its crop region when it has one."""
         assert query.image is not None
-        image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                             min_size=None if self.decode_size is None else self.decode_size(query.crop))
         return image if query.crop is None else crop_query(image, query.crop)
 
     def query_vector(self, request: SearchRequest) -> QueryVector:

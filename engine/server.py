@@ -119,7 +119,7 @@ def create_searcher(version: IndexVersion, runner: ModelRunner, config: ServerCo
         searcher = Searcher(version, runner.embed, default_top_k=config.default_top_k, exact_max=config.exact_max,
                             rerank_depth=config.rerank_depth, batch_threads=config.faiss_batch_threads,
                             max_image_bytes=config.max_message_bytes, max_image_pixels=config.max_image_pixels,
-                            observe=metrics.observe_stage, shards=remote)
+                            observe=metrics.observe_stage, shards=remote, decode_size=runner.embedder.decode_size)
         warm_up(searcher)
     except Exception as exc:
         version.close()
@@ -213,6 +213,7 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
         raise
     runner_box.append(runner)
     servicer.model_fingerprint = runner.embedder.fingerprint
+    servicer.decode_size = runner.embedder.decode_size
     slot.install(searcher)
     _set_index_metrics(metrics, searcher)
     watcher = _start_watcher(config, slot, runner, metrics, fanout) if config.watch else None

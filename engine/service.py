@@ -19,7 +19,7 @@ from PIL import Image
 from engine import convert
 from engine.errors import InvalidQuery, status_for
 from engine.metrics import Metrics
-from engine.search import Searcher, check_deadline, crop_query, normalize
+from engine.search import DecodeSizeFn, Searcher, check_deadline, crop_query, normalize
 from engine.swap import SearcherSlot
 from engine.types import BatchItem, Embedding
 from model.images import decode_image
@@ -72,6 +72,7 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         self.max_batch_queries = max_batch_queries
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.decode_size: DecodeSizeFn | None = None  # the model's Embedder.decode_size, set once it is loaded
 
     def Search(self, request: search_pb2.SearchRequest, context: grpc.ServicerContext) -> search_pb2.SearchResponse:
         """Search by image, vector or product id (status codes: see search.proto)."""
@@ -117,8 +118,9 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         def answer() -> search_pb2.EmbedResponse:
             start = time.perf_counter()
             deadline = deadline_of(context)
-            image = decode_image(request.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
             crop = convert.region_from_proto(request)
+            image = decode_image(request.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                                 min_size=None if self.decode_size is None else self.decode_size(crop))
             if crop is not None:
                 image = crop_query(image, crop)
             self.metrics.observe_stage("decode", time.perf_counter() - start)

@@ -89,8 +89,10 @@ class EmbedSettings:
 class RecordImages:
     """torch map-style dataset over global record numbers: (record, CHW float32 or None, product JSON, sha1, error)."""
 
-    def __init__(self, shards_dir: Path, entries: list[dict], preprocess: Any) -> None:
+    def __init__(self, shards_dir: Path, entries: list[dict], preprocess: Any,
+                 min_size: tuple[int, int] | None = None) -> None:
         self.shards_dir = shards_dir
+        self.min_size = min_size  # decode_image's min_size: large JPEGs decode at reduced scale (Embedder.decode_size)
         self.paths = [entry["path"] for entry in entries]
         self.offsets = np.cumsum([0] + [int(entry["records"]) for entry in entries])
         self.preprocess = preprocess
@@ -122,19 +124,22 @@ class RecordImages:
 
     def __getitem__(self, record: int) -> tuple[int, Any, str, str, str]:
         product_id, meta, data, digest = self.read(record)
-        pixels, error = preprocess_image(data, product_id, self.preprocess)
+        pixels, error = preprocess_image(data, product_id, self.preprocess, self.min_size)
         return record, pixels, meta, digest, error
 
 
-def preprocess_image(data: bytes, product_id: str, preprocess: Any) -> tuple[Any, str]:
-    """(CHW float32 pixels, "") of encoded image bytes, or (None, reason) when the image does not decode.
+def preprocess_image(data: bytes, product_id: str, preprocess: Any,
+                     min_size: tuple[int, int] | None = None) -> tuple[Any, str]:
+    """(CHW pixels, "") of encoded image bytes, or (None, reason) when the image does not decode.
 
-    Both backends decode through this function, so they count the same bad images with the same words.
+    Both backends decode through this function, so they count the same bad images with the same words, and
+    both decode a large JPEG at the reduced scale `min_size` allows (`Embedder.decode_size`), as the server
+    decodes its queries.
     """
     from model import images as model_images
 
     try:
-        return preprocess(model_images.decode_image(data)), ""
+        return preprocess(model_images.decode_image(data, min_size=min_size)), ""
     except model_images.ImageDecodeError as exc:
         return None, f"product {product_id}: {exc}"
 
@@ -233,7 +238,8 @@ def embed_chunks(shards_dir: str | Path, embedder: Any, folder: Path, settings: 
     from model.data import load_shards_manifest
 
     entries = load_shards_manifest(shards_dir)["shards"]
-    dataset = RecordImages(Path(shards_dir), entries, embedder.preprocess_uint8)  # normalised in embed_pixels
+    dataset = RecordImages(Path(shards_dir), entries, embedder.preprocess_uint8,  # normalised in embed_pixels
+                           embedder.decode_size())
     total = len(dataset)
     batches = pending_batches(total, settings.chunk_rows, settings.batch_size, folder)
     todo = sum(len(b) for b in batches)

@@ -134,7 +134,7 @@ def diff_catalog(live: IndexVersion, products: list[Product], sources: list[str]
 def _embed_rows(rows: list[tuple[Product, bytes, str, int | None]], live: IndexVersion, embedder: Any,
                 batch_size: int) -> tuple[np.ndarray, list[Product], np.ndarray, int]:
     """float16 vectors of the rows (reused or embedded), their products and digests; undecodable images skipped."""
-    from model.images import ImageDecodeError, decode_image
+    from model.images import ImageDecodeError
 
     vectors = np.zeros((len(rows), live.dim), dtype=np.float16)
     keep = np.ones(len(rows), dtype=bool)
@@ -144,7 +144,7 @@ def _embed_rows(rows: list[tuple[Product, bytes, str, int | None]], live: IndexV
             vectors[row] = live.vectors[live_id]
             continue
         try:
-            pending.append((row, decode_image(data)))
+            pending.append((row, embedder.decode(data)))
         except ImageDecodeError as exc:
             keep[row] = False
             logger.warning("update: skipping product %s: bad image: %s", product.product_id, exc)

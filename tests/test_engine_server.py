@@ -136,6 +136,33 @@ def test_search_by_a_cropped_region_of_a_photo(client: VisualSearchClient, engin
         np.testing.assert_allclose(client.embed(photo, crop=crop).vector, alone, atol=1e-4)
 
 
+def test_a_large_jpeg_photo_and_its_crops_embed_as_their_full_decode(client: VisualSearchClient,
+                                                                     engine_index: EngineIndex) -> None:
+    """A phone-sized JPEG decodes at reduced scale (the model's Embedder.decode_size, more pixels for a crop);
+    the whole photo and each half embed as their full-size decode does, and each half finds its product."""
+    import io
+
+    from PIL import Image
+
+    from model.images import decode_image
+
+    photo, left, right = _two_products_photo(engine_index)
+    big = decode_image(photo).resize((2400, 1600), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=92)
+    jpeg = buffer.getvalue()
+    full = decode_image(jpeg)
+    for crop, wanted in ((None, None), ((0.0, 0.0, 0.5, 1.0), left), ((0.5, 0.0, 0.5, 1.0), right)):
+        part = full if crop is None else full.crop((0, 0, 1200, 1600) if crop[0] == 0 else (1200, 0, 2400, 1600))
+        png = io.BytesIO()
+        part.save(png, format="PNG")  # PNGs are always decoded at full size
+        reference = client.embed(png.getvalue()).vector
+        vector = client.embed(jpeg, crop=crop).vector
+        assert float(np.dot(vector, reference)) > 0.99, crop
+        if wanted is not None:
+            assert wanted in {h.product_id for h in client.search_image(jpeg, top_k=5, crop=crop).hits}
+
+
 @pytest.mark.parametrize("crop, message", [((0.0, 0.0, 0.0, 1.0), "must lie inside"),
                                            ((0.6, 0.0, 0.5, 1.0), "x + width <= 1"),
                                            ((-0.1, 0.0, 0.5, 0.5), "must lie inside")])

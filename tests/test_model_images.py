@@ -73,6 +73,59 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_at_reduced_scale() -> None:
         decode_image(_encode(big, "JPEG"), max_pixels=20_000)  # even 1/8 scale (150x200) is over
 
 
+def _big_photo(size: tuple[int, int] = (1200, 1600)) -> Image.Image:
+    """A real catalog photo upscaled to phone-photo proportions (width, height)."""
+    return Image.open(sorted(MINI_IMAGES.glob("*.jpg"))[0]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+
+
+def test_min_size_decodes_a_large_jpeg_at_the_smallest_scale_that_covers_it() -> None:
+    """With min_size a JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that is still at least that large
+    both ways; the picture is the full decode's, made smaller."""
+    data = _encode(_big_photo(), "JPEG", quality=92)
+    full = decode_image(data)
+    assert full.size == (1200, 1600)
+    assert decode_image(data, min_size=(192, 256)).size == (300, 400)  # 1/8 would be 150 wide, under 192
+    assert decode_image(data, min_size=(150, 200)).size == (150, 200)  # 1/8 covers it exactly
+    assert decode_image(data, min_size=(601, 10)).size == (1200, 1600)  # not even 1/2 covers it: full scale
+    assert decode_image(data, min_size=(1, 1)).size == (150, 200)
+    reduced = decode_image(data, min_size=(300, 400))
+    a = np.asarray(reduced.resize((60, 80), Image.Resampling.BILINEAR), dtype=np.float32)
+    b = np.asarray(full.resize((60, 80), Image.Resampling.BILINEAR), dtype=np.float32)
+    assert np.abs(a - b).mean() < 3.0
+
+
+def test_min_size_is_read_in_display_orientation() -> None:
+    """A phone JPEG stored landscape with EXIF orientation 6 (shown portrait): min_size is what the shopper sees,
+    so the scale is chosen on the transposed size."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _encode(_big_photo((1600, 1200)), "JPEG", quality=92, exif=exif.tobytes())
+    assert decode_image(data).size == (1200, 1600)
+    # displayed 1200x1600: 1/8 (150x200) covers 100x200 ...
+    assert decode_image(data, min_size=(100, 200)).size == (150, 200)
+    # ... but not 160x90, which the stored 200x150 at 1/8 would only cover without the transpose
+    out = decode_image(data, min_size=(160, 90))
+    assert out.size == (300, 400) and out.size[0] >= 160
+
+
+def test_min_size_leaves_other_formats_and_small_jpegs_alone_and_still_finds_truncation() -> None:
+    big = _big_photo()
+    assert decode_image(_encode(big, "PNG"), min_size=(1, 1)).size == (1200, 1600)  # only JPEG scales in decoding
+    small = _encode(big.resize((120, 160)), "JPEG")
+    assert decode_image(small, min_size=(96, 128)).size == (120, 160)  # under twice the size: full scale
+    data = _encode(big, "JPEG", quality=92)
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2], min_size=(1, 1))  # the whole stream is still decoded and checked
+
+
+def test_min_size_and_the_pixel_limit_together() -> None:
+    """Over max_pixels the limit decides the least reduction; min_size may reduce further, never less."""
+    data = _encode(_big_photo((1600, 1200)), "JPEG", quality=92)
+    assert decode_image(data, max_pixels=500_000).size == (800, 600)
+    assert decode_image(data, max_pixels=500_000, min_size=(100, 100)).size == (200, 150)
+    assert decode_image(data, max_pixels=500_000, min_size=(1000, 1000)).size == (800, 600)
+
+
 def test_png_alpha_is_composited_on_white() -> None:
     image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     image.putpixel((0, 0), (255, 0, 0, 255))

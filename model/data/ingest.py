@@ -78,8 +78,10 @@ def prepare_image(path: str, max_side: int | None = None) -> tuple[bytes | None,
     if not path or not file.is_file():
         return None, "missing"
     data = file.read_bytes()
+    # with max_side, a large JPEG decodes at the reduced scale that still covers max_side both ways; without,
+    # the image is only validated (every byte of it is still decoded), at the smallest scale
     try:
-        image = decode_image(data)
+        image = decode_image(data, min_size=(1, 1) if max_side is None else (max_side, max_side))
     except ImageDecodeError as exc:
         return None, str(exc).split(":")[0][:80]
     if max_side is not None and max(image.size) > max_side:
