@@ -14,6 +14,9 @@ weights, or --model CHECKPOINT; --precision fp32|bf16|auto, and --contiguous to 
 without channels-last (to measure what that layout buys). Usage: python benchmarks/bench_embed.py
 [--batch-size 64] [--workers 2] [--model model/default --precision bf16 --name bench_embed_default_bf16]
 On a GPU: --device cuda --batch-size 256 --workers 12 --tile 40 (as benchmarks/gpu_check.sh runs it).
+Catalogs of large photos: --photo-size 1200x1600 stores each image upscaled to that size (noise added, JPEG
+quality 90; `benchmarks.bench_phone_photos.phone_jpeg`), and --full-decode turns off the reduced-scale JPEG
+decoding (`Embedder.decode_size`) to measure what it buys.
 """
 
 from __future__ import annotations
@@ -40,18 +43,36 @@ def make_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "model", create_model(ModelConfig()), card)
 
 
-def tiled_rows(rows: list[list[str]], tile: int) -> list[list[str]]:
-    """Header + each catalog row `tile` times with ids <id>-<copy>, every copy naming the row's own image file."""
+def tiled_rows(rows: list[list[str]], tile: int, images_dir: Path | None = None) -> list[list[str]]:
+    """Header + each catalog row `tile` times with ids <id>-<copy>, every copy naming the row's own image file
+    (in the mini catalog's images folder, or `images_dir`)."""
     from tests.indexer_fixtures import MINI
 
+    images_dir = images_dir or MINI / "images"
     header, body = rows[0], rows[1:]
     id_at = header.index("id")
     out = [[*header, "image"]]
     for copy in range(tile):
         for row in body:
             out.append([*row[:id_at], f"{row[id_at]}-{copy}" if tile > 1 else row[id_at], *row[id_at + 1:],
-                        str(MINI / "images" / f"{row[id_at]}.jpg")])
+                        str(images_dir / f"{row[id_at]}.jpg")])
     return out
+
+
+def large_photos(size: str, folder: Path, ids: list[str]) -> Path:
+    """The mini catalog's photos of products `ids` upscaled to `size` ("WxH") as phone-like JPEGs in `folder`."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.bench_phone_photos import phone_jpeg
+    from tests.indexer_fixtures import MINI
+
+    width, height = (int(v) for v in size.lower().split("x"))
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for path in (p for p in (MINI / "images" / f"{i}.jpg" for i in ids) if p.is_file()):
+        (folder / path.name).write_bytes(phone_jpeg(Image.open(path), rng, (width, height)))
+    return folder
 
 
 def bare_forward_rate(embedder: object, images: list, batch_size: int, repeats: int) -> dict:
@@ -84,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward", default="auto", choices=FORWARD_PLACES,
                         help="where the stage runs the forward pass (indexer.embed: auto = workers when --workers >= "
                              "the cores)")
+    parser.add_argument("--photo-size", default=None, metavar="WxH",
+                        help="store every image upscaled to this size (a catalog of large photos), e.g. 1200x1600")
+    parser.add_argument("--full-decode", action="store_true",
+                        help="decode every JPEG at full size (without Embedder.decode_size's reduced DCT scale)")
     parser.add_argument("--name", default="bench_embed", help="result file name in benchmarks/results")
     parser.add_argument("--shards", default=None,
                         help="embed these catalog shards (e.g. the full catalog's, as scripts/train_default_model.sh "
@@ -97,23 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     from model.catalog import CatalogConfig
     from model.data import build_shards, iter_shard_records
     from model.embedder import Embedder
-    from model.images import decode_image
     from tests.indexer_fixtures import MINI, catalog_rows, write_catalog_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shards = Path(args.shards) if args.shards else work / "shards"
         if not args.shards:
-            write_catalog_rows(work / "styles.csv", tiled_rows(catalog_rows(args.images), args.tile))
+            rows = catalog_rows(args.images)
+            images_dir = None if args.photo_size is None else large_photos(
+                args.photo_size, work / "images", [row[rows[0].index("id")] for row in rows[1:]])
+            write_catalog_rows(work / "styles.csv", tiled_rows(rows, args.tile, images_dir))
             build_shards(work / "styles.csv", MINI / "images", shards, CatalogConfig(image_column="image"),
                          progress=False, workers=args.workers)
         checkpoint = Path(args.model) if args.model else make_checkpoint(work)
         embedder = Embedder.load(checkpoint, device=args.device, precision=args.precision)
+        if args.full_decode:
+            embedder.decode_size = lambda region=None: None  # type: ignore[method-assign,assignment,return-value]
         if args.contiguous and embedder.channels_last:
             embedder.channels_last = False
             embedder.model.to(memory_format=torch.contiguous_format)
         records = iter_shard_records(shards)
-        images = [decode_image(next(records).image_bytes) for _ in range(args.batch_size)]
+        images = [embedder.decode(next(records).image_bytes) for _ in range(args.batch_size)]
         records.close()  # closes its LMDB environment: the DataLoader workers open their own
         bare = bare_forward_rate(embedder, images, args.batch_size, args.repeats)
         settings = EmbedSettings(batch_size=args.batch_size, num_workers=args.workers,  # default chunk_rows, as builds

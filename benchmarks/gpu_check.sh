@@ -4,7 +4,8 @@
 #      CPU's results to bf16 rounding (these tests skip on machines without a GPU, so CI never runs them);
 #   2. bare forward throughput on CUDA, bf16 autocast: the default model and two synthetic ViTs, by batch size;
 #   3. the indexer's embed stage on CUDA with the default model (bench_embed: LMDB reads, JPEG decoding in
-#      DataLoader workers, forward, float16 chunks) against the bare forward at the same batch size;
+#      DataLoader workers, forward, float16 chunks) against the bare forward at the same batch size; and on a
+#      catalog of large photos (1200x1600 JPEGs), decoded at the model's scale against in full;
 #   4. the training step on CUDA (default architecture, forward + backward + AdamW), fp32 against bf16 autocast;
 #   5. when Faiss with GPU support is importable: a 1M-vector (dim 256) IVF-PQ build on GPU against the CPU.
 # The lent GPU machine of our workplace has torch and timm but no Faiss GPU build (the faiss-gpu wheel and its
@@ -75,6 +76,12 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 else for batch in 256 1024; do
     "$PY" benchmarks/bench_embed.py --device cuda --model model/default --precision bf16 --batch-size $batch \
         --workers "$(( $(nproc) > 12 ? 12 : $(nproc) ))" --tile 40 --name "gpu_embed_default_b$batch" || status=1
+done
+# a catalog of large product photos (1200x1600 JPEGs): JPEG decoding at the model's scale against in full
+for decode in reduced full; do
+    "$PY" benchmarks/bench_embed.py --device cuda --model model/default --precision bf16 --batch-size 256 \
+        --workers "$(( $(nproc) > 12 ? 12 : $(nproc) ))" --images 1000 --tile 4 --photo-size 1200x1600 \
+        $([ $decode = full ] && echo --full-decode) --name "gpu_embed_photos_$decode" || status=1
 done; fi
 
 echo "== 4. training step on CUDA (default architecture, random inputs)"

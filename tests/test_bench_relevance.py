@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -81,3 +82,24 @@ def test_harness_run_writes_json_markdown_and_plots(tiny_model: Path, tmp_path: 
     for png in ("rel.png", "rel_examples.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert len(list((tmp_path / "cache").glob("emb-*.npy"))) == 1  # embeddings cached for the next run
+
+
+def test_phone_photo_benchmark_makes_rotated_phone_jpegs_of_the_catalog_photo() -> None:
+    """bench_phone_photos' synthetic phone photo: stored landscape with EXIF orientation 6, shown as the upscaled
+    catalog photo, and decoded at reduced scale by the default model's Embedder."""
+    from PIL import Image
+
+    from benchmarks.bench_phone_photos import phone_jpeg
+    from model.checkpoint import default_model_path
+    from model.embedder import Embedder
+    from model.images import decode_image
+
+    photo = Image.open(sorted((MINI / "images").glob("*.jpg"))[0]).convert("RGB")
+    data = phone_jpeg(photo, np.random.default_rng(0), (900, 1200))
+    assert Image.open(io.BytesIO(data)).size == (1200, 900)  # stored landscape
+    shown = decode_image(data)
+    assert shown.size == (900, 1200)
+    expected = np.asarray(photo.resize((60, 80)), dtype=np.float32)
+    assert np.abs(np.asarray(shown.resize((60, 80)), dtype=np.float32) - expected).mean() < 6.0
+    reduced = Embedder.load(default_model_path(), precision="fp32").decode(data)
+    assert reduced.size == (450, 600)  # 1/2: 1/4 (225x300) is under 3 x 96x128
