@@ -13,7 +13,7 @@ from PIL import Image
 
 from model.binary import BinaryRotation, load_rotation, pack_signs
 from model.checkpoint import card_resize_mode, load_checkpoint, model_fingerprint
-from model.images import decode_image, fit_aspect
+from model.images import DECODE_MARGIN, decode_image, fit_aspect
 from model.networks import VitrineModel
 from model.precision import PRECISIONS
 from model.runtime import tune_malloc
@@ -37,11 +37,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if device == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) else "fp32"
 
 
-# A JPEG is decoded at reduced scale only while it stays this many times the model's input. Measured with the
-# default model on upscaled catalog photos (tests/test_model_default.py): the embedding's cosine with the full
-# decode's is 0.983-0.998 at 2x (libjpeg's 1/8 scale is the 8x8 blocks' means: too coarse a box so close to the
-# input), 0.997-0.9997 from 3x.
-DECODE_MARGIN = 3
 
 
 class Embedder:

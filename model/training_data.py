@@ -16,7 +16,7 @@ from PIL import Image
 from model.annotate import WeakLabels
 from model.catalog import Product
 from model.data.shards import Targets, iter_shard_records, product_label
-from model.images import fit_aspect
+from model.images import DECODE_MARGIN, fit_aspect
 from model.losses import IGNORE_LABEL
 
 
@@ -119,6 +119,14 @@ class Augment:
         self.resize_mode = resize_mode  # model.images.fit_aspect, as Embedder.preprocess applies it
         self.zoom_out = zoom_out  # probability of showing the product smaller, centred anywhere on white
         self.zoom_out_min_scale = zoom_out_min_scale
+
+    def decode_size(self) -> tuple[int, int]:
+        """(width, height) a training image may be decoded down to (`model.images.decode_image(min_size=...)`):
+        DECODE_MARGIN times the input, as the Embedder decodes, divided by the smallest side a random crop keeps
+        (sqrt(0.75 / 1.1) of the image: scale 0.75 at the widest aspect jitter)."""
+        height, width = self.size
+        keep = (0.75 / 1.1) ** 0.5 if self.train else 1.0
+        return (int(np.ceil(width * DECODE_MARGIN / keep)), int(np.ceil(height * DECODE_MARGIN / keep)))
 
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
         height, width = self.size

@@ -210,3 +210,57 @@ def test_phone_photo_catalog_of_large_heic_files(tmp_path: Path) -> None:
         assert record.image_bytes[4:12] == b"ftypheic" and decode_image(record.image_bytes).size == (1200, 1600)
     for record in iter_shard_records(tmp_path / "b"):
         assert record.image_bytes[:2] == b"\xff\xd8" and decode_image(record.image_bytes).size == (150, 200)
+
+
+def test_large_jpeg_catalog_ingests_and_trains_from_reduced_scale_decodes(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large JPEGs: ingest validates them (a truncated one is still counted bad), `max_side` re-encodes them
+    from a reduced-scale decode to the exact size, and the training reader decodes at the scale its transform
+    allows (Augment.decode_size) with the full decode's pixels to within JPEG rounding."""
+    import io
+
+    from PIL import Image
+
+    from model.images import decode_image
+    from model.training_data import Augment
+
+    lines = (MINI / "styles.csv").read_text(encoding="utf-8").splitlines()[:6]
+    (tmp_path / "styles.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "photos").mkdir()
+    for k, line in enumerate(lines[1:]):
+        product_id = line.split(",")[0]
+        photo = Image.open(MINI / "images" / f"{product_id}.jpg").convert("RGB").resize((1200, 1600))
+        buffer = io.BytesIO()
+        photo.save(buffer, format="JPEG", quality=90)
+        data = buffer.getvalue()
+        (tmp_path / "photos" / f"{product_id}.jpg").write_bytes(data if k else data[: len(data) // 2])
+    as_given = build_shards(tmp_path / "styles.csv", tmp_path / "photos", tmp_path / "a", CatalogConfig(),
+                            progress=False)
+    smaller = build_shards(tmp_path / "styles.csv", tmp_path / "photos", tmp_path / "b", CatalogConfig(),
+                           max_side=200, progress=False)
+    assert (as_given.records, as_given.bad_images) == (smaller.records, smaller.bad_images) == (4, 1)
+    assert {decode_image(r.image_bytes).size for r in iter_shard_records(tmp_path / "b")} == {(150, 200)}
+
+    augment = Augment((128, 96), [0.5] * 3, [0.5] * 3, train=True, resize_mode="crop")
+    assert augment.decode_size() == (349, 466)  # 3 x 96x128 over the smallest crop side kept, sqrt(0.75 / 1.1)
+    assert Augment((128, 96), [0.5] * 3, [0.5] * 3, train=False).decode_size() == (288, 384)
+    import model.data.shards as shards_module
+
+    asked: list[object] = []
+
+    def spy(data: bytes, **kwargs: object) -> object:
+        asked.append(kwargs.get("min_size"))
+        return decode_image(data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shards_module, "decode_image", spy)
+
+    def full_decode(image: object, seed: int) -> torch.Tensor:  # no decode_size: the reader decodes in full
+        return augment(image, seed)  # type: ignore[arg-type]
+
+    label_free = lambda product: {"id": product.product_id}  # noqa: E731
+    reduced = list(ShardDataset(tmp_path / "a", augment, label_free, shuffle=False))
+    full = list(ShardDataset(tmp_path / "a", full_decode, label_free, shuffle=False))
+    assert len(reduced) == len(full) == 4
+    assert asked == [(349, 466)] * 4 + [None] * 4
+    for (a, _), (b, _) in zip(reduced, full, strict=True):
+        assert a.shape == (3, 128, 96) and float((a - b).abs().mean()) < 0.03  # 1% of the [-1, 1] range

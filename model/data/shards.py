@@ -207,13 +207,15 @@ class ShardDataset(IterableDataset):
         yield from buffer
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        size_of = getattr(self.transform, "decode_size", None)
+        decode_size = size_of() if callable(size_of) else None
         for record in self.records():
             targets = self.targets(record.product)
             if targets is None:
                 self._count_skip(0)
                 continue
-            try:
-                image = decode_image(record.image_bytes)
+            try:  # at the reduced JPEG scale the transform allows (Augment.decode_size), as the Embedder does
+                image = decode_image(record.image_bytes, min_size=decode_size)
             except ImageDecodeError:
                 self._count_skip(1)
                 continue
