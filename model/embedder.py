@@ -37,8 +37,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if device == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) else "fp32"
 
 
-
-
 class Embedder:
     """A loaded checkpoint in eval mode: `embed_images` / `embed_bytes` give (n, dim) float32 unit rows."""
 
@@ -83,7 +81,8 @@ class Embedder:
         DECODE_MARGIN times the input size, divided by the crop `region`'s (x, y, width, height) fractions when
         the caller cuts one out of the decoded image. Measured on 12-megapixel JPEGs for the default model
         (benchmarks/RESULTS.md, "Phone photos"): decoded at 1/8 scale instead of in full, decoding and
-        preprocessing is several times faster and the embedding keeps cosine >= 0.997 with the full decode's.
+        preprocessing is 5.9x faster, and the embedding's cosine with the full decode's is 0.9997 (median; 0.996
+        at worst over 300 photos), with the same top-1 relevance.
         """
         height, width = self.input_size
         region_w, region_h = (1.0, 1.0) if region is None else (max(region[2], 1e-4), max(region[3], 1e-4))

@@ -123,9 +123,9 @@ class Augment:
     def decode_size(self) -> tuple[int, int]:
         """(width, height) a training image may be decoded down to (`model.images.decode_image(min_size=...)`):
         DECODE_MARGIN times the input, as the Embedder decodes, divided by the smallest side a random crop keeps
-        (sqrt(0.75 / 1.1) of the image: scale 0.75 at the widest aspect jitter)."""
+        (sqrt(0.75 * 0.9) of the image's width: area scale 0.75 at the narrowest aspect jitter)."""
         height, width = self.size
-        keep = (0.75 / 1.1) ** 0.5 if self.train else 1.0
+        keep = (0.75 * 0.9) ** 0.5 if self.train else 1.0
         return (int(np.ceil(width * DECODE_MARGIN / keep)), int(np.ceil(height * DECODE_MARGIN / keep)))
 
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
