@@ -7,6 +7,8 @@ unreachable) is retried a few times with exponential backoff. Other errors surfa
 
 from __future__ import annotations
 
+import io
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +59,7 @@ class VisualSearchClient:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = search_pb2_grpc.VisualSearchStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._query_image_size: tuple[int, int] | None = None  # GetIndexInfo's, fetched for the first shrink
 
     def _call(self, rpc: Callable[[], _T]) -> _T:
         """Run `rpc`, retrying UNAVAILABLE with exponential backoff; other errors raise at once."""
@@ -79,10 +82,23 @@ class VisualSearchClient:
 
     def search_image(self, data: bytes, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
                      options: SearchOptions | None = None,
-                     crop: tuple[float, float, float, float] | None = None) -> SearchResult:
+                     crop: tuple[float, float, float, float] | None = None, shrink: bool = False) -> SearchResult:
         """Products visually similar to an encoded image (JPEG/PNG/WebP/AVIF/HEIC bytes), or to its `crop`
-        region: (x, y, width, height) in fractions of the image's width and height."""
+        region: (x, y, width, height) in fractions of the image's width and height.
+
+        `shrink`: send the photo downscaled to the size the server's model uses (`shrink_image`, with the size
+        from GetIndexInfo, asked once per client): a phone photo uploads as tens of kilobytes instead of
+        megabytes, with the same results to JPEG rounding."""
+        if shrink:
+            data = self.shrink(data, crop)
         return self.search(_request(SearchQuery(image=data, crop=crop), top_k, filter, options))
+
+    def shrink(self, data: bytes, crop: tuple[float, float, float, float] | None = None) -> bytes:
+        """`data` downscaled for this server (`shrink_image` with GetIndexInfo's query image size); unchanged when
+        the server does not say its size."""
+        if self._query_image_size is None:
+            self._query_image_size = self.index_info().query_image_size or (0, 0)
+        return data if self._query_image_size == (0, 0) else shrink_image(data, self._query_image_size, crop)
 
     def search_vector(self, vector: np.ndarray, top_k: int = 10, filter: SearchFilter | None = None,  # noqa: A002
                       options: SearchOptions | None = None) -> SearchResult:
@@ -162,6 +178,40 @@ class VisualSearchClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SHRINK_QUALITY = 90  # JPEG quality of a shrunk query photo
+
+
+def shrink_image(data: bytes, size: tuple[int, int], crop: tuple[float, float, float, float] | None = None,
+                 quality: int = SHRINK_QUALITY) -> bytes:
+    """A query photo downscaled, before upload, to cover `size` (width, height: GetIndexInfo's query image size;
+    divided by the `crop` region's width and height fractions when there is one, so the region keeps its
+    pixels), aspect ratio and EXIF orientation kept, as a JPEG. The server decodes no more than that size of
+    any photo, so its results are the same to JPEG rounding.
+
+    Returns `data` itself when it does not decode here (the server then says what is wrong with it), when it is
+    already that small, or when the JPEG would not be smaller.
+    """
+    from PIL import Image
+
+    from model.images import ImageDecodeError, decode_image
+
+    width, height = size
+    if crop is not None:
+        width, height = math.ceil(width / max(crop[2], 1e-4)), math.ceil(height / max(crop[3], 1e-4))
+    try:
+        image = decode_image(data, min_size=(width, height))  # a large JPEG decodes at reduced scale here too
+    except ImageDecodeError:
+        return data
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0:  # smaller than the server uses already
+        return data
+    resized = image if scale == 1.0 else image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    resized.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue() if buffer.tell() < len(data) else data
 
 
 def _request(query: SearchQuery, top_k: int, search_filter: SearchFilter | None,

@@ -170,6 +170,8 @@ def index_info_to_proto(info: IndexInfo) -> pb.GetIndexInfoResponse:
                                       model_fingerprint=info.model_fingerprint,
                                       metric=_METRICS.get(info.metric, pb.METRIC_UNSPECIFIED),
                                       shard_count=info.shard_count, default_nprobe=info.default_nprobe or 0)
+    if info.query_image_size is not None:
+        message.query_image_width, message.query_image_height = info.query_image_size
     if info.created_utc is not None:
         message.created_time.FromDatetime(info.created_utc.astimezone(dt.timezone.utc))
     return message
@@ -181,7 +183,9 @@ def index_info_from_proto(message: pb.GetIndexInfoResponse) -> IndexInfo:
     return IndexInfo(version=message.version, count=message.count, dim=message.dim, factory=message.factory,
                      model_fingerprint=message.model_fingerprint,
                      metric=_METRIC_NAMES.get(message.metric, "unspecified"), created_utc=created,
-                     shard_count=message.shard_count, default_nprobe=message.default_nprobe or None)
+                     shard_count=message.shard_count, default_nprobe=message.default_nprobe or None,
+                     query_image_size=(message.query_image_width, message.query_image_height)
+                     if message.query_image_width > 0 and message.query_image_height > 0 else None)
 
 
 def batch_request_to_proto(requests: list[SearchRequest]) -> pb.BatchSearchRequest:

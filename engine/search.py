@@ -342,7 +342,8 @@ class Searcher:
         return IndexInfo(version=self.version.name, count=self.version.count, dim=self.version.dim,
                          factory=self.version.factory, model_fingerprint=self.version.model_fingerprint,
                          metric=str(manifest.get("metric", "inner_product")), created_utc=created,
-                         shard_count=len(manifest["shards"]), default_nprobe=self.version.default_nprobe)
+                         shard_count=len(manifest["shards"]), default_nprobe=self.version.default_nprobe,
+                         query_image_size=None if self.decode_size is None else self.decode_size(None))
 
 
 def _with_time(outcome: SearchResult | Exception | None, took_us: int) -> SearchResult | Exception:

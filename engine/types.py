@@ -118,6 +118,9 @@ class IndexInfo:
     created_utc: dt.datetime | None  # timezone-aware UTC; None when the manifest has none
     shard_count: int
     default_nprobe: int | None = None  # None: the index has no nprobe (flat)
+    # (width, height) the server's model decodes a whole query photo down to (Embedder.decode_size): a client
+    # may downscale a larger photo to cover it before sending (engine.client.shrink_image); None: not said
+    query_image_size: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

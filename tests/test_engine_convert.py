@@ -124,11 +124,12 @@ def test_shard_answer_round_trip() -> None:
     assert convert.shard_answer_from_proto(message) == answer
 
 
-@pytest.mark.parametrize("created", [dt.datetime(2026, 11, 29, 3, 15, tzinfo=dt.timezone.utc), None])
-def test_index_info_round_trip(created: dt.datetime | None) -> None:
+@pytest.mark.parametrize("created, query_size", [(dt.datetime(2026, 11, 29, 3, 15, tzinfo=dt.timezone.utc),
+                                                  (288, 384)), (None, None)])
+def test_index_info_round_trip(created: dt.datetime | None, query_size: tuple[int, int] | None) -> None:
     info = IndexInfo(version="20261129T031500Z", count=1000, dim=64, factory="IVF64,PQ16x8",
                      model_fingerprint="ab" * 32, metric="inner_product", created_utc=created, shard_count=2,
-                     default_nprobe=16)
+                     default_nprobe=16, query_image_size=query_size)
     message = pb.GetIndexInfoResponse.FromString(convert.index_info_to_proto(info).SerializeToString())
     assert message.metric == pb.METRIC_INNER_PRODUCT
     assert convert.index_info_from_proto(message) == info

@@ -54,6 +54,11 @@ def test_index_info(client: VisualSearchClient, engine_index: EngineIndex) -> No
     assert (info.count, info.dim, info.shard_count, info.metric) == (len(engine_index.products), engine_index.dim,
                                                                      2, "inner_product")
     assert "IVF4" in info.factory and len(info.model_fingerprint) == 64 and info.created_utc is not None
+    from model.checkpoint import load_model_card
+    from model.images import DECODE_MARGIN
+
+    height, width = load_model_card(engine_index.model_dir)["input_size"]
+    assert info.query_image_size == (DECODE_MARGIN * width, DECODE_MARGIN * height)  # what a client may shrink to
 
 
 def test_search_by_image_finds_itself(client: VisualSearchClient, engine_index: EngineIndex) -> None:
@@ -161,6 +166,42 @@ def test_a_large_jpeg_photo_and_its_crops_embed_as_their_full_decode(client: Vis
         assert float(np.dot(vector, reference)) > 0.99, crop
         if wanted is not None:
             assert wanted in {h.product_id for h in client.search_image(jpeg, top_k=5, crop=crop).hits}
+
+
+def test_a_client_shrinks_a_large_photo_before_upload(client: VisualSearchClient, engine_index: EngineIndex) -> None:
+    """shrink=True: the client downscales a large photo (with its EXIF orientation) to GetIndexInfo's query image
+    size, divided by the crop's fractions, and uploads a few kilobytes; the server embeds it as it embeds the
+    photo itself, and each half still finds its product. Small photos are sent as they are."""
+    import io
+
+    from PIL import Image
+
+    from engine.client import shrink_image
+    from model.images import decode_image
+
+    photo, left, right = _two_products_photo(engine_index)
+    big = decode_image(photo).resize((2400, 1600), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated, as phones do
+    buffer = io.BytesIO()
+    big.transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", quality=92, exif=exif.tobytes())
+    jpeg = buffer.getvalue()
+    size = client.index_info().query_image_size
+    assert size is not None
+    for crop, wanted in ((None, None), ((0.0, 0.0, 0.5, 1.0), left), ((0.5, 0.0, 0.5, 1.0), right)):
+        shrunk = client.shrink(jpeg, crop)
+        sent = decode_image(shrunk)
+        need = size if crop is None else (round(size[0] / crop[2]), round(size[1] / crop[3]))
+        assert len(shrunk) < len(jpeg) // 10 and sent.width >= need[0] and sent.height >= need[1], (crop, sent.size)
+        assert abs(sent.width / sent.height - 1.5) < 0.02  # the photo as shown: landscape, aspect kept
+        vector = client.embed(shrunk, crop=crop).vector
+        assert float(np.dot(vector, client.embed(jpeg, crop=crop).vector)) > 0.99, crop
+        if wanted is not None:
+            hits = client.search_image(jpeg, top_k=5, crop=crop, shrink=True).hits
+            assert wanted in {h.product_id for h in hits}
+    small = engine_index.images[left]
+    assert shrink_image(small, size) is small  # 60x80: already under the size the server uses
+    assert shrink_image(b"not an image", size) == b"not an image"  # the server will say what is wrong
 
 
 @pytest.mark.parametrize("crop, message", [((0.0, 0.0, 0.0, 1.0), "must lie inside"),
@@ -391,6 +432,15 @@ def test_vitrine_query_with_crop(server: tuple[grpc.Server, int], engine_index: 
     assert main(["query", "--target", target, "--image", str(tmp_path / "two.png"), "--crop", "0.5,0,0.5,1",
                  "--top-k", "5"]) == 0
     assert right in capsys.readouterr().out
+    from PIL import Image
+
+    from model.images import decode_image
+
+    decode_image(photo).resize((2400, 1600)).save(tmp_path / "two.jpg", quality=92)  # a phone-sized photo
+    assert main(["query", "--target", target, "--image", str(tmp_path / "two.jpg"), "--crop", "0.5,0,0.5,1",
+                 "--top-k", "5", "--shrink"]) == 0
+    assert right in capsys.readouterr().out
+    assert Image.open(tmp_path / "two.jpg").size == (2400, 1600)  # the user's file is left alone
     assert main(["query", "--target", target, "--product-id", left, "--crop", "0,0,1,1"]) == 2
     assert "--crop marks part of a query photo" in capsys.readouterr().err
     assert main(["query", "--target", target, "--image", str(tmp_path / "two.png"), "--crop", "half"]) == 2

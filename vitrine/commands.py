@@ -233,6 +233,8 @@ def cmd_query(args: argparse.Namespace) -> int:
             if args.info:
                 print(json.dumps(dataclasses.asdict(client.index_info()), indent=2, default=str))
                 return 0
+            if args.shrink:
+                images = [client.shrink(data, crop) for data in images]
             if len(images) > 1:
                 requests = [SearchRequest(SearchQuery(image=data, crop=crop), args.top_k, search_filter, options)
                             for data in images]

@@ -203,7 +203,7 @@ class GetProductResponse(_message.Message):
     def __init__(self, product: _Optional[_Union[Product, _Mapping]] = ..., index_version: _Optional[str] = ...) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("version", "count", "dim", "factory", "model_fingerprint", "metric", "created_time", "shard_count", "default_nprobe")
+    __slots__ = ("version", "count", "dim", "factory", "model_fingerprint", "metric", "created_time", "shard_count", "default_nprobe", "query_image_width", "query_image_height")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,8 @@ class GetIndexInfoResponse(_message.Message):
     CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NPROBE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    QUERY_IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     version: str
     count: int
     dim: int
@@ -222,4 +224,6 @@ class GetIndexInfoResponse(_message.Message):
     created_time: _timestamp_pb2.Timestamp
     shard_count: int
     default_nprobe: int
-    def __init__(self, version: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., factory: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shard_count: _Optional[int] = ..., default_nprobe: _Optional[int] = ...) -> None: ...
+    query_image_width: int
+    query_image_height: int
+    def __init__(self, version: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., factory: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., metric: _Optional[_Union[Metric, str]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., shard_count: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., query_image_width: _Optional[int] = ..., query_image_height: _Optional[int] = ...) -> None: ...
