@@ -11,7 +11,9 @@ buys and what it costs:
 - the embedding's cosine with the full decode's;
 - top-1 relevance (type, strict) of the queries against the harness's gallery (the whole catalog as cached by
   `benchmarks.bench_relevance`; embedded here if not cached), for the original small JPEGs, the phone
-  photos decoded in full and at reduced scale.
+  photos decoded in full and at reduced scale, and the phone photos shrunk on the client before upload
+  (`engine.client.shrink_image` to GetIndexInfo's query image size, `Embedder.decode_size()`): their bytes,
+  the client's time to shrink, the server's time to decode them.
 
 The phone photos are made from the catalog's own photos (no phone photos of catalog products exist here):
 each test-split query image upscaled to 3024x4032 (bicubic), sensor-like noise added (Gaussian, sigma 4
@@ -67,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
     from PIL import Image
 
+    from engine.client import shrink_image
     from model.catalog import CatalogConfig
     from model.checkpoint import default_model_path
-    from model.embedder import DECODE_MARGIN, Embedder
-    from model.images import decode_image
+    from model.embedder import Embedder
+    from model.images import DECODE_MARGIN, decode_image
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the default model)")
@@ -99,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         out = fn()
         return out, time.perf_counter() - start
 
-    queries: dict[str, list[np.ndarray]] = {"original": [], "full": [], "reduced": []}
-    seconds: dict[str, list[float]] = {"full": [], "reduced": [], "forward": []}
-    sizes, nbytes = [], []
+    queries: dict[str, list[np.ndarray]] = {"original": [], "full": [], "reduced": [], "shrunk": []}
+    seconds: dict[str, list[float]] = {"full": [], "reduced": [], "forward": [], "shrink": [], "shrunk": []}
+    sizes, nbytes, shrunk_bytes = [], [], []
     for number, row in enumerate(gallery.queries):
         data = phone_jpeg(Image.open(gallery.paths[row]), rng)
         nbytes.append(len(data))
@@ -114,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             seconds["forward"].append(forward)
             queries[how].append(vector)
         sizes.append(embedder.decode(data).size)
+        small, took = timed(lambda d=data: shrink_image(d, embedder.decode_size()))  # on the shopper's phone
+        seconds["shrink"].append(took)
+        shrunk_bytes.append(len(small))
+        pixels, took = timed(lambda s=small: embedder.preprocess(embedder.decode(s)))  # on the server
+        seconds["shrunk"].append(took)
+        queries["shrunk"].append(embedder.embed_pixels(pixels[None])[0])
         queries["original"].append(embedder.embed_images([decode_image(gallery.paths[row].read_bytes())])[0])
         if (number + 1) % 50 == 0:
             print(f"{number + 1}/{len(gallery.queries)} photos: decode + preprocess median "
@@ -128,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         s = relevance_metrics(hits, gallery.queries, gallery.strict_labels)
         relevance[how] = {"type_top1": t["top1"], "strict_top1": s["top1"], "strict_recall@10": s["recall@10"]}
     cosines = np.sum(np.stack(queries["full"]) * np.stack(queries["reduced"]), axis=1)
+    shrunk_cosines = np.sum(np.stack(queries["reduced"]) * np.stack(queries["shrunk"]), axis=1)
+    shrink_ms = statistics.median(seconds["shrink"]) * 1e3
+    shrunk_ms = statistics.median(seconds["shrunk"]) * 1e3
     full_ms = statistics.median(seconds["full"]) * 1e3
     reduced_ms = statistics.median(seconds["reduced"]) * 1e3
     forward_ms = statistics.median(seconds["forward"]) * 1e3
@@ -138,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": round(full_ms / reduced_ms, 2), "forward_ms_batch1": round(forward_ms, 1),
         "cosine_min": round(float(cosines.min()), 4), "cosine_median": round(float(np.median(cosines)), 4),
         "cosine_p01": round(float(np.quantile(cosines, 0.01)), 4), "relevance": relevance,
+        "shrunk": {"median_bytes": int(np.median(shrunk_bytes)), "client_shrink_ms": round(shrink_ms, 1),
+                   "server_decode_preprocess_ms": round(shrunk_ms, 1),
+                   "cosine_to_reduced_median": round(float(np.median(shrunk_cosines)), 4),
+                   "cosine_to_reduced_min": round(float(shrunk_cosines.min()), 4)},
     }
     lines = [
         f"{len(gallery.queries)} test-split queries as 12 MP phone JPEGs ({PHONE_SIZE[0]}x{PHONE_SIZE[1]} shown, "
@@ -155,10 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         f"| phone photo, reduced scale (`Embedder.decode`) | {sizes[0][0]}x{sizes[0][1]} | {reduced_ms:.1f} | "
         f"{forward_ms:.1f} | {relevance['reduced']['type_top1']:.3f} | {relevance['reduced']['strict_top1']:.3f} | "
         f"{relevance['reduced']['strict_recall@10']:.3f} |",
+        f"| phone photo shrunk on the client ({int(np.median(shrunk_bytes)):,} bytes uploaded; shrinking "
+        f"{shrink_ms:.1f} ms there) | {embedder.decode_size()[0]}x{embedder.decode_size()[1]} | {shrunk_ms:.1f} | "
+        f"{forward_ms:.1f} | {relevance['shrunk']['type_top1']:.3f} | {relevance['shrunk']['strict_top1']:.3f} | "
+        f"{relevance['shrunk']['strict_recall@10']:.3f} |",
         "",
         f"Reduced-scale decoding is {result['speedup']:.1f}x faster; the embedding's cosine with the full "
         f"decode's: median {result['cosine_median']:.4f}, 1st percentile {result['cosine_p01']:.4f}, "
-        f"min {result['cosine_min']:.4f}.",
+        f"min {result['cosine_min']:.4f}. A photo shrunk on the client uploads "
+        f"{result['median_jpeg_bytes'] / max(1, result['shrunk']['median_bytes']):.0f}x fewer bytes; its embedding's "
+        f"cosine with the reduced-scale decode's: median {result['shrunk']['cosine_to_reduced_median']:.4f}, "
+        f"min {result['shrunk']['cosine_to_reduced_min']:.4f}.",
     ]
     write_result(args.name, {"model": str(checkpoint), "queries": args.queries, "threads": args.threads},
                  result, "\n".join(lines))
