@@ -261,7 +261,7 @@ def _add_query(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shrink", action="store_true",
                    help="with --image: send each photo downscaled to the size the server's model uses (GetIndexInfo's "
                         "query image size): a phone photo uploads as tens of kilobytes instead of megabytes, with "
-                        "the same results to JPEG rounding")
+                        "nearly the same results")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
     p.add_argument("--tls-ca", default=None, help="connect over TLS, trusting this CA (PEM)")
