@@ -44,6 +44,7 @@ from benchmarks.bench_relevance import (  # noqa: E402
     DEFAULT_CATALOG,
     embed_gallery,
     load_gallery,
+    paired_comparison,
     relevance_metrics,
 )
 from benchmarks.common import write_result  # noqa: E402
@@ -129,13 +130,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(seconds['full']) * 1e3:.0f} ms full, "
                   f"{statistics.median(seconds['reduced']) * 1e3:.0f} ms reduced", flush=True)
 
-    relevance = {}
+    relevance: dict[str, dict[str, Any]] = {}
+    top1: dict[str, dict[str, np.ndarray]] = {}  # per-query 0/1 top-1 hits, for the paired comparisons
     for how, rows in queries.items():
         _, found = index.search(np.stack(rows).astype(np.float32), 11)
         hits = np.array([[h for h in row if h != q][:10] for q, row in zip(gallery.queries, found, strict=True)])
         t = relevance_metrics(hits, gallery.queries, gallery.type_labels)
         s = relevance_metrics(hits, gallery.queries, gallery.strict_labels)
         relevance[how] = {"type_top1": t["top1"], "strict_top1": s["top1"], "strict_recall@10": s["recall@10"]}
+        top1[how] = {rule: labels[hits[:, 0]] == labels[gallery.queries]
+                     for rule, labels in (("type", gallery.type_labels), ("strict", gallery.strict_labels))}
+    for how in ("reduced", "shrunk"):  # against the full decode, paired on the same queries (95% bootstrap)
+        relevance[how]["vs_full"] = {rule: paired_comparison(top1[how][rule], top1["full"][rule])
+                                     for rule in ("type", "strict")}
     cosines = np.sum(np.stack(queries["full"]) * np.stack(queries["reduced"]), axis=1)
     shrunk_cosines = np.sum(np.stack(queries["reduced"]) * np.stack(queries["shrunk"]), axis=1)
     shrink_ms = statistics.median(seconds["shrink"]) * 1e3
@@ -178,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Reduced-scale decoding is {result['speedup']:.1f}x faster; the embedding's cosine with the full "
         f"decode's: median {result['cosine_median']:.4f}, 1st percentile {result['cosine_p01']:.4f}, "
-        f"min {result['cosine_min']:.4f}. A photo shrunk on the client uploads "
+        f"min {result['cosine_min']:.4f}. Top-1 against the full decode, paired (95% bootstrap): reduced type "
+        f"{_diff(relevance['reduced']['vs_full']['type'])}, strict {_diff(relevance['reduced']['vs_full']['strict'])}; "
+        f"shrunk type {_diff(relevance['shrunk']['vs_full']['type'])}, strict "
+        f"{_diff(relevance['shrunk']['vs_full']['strict'])}. A photo shrunk on the client uploads "
         f"{result['median_jpeg_bytes'] / max(1, result['shrunk']['median_bytes']):.0f}x fewer bytes; its embedding's "
         f"cosine with the reduced-scale decode's: median {result['shrunk']['cosine_to_reduced_median']:.4f}, "
         f"min {result['shrunk']['cosine_to_reduced_min']:.4f}.",
@@ -187,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                  result, "\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def _diff(comparison: dict[str, Any]) -> str:
+    low, high = comparison["difference_95"]
+    return f"{comparison['difference'] * 100:+.1f} pts [{low * 100:+.1f}, {high * 100:+.1f}]"
 
 
 if __name__ == "__main__":
