@@ -2,7 +2,7 @@
 
 A phone photo is ~12 megapixels; the default model looks at 128x96. Decoding all of it costs more than the
 model's forward pass, so `Embedder.decode` asks libjpeg for the smallest DCT scale (1/2, 1/4, 1/8) that keeps
-three times the model's input (`model.embedder.DECODE_MARGIN`), for the server's queries, the index build and
+three times the model's input (`model.images.DECODE_MARGIN`), for the server's queries, the index build and
 `index update` alike. This measures, on phone-sized versions of the relevance harness's queries, what that
 buys and what it costs:
 
@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         order = ("full", "reduced") if number % 2 == 0 else ("reduced", "full")
         for how in order:
             decode = (lambda d=data: decode_image(d)) if how == "full" else (lambda d=data: embedder.decode(d))
-            pixels, took = timed(lambda decode=decode: embedder.preprocess(decode()))
+            (size, pixels), took = timed(lambda decode=decode: _decoded(decode(), embedder))
             seconds[how].append(took)
+            if how == "reduced":
+                sizes.append(size)
             vector, forward = timed(lambda p=pixels: embedder.embed_pixels(p[None])[0])
             seconds["forward"].append(forward)
             queries[how].append(vector)
-        sizes.append(embedder.decode(data).size)
         small, took = timed(lambda d=data: shrink_image(d, embedder.decode_size()))  # on the shopper's phone
         seconds["shrink"].append(took)
         shrunk_bytes.append(len(small))
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                  result, "\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def _decoded(image: Any, embedder: Any) -> tuple[tuple[int, int], np.ndarray]:
+    """(decoded size, preprocessed pixels) of a decoded image."""
+    return image.size, embedder.preprocess(image)
 
 
 def _diff(comparison: dict[str, Any]) -> str:

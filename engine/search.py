@@ -83,6 +83,15 @@ def crop_query(image: Image.Image, crop: tuple[float, float, float, float]) -> I
         raise InvalidQuery(str(exc)) from None
 
 
+def decode_query(data: bytes, crop: tuple[float, float, float, float] | None, *, max_bytes: int, max_pixels: int,
+                 decode_size: DecodeSizeFn | None) -> Image.Image:
+    """A query image decoded within the size limits, at the reduced JPEG scale `decode_size` allows for its crop
+    region, and cut to that region when it has one (InvalidQuery when the region is not inside it)."""
+    image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels,
+                         min_size=None if decode_size is None else decode_size(crop))
+    return image if crop is None else crop_query(image, crop)
+
+
 class Searcher:
     """Answers SearchRequests over one IndexVersion (shared by threads, never mutated per request).
 
@@ -243,9 +252,8 @@ class Searcher:
     def decode_query_image(self, query: SearchQuery) -> Image.Image:
         """The query's image, decoded within the size limits and cut to its crop region when it has one."""
         assert query.image is not None
-        image = decode_image(query.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                             min_size=None if self.decode_size is None else self.decode_size(query.crop))
-        return image if query.crop is None else crop_query(image, query.crop)
+        return decode_query(query.image, query.crop, max_bytes=self.max_image_bytes,
+                            max_pixels=self.max_image_pixels, decode_size=self.decode_size)
 
     def query_vector(self, request: SearchRequest) -> QueryVector:
         """Resolve a vector or product-id query to a unit embedding (image queries: see search_batch)."""

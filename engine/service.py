@@ -19,10 +19,9 @@ from PIL import Image
 from engine import convert
 from engine.errors import InvalidQuery, status_for
 from engine.metrics import Metrics
-from engine.search import DecodeSizeFn, Searcher, check_deadline, crop_query, normalize
+from engine.search import DecodeSizeFn, Searcher, check_deadline, decode_query, normalize
 from engine.swap import SearcherSlot
 from engine.types import BatchItem, Embedding
-from model.images import decode_image
 from protos.vitrine.v1 import search_pb2, search_pb2_grpc
 
 logger = logging.getLogger("vitrine.engine")
@@ -118,11 +117,8 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         def answer() -> search_pb2.EmbedResponse:
             start = time.perf_counter()
             deadline = deadline_of(context)
-            crop = convert.region_from_proto(request)
-            image = decode_image(request.image, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                                 min_size=None if self.decode_size is None else self.decode_size(crop))
-            if crop is not None:
-                image = crop_query(image, crop)
+            image = decode_query(request.image, convert.region_from_proto(request), max_bytes=self.max_image_bytes,
+                                 max_pixels=self.max_image_pixels, decode_size=self.decode_size)
             self.metrics.observe_stage("decode", time.perf_counter() - start)
             check_deadline(deadline, "embedding the image")
             began = time.perf_counter()

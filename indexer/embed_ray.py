@@ -109,7 +109,8 @@ class EmbedRecords:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        decoded = [preprocess_image(bytes(data), str(pid), self.embedder.preprocess_uint8, self.embedder.decode_size())
+        min_size = self.embedder.decode_size()
+        decoded = [preprocess_image(bytes(data), str(pid), self.embedder.preprocess_uint8, min_size)
                    for data, pid in zip(batch["image"], batch["product_id"], strict=True)]
         ok = np.array([pixels is not None for pixels, _ in decoded], dtype=bool)
         vectors = np.zeros((len(decoded), self.embedder.dim), dtype=np.float16)

@@ -38,6 +38,16 @@ JPEG_DRAFT_FACTOR = 64  # a JPEG of up to this many times max_pixels is decoded 
 # the full decode's is 0.983 at worst at 2x (libjpeg's 1/8 scale is the 8x8 blocks' means: too coarse a box so
 # close to the input); from 3x it is 0.9994-0.9997 in the median and 0.996 at worst over 300 phone-sized photos.
 DECODE_MARGIN = 3
+
+
+def decode_size_for(input_size: tuple[int, int], width_fraction: float = 1.0,
+                    height_fraction: float = 1.0) -> tuple[int, int]:
+    """(width, height) to decode an image at for a model input of `input_size` (H, W): DECODE_MARGIN times the
+    input, divided by the fractions of the image's width and height that reach the input (a crop region, a
+    training crop), each taken in (1e-4, 1]."""
+    height, width = input_size
+    return (math.ceil(width * DECODE_MARGIN / min(max(width_fraction, 1e-4), 1.0)),
+            math.ceil(height * DECODE_MARGIN / min(max(height_fraction, 1e-4), 1.0)))
 ALLOWED_FORMATS = _formats()
 
 
@@ -90,7 +100,7 @@ def decode_image(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels:
             if width * height > max_pixels:
                 _draft_under(image, max_pixels, min_size)
             elif min_size is not None and image.format == "JPEG":
-                _draft_to(image, _stored_size(image, min_size))
+                _draft_to(image, min_size)
             image.load()
             return _to_rgb(ImageOps.exif_transpose(image) or image)
     except ImageDecodeError:
@@ -117,13 +127,19 @@ def _stored_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
     return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
-def _draft_to(image: Image.Image, min_size: tuple[int, int]) -> None:
-    """Set a JPEG to decode at the smallest 1/s scale (s in 2, 4, 8) that is still at least `min_size` (stored
-    orientation) in both directions; leave it at full scale when none is."""
+def _covering_scale(image: Image.Image, min_size: tuple[int, int]) -> int:
+    """The largest s of DRAFT_SCALES whose 1/s scale still covers `min_size` (width, height as displayed) in both
+    directions; 1 when none does."""
     width, height = image.size
-    scale = next((s for s in DRAFT_SCALES if width // s >= min_size[0] and height // s >= min_size[1]), 1)
+    stored = _stored_size(image, min_size)
+    return next((s for s in DRAFT_SCALES if width // s >= stored[0] and height // s >= stored[1]), 1)
+
+
+def _draft_to(image: Image.Image, min_size: tuple[int, int]) -> None:
+    """Set a JPEG to decode at the smallest scale that still covers `min_size` (display orientation)."""
+    scale = _covering_scale(image, min_size)
     if scale > 1:
-        image.draft(None, (width // scale, height // scale))
+        image.draft(None, (image.size[0] // scale, image.size[1] // scale))
 
 
 def _draft_under(image: Image.Image, max_pixels: int, min_size: tuple[int, int] | None = None) -> None:
@@ -139,8 +155,7 @@ def _draft_under(image: Image.Image, max_pixels: int, min_size: tuple[int, int] 
     if scale is None:
         raise refused
     if min_size is not None:
-        stored = _stored_size(image, min_size)
-        scale = max(scale, next((s for s in DRAFT_SCALES if width // s >= stored[0] and height // s >= stored[1]), 1))
+        scale = max(scale, _covering_scale(image, min_size))
     image.draft(None, (width // scale, height // scale))
     if image.size[0] * image.size[1] > max_pixels:
         raise refused

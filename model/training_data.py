@@ -16,7 +16,7 @@ from PIL import Image
 from model.annotate import WeakLabels
 from model.catalog import Product
 from model.data.shards import Targets, iter_shard_records, product_label
-from model.images import DECODE_MARGIN, fit_aspect
+from model.images import decode_size_for, fit_aspect
 from model.losses import IGNORE_LABEL
 
 
@@ -124,9 +124,8 @@ class Augment:
         """(width, height) a training image may be decoded down to (`model.images.decode_image(min_size=...)`):
         DECODE_MARGIN times the input, as the Embedder decodes, divided by the smallest side a random crop keeps
         (sqrt(0.75 * 0.9) of the image's width: area scale 0.75 at the narrowest aspect jitter)."""
-        height, width = self.size
         keep = (0.75 * 0.9) ** 0.5 if self.train else 1.0
-        return (int(np.ceil(width * DECODE_MARGIN / keep)), int(np.ceil(height * DECODE_MARGIN / keep)))
+        return decode_size_for(self.size, keep, keep)
 
     def __call__(self, image: Image.Image, seed: int) -> torch.Tensor:
         height, width = self.size
