@@ -58,13 +58,18 @@ def loader_rate(shards: Path, workers: int, batch_size: int, size: tuple[int, in
 def train_step(model: Any, batch_size: int, size: tuple[int, int], bf16: bool,
                device: str = "cpu") -> Callable[[], None]:
     """One timed training step of `model` on a fixed random batch: forward (bf16 autocast when asked), the
-    articleType loss, backward and AdamW over the trainable parameters. On CUDA the step ends with a
-    synchronize, so that timing it times the GPU's work."""
+    articleType loss, backward and AdamW over the trainable parameters, in training mode and the memory format
+    that `vitrine train` uses (channels-last for a conv stem). On CUDA the step ends with a synchronize, so
+    that timing it times the GPU's work."""
     import torch
 
     model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model.train()
     images = torch.randn(batch_size, 3, *size, device=device)
+    if model.config.channels_last:  # as model.train runs convolutional trunks (the hybrid's conv stem)
+        model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     labels = torch.randint(0, 40, (batch_size,), device=device)
     cuda = torch.device(device).type == "cuda"
 

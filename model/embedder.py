@@ -13,7 +13,7 @@ from PIL import Image
 from model.binary import BinaryRotation, load_rotation, pack_signs
 from model.checkpoint import card_resize_mode, load_checkpoint, model_fingerprint
 from model.images import decode_image, decode_size_for, fit_aspect
-from model.networks import VitrineModel
+from model.networks import VitrineModel, fold_batchnorm
 from model.precision import PRECISIONS
 from model.runtime import tune_malloc
 
@@ -43,6 +43,8 @@ class Embedder:
                  precision: str = "auto") -> None:
         tune_malloc()  # activation buffers reused instead of mapped and page-faulted per pass (model.runtime)
         self.model = model.eval().to(device)
+        # every eval-mode batch norm of the conv stem / CNN folded into its convolution: same outputs, ~10% faster
+        self.folded_batchnorms = fold_batchnorm(self.model)
         # convolutional trunks (CNNs, the hybrid ViT's conv stem) run faster channels-last on CPU
         self.channels_last = model.config.channels_last
         if self.channels_last:

@@ -103,3 +103,21 @@ def test_phone_photo_benchmark_makes_rotated_phone_jpegs_of_the_catalog_photo() 
     assert np.abs(np.asarray(shown.resize((60, 80)), dtype=np.float32) - expected).mean() < 6.0
     reduced = Embedder.load(default_model_path(), precision="fp32").decode(data)
     assert reduced.size == (450, 600)  # 1/2: 1/4 (225x300) is under 3 x 96x128
+
+
+def test_fold_benchmark_times_both_variants_and_finds_the_same_embeddings(tmp_path: Path) -> None:
+    """bench_fold on a few real photos: the default model and the frozen CNN, folded and not, give the same
+    embeddings, and every variant was timed."""
+    from benchmarks.bench_fold import main as bench_fold
+
+    assert bench_fold(["--images", "6", "--batch-size", "3", "--train-batch-size", "2", "--repeats", "1",
+                       "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "fold.json").read_text())["results"]
+    assert results["inference_default"]["folded_batchnorms"] == 33  # the default's stem: 1 + 2 + 10 x 3
+    assert results["inference_frozen_cnn"]["folded_batchnorms"] == 49
+    for key in ("inference_default", "inference_frozen_cnn"):
+        assert results[key]["min_cosine"] > 0.99999 and results[key]["images"] == 6
+    for key in ("inference_default", "inference_frozen_cnn", "training_default"):
+        assert set(results[key]["images_per_s"]) == {"unfolded", "folded"}
+        assert all(rate > 0 for rate in results[key]["images_per_s"].values())
+    assert "speedup" in (tmp_path / "fold.md").read_text()

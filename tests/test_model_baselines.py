@@ -88,3 +88,57 @@ def test_hybrid_vit_stem_is_the_imagenet_cnn_and_frozen_blocks_do_not_train(tmp_
         torch.testing.assert_close(loaded.embed(x), model.embed(x))
     with pytest.raises(ValueError, match="frozen stem needs pretrained"):
         create_model(ModelConfig(stem_blocks=5, stem_frozen_blocks=2))
+
+
+def test_batch_norms_fold_into_convolutions_with_the_same_outputs(tmp_path: Path) -> None:
+    """fold_batchnorm: the frozen stem in training and every Embedder compute what the unfolded network does."""
+    from model.networks import IMAGENET_LITE0, ModelConfig, create_model, fold_batchnorm
+
+    x = _batch()[:3, :, :128, :96]
+    config = ModelConfig(image_size=(128, 96), width=32, depth=1, num_heads=2, embedding_dim=16,
+                         heads={"articleType": 4}, pretrained=IMAGENET_LITE0, stem_blocks=5, stem_frozen_blocks=3)
+    model = create_model(config).train()
+    stem = model.trunk.patch_embed.backbone
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        unfolded = stem.blocks[:3](stem.bn1(stem.conv_stem(x)))
+        torch.testing.assert_close(stem.frozen_forward(x), unfolded, rtol=1e-4, atol=1e-4)
+    folded = stem._folded[0]  # the training copy: every batch norm folded, only the activations left
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert set(model.state_dict()) == keys and isinstance(stem.bn1, torch.nn.BatchNorm2d)  # checkpoints unchanged
+    # new frozen weights (a state-dict load) or a move (.to) drop the copy; the next pass folds the new ones
+    state = model.state_dict()
+    state["trunk.patch_embed.backbone.conv_stem.weight"] = state["trunk.patch_embed.backbone.conv_stem.weight"] * 0.5
+    model.load_state_dict(state)
+    assert stem._folded == []
+    with torch.no_grad():
+        torch.testing.assert_close(stem.frozen_forward(x), stem.blocks[:3](stem.bn1(stem.conv_stem(x))),
+                                   rtol=1e-3, atol=1e-3)
+    model.to(torch.float32)
+    assert stem._folded == []
+    with pytest.raises(ValueError, match="call .eval"):  # a model in training keeps its registered batch norms
+        fold_batchnorm(model)
+    assert set(model.state_dict()) == keys
+
+    # inference: the Embedder folds all of them (stem 1, block 0: 2, blocks 1-4: 10 inverted residuals x 3)
+    model.eval()
+    with torch.no_grad():
+        expected = model.embed(x)
+    from model.checkpoint import save_checkpoint
+
+    folder = save_checkpoint(tmp_path / "hybrid", model, {"mean": list(LITE0_MEAN), "std": list(LITE0_STD)})
+    embedder = Embedder.load(folder, precision="fp32")
+    assert embedder.folded_batchnorms == 1 + 2 + 10 * 3
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in embedder.model.modules())
+    with torch.no_grad():
+        got = embedder.model.embed(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    # the frozen CNN baseline: its 49 batch norms (stem, 16 blocks, head) fold, same features
+    cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    cnn.load_state_dict(imagenet_lite0_state_dict(), strict=False)
+    cnn.eval()
+    with torch.no_grad():
+        reference = cnn(x)
+        assert fold_batchnorm(cnn) == 49
+        torch.testing.assert_close(cnn(x), reference, rtol=1e-4, atol=1e-4)
