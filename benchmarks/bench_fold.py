@@ -8,7 +8,8 @@ alternating the two variants repeat by repeat (so that drift on a shared machine
 - inference: the model's forward (`embed`, eval mode, channels-last, fp32) on a batch of real catalog images,
   unfolded against folded, for the default model and the frozen ImageNet EfficientNet-Lite0 baseline;
 - training: one step of `benchmarks.bench_loader.train_step` (the default architecture, fp32, channels-last,
-  batch 128) with the frozen stem's batch norms unfolded against folded;
+  batch 128) with the frozen stem as before (batch norms unfolded, the batch in one pass), folded, and folded
+  in passes of at most `model.networks.frozen_chunk` images (what `vitrine train` runs);
 
 and measures the embeddings' difference (max |a - b|, min cosine) over real images. Medians of --repeats.
 
@@ -89,8 +90,10 @@ def inference(folder: Path | None, images: int, batch: int, repeats: int) -> dic
 
 
 def training(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
-    """The default architecture's fp32 training step, frozen stem unfolded vs folded."""
+    """The default architecture's fp32 training step: the frozen stem as before (unfolded, one pass), folded, and
+    folded in passes of at most `frozen_chunk` images (vitrine's training)."""
     from benchmarks.bench_loader import train_step
+    from model import networks
     from model.checkpoint import load_model_card
     from model.networks import Lite0Stem, ModelConfig, create_model
 
@@ -102,15 +105,27 @@ def training(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
         return {"skipped": "the model has no frozen conv stem"}
     stem = stems[0]
     step = train_step(model, batch, size, bf16=False)  # type: ignore[arg-type]
+    import torch
 
-    def run(fold: bool) -> None:
+    frozen_chunk = networks.frozen_chunk(torch.empty(batch, 3, *size))
+
+    chunk_bytes = networks.ACTIVATION_CHUNK_BYTES
+
+    def run(fold: bool, chunked: bool) -> None:
         stem.fold_frozen = fold
+        networks.ACTIVATION_CHUNK_BYTES = chunk_bytes if chunked else 1 << 62
         step()
 
-    timed = alternate({"unfolded": lambda: run(False), "folded": lambda: run(True)}, repeats)
+    try:
+        timed = alternate({"unfolded": lambda: run(False, False), "folded": lambda: run(True, False),
+                           "folded_chunked": lambda: run(True, True)}, repeats)
+    finally:
+        networks.ACTIVATION_CHUNK_BYTES = chunk_bytes
     rates = {name: batch / t["median_s"] for name, t in timed.items()}
-    return {"batch": batch, "image_size": list(size), "images_per_s": {k: round(v, 1) for k, v in rates.items()},
-            "speedup": round(rates["folded"] / rates["unfolded"], 3), "times": timed}
+    return {"batch": batch, "image_size": list(size), "frozen_chunk": frozen_chunk,
+            "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "speedup": round(rates["folded"] / rates["unfolded"], 3),
+            "speedup_chunked": round(rates["folded_chunked"] / rates["unfolded"], 3), "times": timed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
              "repeats (training: of " f"{max(3, args.repeats // 2)}).", "",
              "| what | unfolded (images/s) | folded (images/s) | speedup | max abs diff / min cosine |",
              "|---|---|---|---|---|"]
+    train = results["training_default"]
     for key, label in (("inference_default", f"default model forward, batch {args.batch_size}"),
                        ("inference_frozen_cnn", f"frozen EfficientNet-Lite0 forward, batch {args.batch_size}"),
                        ("training_default", f"default architecture training step, batch {args.train_batch_size}")):
@@ -144,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['folded_batchnorms']} batch norms)" if "max_abs_diff" in r else "")
         lines.append(f"| {label} | {r['images_per_s']['unfolded']:.1f} | {r['images_per_s']['folded']:.1f} | "
                      f"{r['speedup']:.2f}x | {diff} |")
+    if "skipped" not in train:
+        lines += ["", f"Training step, frozen stem folded and run in passes of at most "
+                  f"{train['frozen_chunk']} images: {train['images_per_s']['folded_chunked']:.1f} images/s, "
+                  f"{train['speedup_chunked']:.2f}x the unfolded one-pass step."]
     table = "\n".join(lines)
     write_result(args.name, {**{k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads()},
                  results, table, args.out)

@@ -118,6 +118,6 @@ def test_fold_benchmark_times_both_variants_and_finds_the_same_embeddings(tmp_pa
     for key in ("inference_default", "inference_frozen_cnn"):
         assert results[key]["min_cosine"] > 0.99999 and results[key]["images"] == 6
     for key in ("inference_default", "inference_frozen_cnn", "training_default"):
-        assert set(results[key]["images_per_s"]) == {"unfolded", "folded"}
+        assert {"unfolded", "folded"} <= set(results[key]["images_per_s"])
         assert all(rate > 0 for rate in results[key]["images_per_s"].values())
     assert "speedup" in (tmp_path / "fold.md").read_text()

@@ -116,6 +116,18 @@ def test_batch_norms_fold_into_convolutions_with_the_same_outputs(tmp_path: Path
                                    rtol=1e-3, atol=1e-3)
     model.to(torch.float32)
     assert stem._folded == []
+    # the frozen part runs in chunks of images (frozen_chunk) when a batch's activations would be large
+    import model.networks as networks
+
+    one_pass = stem.frozen_forward(x)
+    assert networks.frozen_chunk(x) >= len(x)
+    networks_chunk_bytes = networks.ACTIVATION_CHUNK_BYTES
+    try:
+        networks.ACTIVATION_CHUNK_BYTES = 96 * 64 * 48 * 4  # one image's block-1 expansion at 128x96
+        assert networks.frozen_chunk(x) == 1
+        torch.testing.assert_close(stem.frozen_forward(x), one_pass, rtol=0, atol=1e-6)
+    finally:
+        networks.ACTIVATION_CHUNK_BYTES = networks_chunk_bytes
     with pytest.raises(ValueError, match="call .eval"):  # a model in training keeps its registered batch norms
         fold_batchnorm(model)
     assert set(model.state_dict()) == keys
