@@ -9,7 +9,7 @@ alternating the two variants repeat by repeat (so that drift on a shared machine
   unfolded against folded, for the default model and the frozen ImageNet EfficientNet-Lite0 baseline;
 - training: one step of `benchmarks.bench_loader.train_step` (the default architecture, fp32, channels-last,
   batch 128) with the frozen stem as before (batch norms unfolded, the batch in one pass), folded, and folded
-  in passes of at most `model.networks.frozen_chunk` images (what `vitrine train` runs);
+  in the passes of `model.networks.lite0_passes` (what `vitrine train` runs);
 
 and measures the embeddings' difference (max |a - b|, min cosine) over real images. Medians of --repeats.
 
@@ -67,6 +67,7 @@ def inference(folder: Path | None, images: int, batch: int, repeats: int) -> dic
     from model.baselines import save_frozen_cnn
     from model.checkpoint import load_checkpoint
     from model.embedder import Embedder
+    from model.networks import LITE0_TIMM_NAME, lite0_passes
 
     if folder is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -79,19 +80,21 @@ def inference(folder: Path | None, images: int, batch: int, repeats: int) -> dic
         a = torch.cat([unfolded.embed(x[i:i + batch]) for i in range(0, len(x), batch)])
         b = torch.cat([embedder.model.embed(x[i:i + batch]) for i in range(0, len(x), batch)])
         one = x[:batch]
-        timed = alternate({"unfolded": lambda: unfolded.embed(one), "folded": lambda: embedder.model.embed(one)},
-                          repeats)
+        timed = alternate({"unfolded": lambda: unfolded.embed(one), "folded": lambda: embedder.model.embed(one),
+                           "embedder": lambda: embedder.embed_pixels(one)}, repeats)
     cosine = torch.nn.functional.cosine_similarity(a, b)
     rates = {name: batch / t["median_s"] for name, t in timed.items()}
+    passes = lite0_passes(one) if embedder.model.config.timm_name == LITE0_TIMM_NAME else 1
     return {"model": str(folder), "batch": batch, "folded_batchnorms": embedder.folded_batchnorms,
-            "images_per_s": {k: round(v, 1) for k, v in rates.items()},
-            "speedup": round(rates["folded"] / rates["unfolded"], 3), "times": timed,
+            "passes": passes, "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "speedup": round(rates["folded"] / rates["unfolded"], 3),
+            "speedup_embedder": round(rates["embedder"] / rates["unfolded"], 3), "times": timed,
             "max_abs_diff": float((a - b).abs().max()), "min_cosine": float(cosine.min()), "images": len(x)}
 
 
 def training(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
     """The default architecture's fp32 training step: the frozen stem as before (unfolded, one pass), folded, and
-    folded in passes of at most `frozen_chunk` images (vitrine's training)."""
+    folded in the passes of `lite0_passes` (vitrine's training)."""
     from benchmarks.bench_loader import train_step
     from model import networks
     from model.checkpoint import load_model_card
@@ -107,13 +110,13 @@ def training(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
     step = train_step(model, batch, size, bf16=False)  # type: ignore[arg-type]
     import torch
 
-    frozen_chunk = networks.frozen_chunk(torch.empty(batch, 3, *size))
+    passes = networks.lite0_passes(torch.empty(batch, 3, *size))
 
     chunk_bytes = networks.ACTIVATION_CHUNK_BYTES
 
     def run(fold: bool, chunked: bool) -> None:
         stem.fold_frozen = fold
-        networks.ACTIVATION_CHUNK_BYTES = chunk_bytes if chunked else 1 << 62
+        networks.ACTIVATION_CHUNK_BYTES = chunk_bytes if chunked else 1 << 62  # one pass
         step()
 
     try:
@@ -122,7 +125,7 @@ def training(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
     finally:
         networks.ACTIVATION_CHUNK_BYTES = chunk_bytes
     rates = {name: batch / t["median_s"] for name, t in timed.items()}
-    return {"batch": batch, "image_size": list(size), "frozen_chunk": frozen_chunk,
+    return {"batch": batch, "image_size": list(size), "frozen_passes": passes,
             "images_per_s": {k: round(v, 1) for k, v in rates.items()},
             "speedup": round(rates["folded"] / rates["unfolded"], 3),
             "speedup_chunked": round(rates["folded_chunked"] / rates["unfolded"], 3), "times": timed}
@@ -145,25 +148,25 @@ def main(argv: list[str] | None = None) -> int:
                "training_default": training(args.model, args.train_batch_size, max(3, args.repeats // 2)),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
     lines = [f"{torch.get_num_threads()} torch threads, fp32, channels-last; medians of {args.repeats} alternating "
-             "repeats (training: of " f"{max(3, args.repeats // 2)}).", "",
-             "| what | unfolded (images/s) | folded (images/s) | speedup | max abs diff / min cosine |",
-             "|---|---|---|---|---|"]
-    train = results["training_default"]
-    for key, label in (("inference_default", f"default model forward, batch {args.batch_size}"),
-                       ("inference_frozen_cnn", f"frozen EfficientNet-Lite0 forward, batch {args.batch_size}"),
-                       ("training_default", f"default architecture training step, batch {args.train_batch_size}")):
+             "repeats (training: of " f"{max(3, args.repeats // 2)}). Images/s; *now* is what vitrine runs: the "
+             "Embedder's `embed_pixels` (inference) and `vitrine train`'s step (training).", "",
+             "| what | before: unfolded, one pass | folded, one pass | now: folded, in passes | now / before | "
+             "max abs diff / min cosine |", "|---|---|---|---|---|---|"]
+    for key, label, now in (
+            ("inference_default", f"default model forward, batch {args.batch_size}", "embedder"),
+            ("inference_frozen_cnn", f"frozen EfficientNet-Lite0 forward, batch {args.batch_size}", "embedder"),
+            ("training_default", f"default architecture training step, batch {args.train_batch_size}",
+             "folded_chunked")):
         r = results[key]
         if "skipped" in r:
-            lines.append(f"| {label} | | | | {r['skipped']} |")
+            lines.append(f"| {label} | | | | | {r['skipped']} |")
             continue
+        rates = r["images_per_s"]
+        passes = r.get("passes", r.get("frozen_passes"))
         diff = (f"{r['max_abs_diff']:.1e} / {r['min_cosine']:.7f} ({r['images']} images, "
                 f"{r['folded_batchnorms']} batch norms)" if "max_abs_diff" in r else "")
-        lines.append(f"| {label} | {r['images_per_s']['unfolded']:.1f} | {r['images_per_s']['folded']:.1f} | "
-                     f"{r['speedup']:.2f}x | {diff} |")
-    if "skipped" not in train:
-        lines += ["", f"Training step, frozen stem folded and run in passes of at most "
-                  f"{train['frozen_chunk']} images: {train['images_per_s']['folded_chunked']:.1f} images/s, "
-                  f"{train['speedup_chunked']:.2f}x the unfolded one-pass step."]
+        lines.append(f"| {label} | {rates['unfolded']:.1f} | {rates['folded']:.1f} | {rates[now]:.1f} ({passes} "
+                     f"pass{'es' if passes != 1 else ''}) | {rates[now] / rates['unfolded']:.2f}x | {diff} |")
     table = "\n".join(lines)
     write_result(args.name, {**{k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads()},
                  results, table, args.out)

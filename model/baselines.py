@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from model.checkpoint import save_checkpoint
-from model.networks import IMAGENET_LITE0, LITE0_MEAN, LITE0_STD, ModelConfig, create_model
+from model.networks import IMAGENET_LITE0, LITE0_MEAN, LITE0_STD, LITE0_TIMM_NAME, ModelConfig, create_model
 
 FROZEN_CNN_INPUT = (224, 168)  # (H, W): ImageNet's 224 on the long side, the catalog's 4:3 aspect
 
@@ -20,7 +20,7 @@ def save_frozen_cnn(out_dir: str | Path, image_size: tuple[int, int] = FROZEN_CN
     out_dir = Path(out_dir)
     if (out_dir / "model_card.json").is_file():
         return out_dir
-    config = ModelConfig(timm_name="tf_efficientnet_lite0", image_size=image_size, embedding_dim=0,
+    config = ModelConfig(timm_name=LITE0_TIMM_NAME, image_size=image_size, embedding_dim=0,
                          pretrained=IMAGENET_LITE0)
     card = {"architecture": "tf_efficientnet_lite0 (ImageNet, frozen) + global average pool + l2norm",
             "mean": list(LITE0_MEAN), "std": list(LITE0_STD), "label_maps": {},

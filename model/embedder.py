@@ -13,7 +13,7 @@ from PIL import Image
 from model.binary import BinaryRotation, load_rotation, pack_signs
 from model.checkpoint import card_resize_mode, load_checkpoint, model_fingerprint
 from model.images import decode_image, decode_size_for, fit_aspect
-from model.networks import VitrineModel, fold_batchnorm
+from model.networks import LITE0_TIMM_NAME, VitrineModel, fold_batchnorm, lite0_passes
 from model.precision import PRECISIONS
 from model.runtime import tune_malloc
 
@@ -126,9 +126,12 @@ class Embedder:
                 tensor = (tensor.float() / 255.0 - self._mean_t) / self._std_t
             if self.channels_last:
                 tensor = tensor.to(memory_format=torch.channels_last)
+            # a whole Lite0 CNN at a large input runs in passes that keep its activations reused (lite0_passes)
+            passes = lite0_passes(tensor) if self.model.config.timm_name == LITE0_TIMM_NAME else 1
             with torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
                                 enabled=self.precision == "bf16"):
-                embedded = self.model.embed(tensor)
+                embedded = torch.cat([self.model.embed(part) for part in tensor.tensor_split(passes)]) \
+                    if passes > 1 else self.model.embed(tensor)
             vectors = embedded.float().cpu().numpy()
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 

