@@ -267,13 +267,14 @@ def _parse_stock(text: str, report: Counter[str]) -> bool:
     counted in the report as stock_unrecognised/<word>, so a mapping that reads a whole catalog as
     sold out does not go unnoticed.
     """
-    word = re.sub(r"[\s_-]+", "", text.strip().lower())
-    if not word:
+    cell = text.strip()
+    if not cell:
         return True
-    try:
-        return float(word) > 0
+    try:  # a quantity, before "-" is dropped from words: -3 (oversold) is not in stock
+        return float(re.sub(r"[\s_]+", "", cell).replace("\u2212", "-")) > 0
     except ValueError:
         pass
+    word = re.sub(r"[\s_-]+", "", cell.lower())
     if word in _TRUE_STOCK:
         return True
     if word not in _FALSE_STOCK:

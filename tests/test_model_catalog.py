@@ -157,3 +157,14 @@ def test_stock_words_of_common_exports(tmp_path: Path) -> None:
     assert table.report["stock_unrecognised/maybe later"] == 1
     assert not any(k.startswith("stock_unrecognised/") and k != "stock_unrecognised/maybe later"
                    for k in table.report)
+
+
+def test_a_negative_stock_quantity_is_out_of_stock(tmp_path: Path) -> None:
+    """Inventory exports write oversold items as negative quantities: -3 must not read as 3 in stock."""
+    config = CatalogConfig(**{**SHOP.__dict__, "stock_column": "stock"})
+    cells = ["-3", "-1", "\u22122", "2", "0", "-0", "1.5", "nan", "1 234", "- 5"]
+    rows = "".join(f"{i},p{i},Shirts,1,{cell}\n" for i, cell in enumerate(cells))
+    (tmp_path / "stock.csv").write_text("sku,name,type,price,stock\n" + rows, encoding="utf-8")
+    table = read_catalog(tmp_path / "stock.csv", config)
+    assert [p.in_stock for p in table.products] == [False, False, False, True, False, False, True, False, True,
+                                                     False]
