@@ -166,8 +166,9 @@ def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Cou
                   ) -> Iterator[tuple[list[str], dict[str, str]]]:
     """Yield (header, row dict) for each data row, repairing rows that have too many fields.
 
-    A row with more fields than the header (an unquoted delimiter) has its extra fields joined back
-    into `overflow_column` with the delimiter; a row with too few fields (or too many and no overflow
+    A row with more fields than the header only because it ends with delimiters ("a;b;c;") loses the empty
+    extra fields. Another row with more fields than the header (an unquoted delimiter) has its extra fields
+    joined back into `overflow_column` with the delimiter; a row with too few fields (or too many and no overflow
     column) is counted as bad and skipped. Blank lines are counted. `delimiter` / `encoding` None:
     detected (csv_delimiter with `id_column`, csv_encoding).
     """
@@ -202,7 +203,10 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
                 continue
             report["rows_read"] += 1
             extra = len(fields) - len(header)
-            if extra > 0 and overflow_at is not None:
+            if extra > 0 and not any(f.strip() for f in fields[len(header):]):
+                fields = fields[:len(header)]  # a delimiter ending the line ("a;b;c;"): no value was split
+                report["rows_repaired_trailing_delimiter"] += 1
+            elif extra > 0 and overflow_at is not None:
                 joined = delimiter.join(fields[overflow_at:overflow_at + extra + 1])
                 fields = fields[:overflow_at] + [joined] + fields[overflow_at + extra + 1:]
                 report["rows_repaired_overflow"] += 1

@@ -168,3 +168,16 @@ def test_a_negative_stock_quantity_is_out_of_stock(tmp_path: Path) -> None:
     table = read_catalog(tmp_path / "stock.csv", config)
     assert [p.in_stock for p in table.products] == [False, False, False, True, False, False, True, False, True,
                                                      False]
+
+
+def test_a_trailing_delimiter_on_data_rows_does_not_shift_the_columns(tmp_path: Path) -> None:
+    """Rows written as "a,b,c," under a header "a,b,c": the empty last field is dropped, not joined into the
+    overflow column (which would shift every later column: category into brand, price into stock)."""
+    config = CatalogConfig(**{**SHOP.__dict__, "stock_column": "stock"})
+    (tmp_path / "trail.csv").write_text("sku,name,type,price,stock\n1,Shirt A,Shirts,5,yes,\n"
+                                        "2,Shirt, B,Shirts,7,no\n3,C,Shirts,9,3,,\n", encoding="utf-8")
+    table = read_catalog(tmp_path / "trail.csv", config)
+    assert [(p.title, p.category, p.price, p.in_stock) for p in table.products] == [
+        ("Shirt A", "Shirts", 5.0, True), ("Shirt, B", "Shirts", 7.0, False), ("C", "Shirts", 9.0, True)]
+    assert table.report["rows_repaired_trailing_delimiter"] == 2 and table.report["rows_repaired_overflow"] == 1
+    assert table.report["bad_price"] == 0
