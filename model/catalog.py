@@ -191,7 +191,7 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
         handle.seek(0)
         if delimiter != ",":
             logger.info("catalog CSV %s: fields separated by %r", csv_path, delimiter)
-        reader = csv.reader(handle, delimiter=delimiter)
+        reader = _checked(csv.reader(handle, delimiter=delimiter), csv_path)
         header = next(reader, None)
         if not header:
             raise ValueError(f"catalog CSV {csv_path} is empty: expected a header row")
@@ -216,6 +216,24 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
                 report[f"rows_bad/{reason}"] += 1
                 continue
             yield header, dict(zip(header, fields, strict=True))
+
+
+CSV_FIELD_LIMIT = 16 << 20  # characters in one cell (Python's csv default, 128 KiB, is less than one long
+# HTML product description of a shop export)
+
+
+def _checked(reader: Any, csv_path: str | Path) -> Iterator[list[str]]:
+    """The rows of a csv.reader, with its errors raised as ValueError naming the file and line."""
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ValueError(f"catalog CSV {csv_path}, line {reader.line_num}: {exc}") from exc
+        yield row
 
 
 _PRICE_RE = re.compile(r"^[+]?(?:\d{1,3}(?:[,.' \u00a0\u202f]\d{3})+|\d*)(?:[.,]\d+)?$")

@@ -181,3 +181,16 @@ def test_a_trailing_delimiter_on_data_rows_does_not_shift_the_columns(tmp_path: 
         ("Shirt A", "Shirts", 5.0, True), ("Shirt, B", "Shirts", 7.0, False), ("C", "Shirts", 9.0, True)]
     assert table.report["rows_repaired_trailing_delimiter"] == 2 and table.report["rows_repaired_overflow"] == 1
     assert table.report["bad_price"] == 0
+
+
+def test_a_long_cell_is_read_and_a_csv_error_names_the_line(tmp_path: Path) -> None:
+    """A 200 KB description (an HTML body of a shop export) is more than Python's csv default limit of 128 KiB;
+    what the csv module still refuses is a ValueError with the file and line, not a traceback."""
+    long = "x" * 200_000
+    (tmp_path / "long.csv").write_text(f'sku,name,type,price\n1,"{long}",Shirts,1\n2,b,Shirts,1\n', encoding="utf-8")
+    table = read_catalog(tmp_path / "long.csv", SHOP)
+    assert [len(p.title) for p in table.products] == [200_000, 1]
+    (tmp_path / "huge.csv").write_text('sku,name,type,price\n1,a,Shirts,1\n2,"' + "y" * (17 << 20) + '",Shirts,1\n',
+                                       encoding="utf-8")
+    with pytest.raises(ValueError, match=r"huge.csv, line \d+: field larger than field limit"):
+        read_catalog(tmp_path / "huge.csv", SHOP)
