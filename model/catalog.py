@@ -51,6 +51,18 @@ class CatalogConfig:
     decimal_separator: str | None = None  # of prices; None: detected per cell (model.catalog.parse_price)
     encoding: str | None = None  # None: UTF-8 (BOM or not), or Windows-1252 when the file is not valid UTF-8
 
+    def __post_init__(self) -> None:
+        for name in ("image_pattern", "image_url_pattern"):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            try:
+                pattern.format(id="1")
+            except (KeyError, IndexError, ValueError, AttributeError) as exc:
+                raise ValueError(f"catalog config {name} {pattern!r} cannot be filled in ({type(exc).__name__}: "
+                                 f"{exc}): its only placeholder is {{id}}, the product id as text (e.g. "
+                                 "\"{id}.jpg\"); write a literal brace as {{ or }}") from None
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -194,3 +194,14 @@ def test_a_long_cell_is_read_and_a_csv_error_names_the_line(tmp_path: Path) -> N
                                        encoding="utf-8")
     with pytest.raises(ValueError, match=r"huge.csv, line \d+: field larger than field limit"):
         read_catalog(tmp_path / "huge.csv", SHOP)
+
+
+@pytest.mark.parametrize("pattern", ["{sku}.jpg", "{id:05d}.jpg", "{0}.jpg", "{id.jpg", "{id}}.jpg"])
+def test_an_image_pattern_with_another_placeholder_is_a_config_error(pattern: str) -> None:
+    """"{sku}.jpg" (the user's column name instead of {id}) raised KeyError deep in ingest, a traceback."""
+    with pytest.raises(ValueError, match=r"image_pattern .* its only placeholder is \{id\}"):
+        CatalogConfig.from_json({"id_column": "sku", "image_pattern": pattern})
+    with pytest.raises(ValueError, match=r"image_url_pattern .* its only placeholder is \{id\}"):
+        CatalogConfig(image_url_pattern="https://cdn.example.com/" + pattern)
+    literal = CatalogConfig(image_pattern="photos/{id}_{{front}}.jpg")
+    assert literal.image_pattern.format(id="7") == "photos/7_{front}.jpg"
