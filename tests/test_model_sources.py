@@ -38,7 +38,8 @@ class Server(http.server.ThreadingHTTPServer):
 class Handler(http.server.BaseHTTPRequestHandler):
     """/img/<file>: the image; /flaky/<file>: 503 on the first request, then the image; /limited/<file>: 429 with
     Retry-After 1 on the first request; /missing/<file>: 404; /html/<file>: an HTML page with status 200;
-    /slow/<file>: the image after 2 s (longer than the tests' timeout); /mutable/<name>: the file that
+    /slow/<file>: the image after 2 s (longer than the tests' timeout); /any/<anything>: the first mini catalog
+    image; /mutable/<name>: the file that
     server.mutable names, with an ETag, answering 304 to a matching If-None-Match."""
 
     server: Server
@@ -57,7 +58,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.server.hits["304"] += 1
                 return self._send(304, b"", "image/jpeg", {"ETag": etag})
             return self._send(200, body, "image/jpeg", {"ETag": etag})
-        file = MINI / "images" / name
+        file = MINI / "images" / (mini_files(1)[0] if kind == "any" else name)
         if kind == "missing" or not file.is_file():
             return self._send(404, b"not found", "text/plain")
         if kind == "flaky" and first:
@@ -251,3 +252,17 @@ def test_index_update_reads_image_urls(cdn: Server, tmp_path: Path, capsys: pyte
         assert live.count == n - 1 and live.internal_id(lost) is None and live.internal_id(changed) is not None
         assert live.manifest["catalog"]["downloads"]["errors"] == {"HTTP 404": 1}
         assert live.product(live.internal_id(rows[1][0])).image_url == f"{url}/img/{rows[1][0]}.jpg"
+
+
+def test_urls_with_spaces_and_non_ascii_characters_are_fetched(cdn: Server, tmp_path: Path) -> None:
+    """Hand-made catalogs name images "https://cdn/Sommer Kleid 2.jpg" or with non-ASCII file names: such a URL
+    is percent-encoded as browsers do (it stopped the whole ingest with InvalidURL / UnicodeEncodeError), and
+    a URL that still cannot be requested fails alone, counted by reason."""
+    url = base_url(cdn)
+    urls = [f"{url}/any/Sommer Kleid 2.jpg", f"{url}/any/帽子-é.jpg?farbe=grün&size=L XL", f"{url}/any/a%20b.jpg",
+            "http://127.0.0.1:notaport/x.jpg"]
+    paths, report = fetch_urls(urls, tmp_path / "cache", FAST, progress=False)
+    assert [bool(paths[u]) for u in urls] == [True, True, True, False]
+    assert report.downloaded == 3 and report.failed == 1 and report.errors == {"invalid URL": 1}
+    assert cdn.hits["/any/Sommer%20Kleid%202.jpg"] == 1 and cdn.hits["/any/a%20b.jpg"] == 1
+    assert cdn.hits["/any/%E5%B8%BD%E5%AD%90-%C3%A9.jpg?farbe=gr%C3%BCn&size=L%20XL"] == 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable
@@ -97,6 +99,21 @@ def cache_path(cache_dir: Path, url: str) -> Path:
     return cache_dir / digest[:2] / digest
 
 
+def request_url(url: str) -> str:
+    """`url` as it goes on the wire: spaces, non-ASCII characters and other bytes a request line cannot carry are
+    percent-encoded (UTF-8) and a non-ASCII host name is IDNA-encoded, as browsers do; an already encoded URL is
+    unchanged. Hand-made catalogs name images like "https://cdn.example.com/Sommer Kleid 2.jpg"."""
+    parts = urllib.parse.urlsplit(url.strip())
+    host = parts.netloc
+    if not host.isascii():
+        userinfo, at, hostport = host.rpartition("@")
+        name, colon, port = hostport.partition(":") if hostport.count(":") == 1 else (hostport, "", "")
+        host = f"{userinfo}{at}{name.encode('idna').decode('ascii')}{colon}{port}"
+    safe = "/%:@!$&'()*+,;=~-._"
+    return urllib.parse.urlunsplit((parts.scheme, host, urllib.parse.quote(parts.path, safe=safe),
+                                    urllib.parse.quote(parts.query, safe=safe + "?"), ""))
+
+
 NOT_MODIFIED = object()  # _get's answer to a conditional GET that the server answered 304
 
 
@@ -108,7 +125,10 @@ def _get(url: str, settings: FetchSettings, validators: dict[str, str]) -> tuple
         headers["If-None-Match"] = validators["etag"]
     if validators.get("last_modified"):
         headers["If-Modified-Since"] = validators["last_modified"]
-    request = urllib.request.Request(url, headers=headers)
+    try:
+        request = urllib.request.Request(request_url(url), headers=headers)
+    except (ValueError, UnicodeError) as exc:
+        raise FetchError("invalid URL", retryable=False) from exc
     try:
         with urllib.request.urlopen(request, timeout=settings.timeout_s) as response:  # noqa: S310 - http(s) only
             length = response.headers.get("Content-Length")
@@ -128,8 +148,12 @@ def _get(url: str, settings: FetchSettings, validators: dict[str, str]) -> tuple
         if isinstance(exc.reason, TimeoutError):
             raise FetchError("timeout", retryable=True) from exc
         raise FetchError(f"connection error ({type(exc.reason).__name__})", retryable=True) from exc
-    except (ConnectionError, OSError) as exc:  # reset mid-body, incomplete read
+    except http.client.InvalidURL as exc:  # a character the request line cannot carry
+        raise FetchError("invalid URL", retryable=False) from exc
+    except (ConnectionError, OSError, http.client.HTTPException) as exc:  # reset mid-body, incomplete read
         raise FetchError(f"connection error ({type(exc).__name__})", retryable=True) from exc
+    except ValueError as exc:  # e.g. a port that is not a number
+        raise FetchError("invalid URL", retryable=False) from exc
     if len(body) > settings.max_bytes:
         raise FetchError(f"too large (> {settings.max_bytes >> 20} MiB)", retryable=False)
     if not body:
