@@ -89,11 +89,14 @@ def _bool(value: str, name: str) -> bool:
 
 def _number(value: str, name: str, kind: Callable[[str], Any]) -> Any:
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
                          f"query parameter {name}={value!r} is not a{'n integer' if kind is int else ' number'}") \
             from None
+    if kind is int and not -(2**31) <= number < 2**31:  # the proto's int32 fields refuse it with a ValueError
+        raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"query parameter {name}={value!r} is out of range")
+    return number
 
 
 def _check_params(query: dict[str, list[str]], known: set[str]) -> None:

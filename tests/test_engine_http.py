@@ -142,6 +142,9 @@ def test_batch_embed_product_and_index_routes(served: tuple[Any, int], engine_in
     ("/v1/search", b"{}", "application/json", None, 400, "INVALID_ARGUMENT", ""),
     ("/v1/search?top_k=many", b"x", "image/png", None, 400, "INVALID_ARGUMENT", "top_k='many' is not an integer"),
     ("/v1/search?colour=red", b"x", "image/png", None, 400, "INVALID_ARGUMENT", "unknown query parameters"),
+    ("/v1/search?top_k=99999999999999", b"x", "image/png", None, 400, "INVALID_ARGUMENT", "top_k='99999999999999' "
+                                                                                            "is out of range"),
+    ("/v1/search?nprobe=-3000000000", b"x", "image/png", None, 400, "INVALID_ARGUMENT", "out of range"),
     ("/v1/products/nope", None, "application/json", None, 404, "NOT_FOUND", "nope"),
     ("/v1/nothing", None, "application/json", None, 404, "NOT_FOUND", "no such endpoint"),
     ("/v1/search", None, "application/json", "GET", 405, "UNIMPLEMENTED", "GET is not allowed"),
