@@ -68,6 +68,27 @@ def test_finished_ingest_is_reused_and_bad_images_counted(shards: Path, tmp_path
     assert json.loads(json.dumps(report.to_json()))["bad_image_reasons"]
 
 
+def test_an_ingest_of_another_csv_is_not_reused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Re-running ingest into the same --out after fixing the CSV returned the old shards and the old report,
+    silently: the output is reused only for the same CSV contents, mapping, images folder and max side."""
+    from vitrine.cli import main
+
+    lines = (MINI / "styles.csv").read_text(encoding="utf-8").splitlines()
+    csv_path, out = tmp_path / "styles.csv", tmp_path / "out"
+    csv_path.write_text("\n".join(lines[:4]) + "\n", encoding="utf-8")
+    first = build_shards(csv_path, MINI / "images", out, CatalogConfig(), progress=False)
+    assert build_shards(csv_path, MINI / "images", out, CatalogConfig(), progress=False) == first  # reused
+    csv_path.write_text("\n".join(lines[:7]) + "\n", encoding="utf-8")  # the catalog grew
+    with pytest.raises(FileExistsError, match="other inputs .*the CSV's contents.* --overwrite"):
+        build_shards(csv_path, MINI / "images", out, CatalogConfig(), progress=False)
+    with pytest.raises(FileExistsError, match="other inputs .*max_side"):
+        build_shards(csv_path, MINI / "images", out, CatalogConfig(), progress=False, max_side=64)
+    args = ["ingest", "--csv", str(csv_path), "--images", str(MINI / "images"), "--out", str(out), "--workers", "1"]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["products"] == 6 == load_shards_manifest(out)["report"]["products"]
+
+
 def test_half_written_output_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="no manifest"):

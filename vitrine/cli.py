@@ -49,6 +49,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="JSON file with the column mapping (model.catalog.CatalogConfig fields); "
                         "default fits the fashion-product-images dataset")
     p.add_argument("--max-records-per-shard", type=int, default=None, help="records per LMDB shard")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished ingest in --out (by default one of the same CSV, column mapping and "
+                        "images folder is reused, and one of other inputs is an error)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes decoding and validating images (default 0: one per CPU core)")
     p.add_argument("--max-side", type=int, default=None,

@@ -68,7 +68,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                           max_age_s=args.image_max_age_h * 3600.0)
     kwargs = {} if args.max_records_per_shard is None else {"max_records_per_shard": args.max_records_per_shard}
     report = build_shards(csv_path, images, Path(args.out), config, workers=args.workers, max_side=args.max_side,
-                          image_cache=args.image_cache, fetch=fetch, **kwargs)
+                          image_cache=args.image_cache, fetch=fetch, overwrite=args.overwrite, **kwargs)
     print(json.dumps(report.to_json(), indent=2))
     return 0
 

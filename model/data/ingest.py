@@ -117,14 +117,32 @@ def _write_shard(path: Path, records: list[tuple[Product, bytes]]) -> dict[str, 
     return {"path": path.name, "records": len(values), "sha256": sha256_file(path / "data.mdb")}
 
 
-def _existing_report(out_dir: Path) -> IngestReport | None:
-    """The report of a finished ingest in out_dir, None when out_dir does not exist."""
+def _existing_report(out_dir: Path, inputs: dict[str, Any]) -> IngestReport | None:
+    """The report of a finished ingest of the same `inputs` in out_dir, None when out_dir does not exist;
+    FileExistsError when it holds something else (a half-written output, or an ingest of another CSV, column
+    mapping, images folder or --max-side: reusing it would silently ignore the new catalog)."""
     if not out_dir.exists():
         return None
     if not (out_dir / "manifest.json").is_file():
         raise FileExistsError(f"{out_dir} exists but holds no manifest.json (not a finished ingest): remove it "
                               "or choose another output folder")
-    return IngestReport.from_json(load_shards_manifest(out_dir)["report"])
+    manifest = load_shards_manifest(out_dir)
+    held = manifest.get("inputs")
+    if held is not None:
+        changed = [key for key in sorted(inputs) if held.get(key) != inputs[key]]
+        if changed:
+            what = ", ".join("the CSV's contents" if key == "csv_sha256" else key for key in changed)
+            raise FileExistsError(f"{out_dir} holds a finished ingest of other inputs ({what} differ): pass "
+                                  "--overwrite to replace it, or choose another --out")
+    logger.info("%s holds a finished ingest of this catalog: reusing it (--overwrite to ingest again)", out_dir)
+    return IngestReport.from_json(manifest["report"])
+
+
+def _ingest_inputs(csv_path: str | Path, images_dir: Path, config: CatalogConfig,
+                   max_side: int | None) -> dict[str, Any]:
+    """What an ingest's output depends on (recorded in its manifest as "inputs"), but for the image files."""
+    return {"csv_sha256": sha256_file(Path(csv_path)), "images_dir": str(images_dir.resolve()),
+            "catalog_config": config.to_json(), "max_side": max_side}
 
 
 def default_image_cache(out_dir: str | Path) -> Path:
@@ -145,7 +163,8 @@ def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: s
     `workers` processes decode and validate images (0: one per CPU core); `max_side` (pixels)
     downscales and re-encodes larger images.
 
-    When `out_dir` already holds a finished ingest it is kept and its report returned, unless `overwrite`.
+    When `out_dir` already holds a finished ingest of the same CSV contents, column mapping, images folder and
+    `max_side` it is kept and its report returned, unless `overwrite`; one of other inputs raises FileExistsError.
     """
     if max_records_per_shard <= 0:
         raise ValueError(f"max_records_per_shard must be positive, got {max_records_per_shard}")
@@ -158,7 +177,8 @@ def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: s
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"images folder {images_dir} does not exist")
-    if not overwrite and (existing := _existing_report(out_dir)) is not None:
+    inputs = _ingest_inputs(csv_path, images_dir, config, max_side)
+    if not overwrite and (existing := _existing_report(out_dir, inputs)) is not None:
         return existing
     start = time.perf_counter()
     table = read_catalog(csv_path, config)
@@ -176,7 +196,7 @@ def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: s
     report.shards, report.records = len(entries), sum(e["records"] for e in entries)
     report.seconds = round(time.perf_counter() - start, 3)
     manifest = {"format": SHARDS_FORMAT, "catalog_config": config.to_json(), "max_side": max_side, "shards": entries,
-                "records": report.records, "report": report.to_json()}
+                "records": report.records, "report": report.to_json(), "inputs": inputs}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
