@@ -94,8 +94,10 @@ def _live_rows(live: IndexVersion) -> tuple[dict[str, int], np.ndarray | None]:
 
 
 def diff_catalog(live: IndexVersion, products: list[Product], sources: list[str], failed: AbstractSet[int] = frozenset()
-                 ) -> tuple[list[tuple[Product, bytes, str, int | None]], dict[str, int]]:
-    """Rows of the new version: (product, image bytes or b"" when reused, sha1, live id to reuse or None).
+                 ) -> tuple[list[tuple[Product, str, str, int | None]], dict[str, int]]:
+    """Rows of the new version: (product, image file to embed or "" when reused, sha1, live id to reuse or None).
+
+    Image bytes are read here only for their digest and not kept (an update adding many photos held them all).
 
     `sources[i]` is the local image file of `products[i]` ("" when none is named or, for the positions
     in `failed`, when its URL could not be downloaded: ingest.local_sources).
@@ -104,7 +106,7 @@ def diff_catalog(live: IndexVersion, products: list[Product], sources: list[str]
     live_ids, digests = _live_rows(live)
     counts = {"unchanged": 0, "metadata_changed": 0, "image_changed": 0, "added": 0, "missing_image": 0,
               "duplicate_ids": 0}
-    rows: list[tuple[Product, bytes, str, int | None]] = []
+    rows: list[tuple[Product, str, str, int | None]] = []
     seen: set[str] = set()
     for position, (product, source) in enumerate(zip(products, sources, strict=True)):
         if product.product_id in seen:
@@ -117,41 +119,51 @@ def diff_catalog(live: IndexVersion, products: list[Product], sources: list[str]
             where = "its URL could not be downloaded" if position in failed else f"none at {source or '(no path)'}"
             logger.warning("update: no image for product %s (%s): not indexed", product.product_id, where)
             continue
-        data = path.read_bytes()
-        digest = hashlib.sha1(data).hexdigest()
+        digest = hashlib.sha1(path.read_bytes()).hexdigest()
         live_id = live_ids.get(product.product_id)
         if live_id is not None and digests is not None and digests[live_id].decode() == digest:
             same = live.product(live_id) == product
             counts["unchanged" if same else "metadata_changed"] += 1
-            rows.append((product, b"", digest, live_id))
+            rows.append((product, "", digest, live_id))
         else:
             counts["added" if live_id is None else "image_changed"] += 1
-            rows.append((product, data, digest, None))
+            rows.append((product, source, digest, None))
     counts["deleted"] = len(set(live_ids) - seen)
     return rows, counts
 
 
-def _embed_rows(rows: list[tuple[Product, bytes, str, int | None]], live: IndexVersion, embedder: Any,
+def _embed_rows(rows: list[tuple[Product, str, str, int | None]], live: IndexVersion, embedder: Any,
                 batch_size: int) -> tuple[np.ndarray, list[Product], np.ndarray, int]:
-    """float16 vectors of the rows (reused or embedded), their products and digests; undecodable images skipped."""
+    """float16 vectors of the rows (reused or embedded), their products and digests; undecodable images skipped.
+
+    Images are read, decoded and brought to the model's input one at a time and embedded a batch at a time, so
+    memory does not grow with the number of new images or their size (an update adding thousands of photos
+    held every decoded image at once)."""
     from model.images import ImageDecodeError
 
     vectors = np.zeros((len(rows), live.dim), dtype=np.float16)
     keep = np.ones(len(rows), dtype=bool)
-    pending: list[tuple[int, Any]] = []
-    for row, (product, data, _, live_id) in enumerate(rows):
+    batch: list[tuple[int, Any]] = []
+
+    def flush() -> None:
+        if batch:
+            embedded = embedder.embed_pixels(np.stack([pixels for _, pixels in batch]))
+            vectors[[row for row, _ in batch]] = embedded.astype(np.float16)
+            batch.clear()
+
+    for row, (product, source, _, live_id) in enumerate(rows):
         if live_id is not None:
             vectors[row] = live.vectors[live_id]
             continue
         try:
-            pending.append((row, embedder.decode(data)))
-        except ImageDecodeError as exc:
+            batch.append((row, embedder.preprocess_uint8(embedder.decode(Path(source).read_bytes()))))
+        except (ImageDecodeError, OSError) as exc:
             keep[row] = False
-            logger.warning("update: skipping product %s: bad image: %s", product.product_id, exc)
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start : start + batch_size]
-        embedded = embedder.embed_images([image for _, image in batch], batch_size=batch_size)
-        vectors[[row for row, _ in batch]] = embedded.astype(np.float16)
+            logger.warning("update: skipping product %s: bad image %s: %s", product.product_id, source, exc)
+            continue
+        if len(batch) == batch_size:
+            flush()
+    flush()
     digests = np.array([digest for _, _, digest, _ in rows], dtype="S40")
     products = [rows[i][0] for i in np.flatnonzero(keep)]
     return vectors[keep], products, digests[keep], int((~keep).sum())

@@ -46,15 +46,18 @@ def test_update_applies_adds_changes_deletes(tmp_path: Path, monkeypatch: pytest
     shutil.copyfile(MINI / "images" / f"{old[7][0]}.jpg", images / f"{image_changed[0]}.jpg")  # a new photo
     write_catalog_rows(tmp_path / "new.csv", [header, *old[5:], *new])
 
-    embedded: list[int] = []
-    real_embed = Embedder.embed_images
-    monkeypatch.setattr(Embedder, "embed_images", lambda self, ims, batch_size=64: embedded.append(len(ims))
-                        or real_embed(self, ims, batch_size))
+    events: list[int] = []  # 0: an image decoded; n > 0: a batch of n embedded
+    real_embed, real_decode = Embedder.embed_pixels, Embedder.decode
+    monkeypatch.setattr(Embedder, "embed_pixels", lambda self, pixels: events.append(len(pixels))
+                        or real_embed(self, pixels))
+    monkeypatch.setattr(Embedder, "decode", lambda self, data, *a, **k: events.append(0) or real_decode(self, data))
     argv = ["index", "update", "--csv", str(tmp_path / "new.csv"), "--images", str(images), "--index-root", str(root),
-            "--min-recall", "0.5", "--validation-queries", "20"]
+            "--min-recall", "0.5", "--validation-queries", "20", "--batch-size", "4"]
     assert main(argv) == 0
     assert '"added": 10' in capsys.readouterr().out
-    assert sum(embedded) == 11, "only the 10 new products and the 1 changed image are embedded"
+    assert sum(events) == 11, "only the 10 new products and the 1 changed image are embedded"
+    # batch by batch: never more decoded images waiting than one batch (an update of many photos held them all)
+    assert events == [0, 0, 0, 0, 4, 0, 0, 0, 0, 4, 0, 0, 0, 3]
     with open_current(root, verify_checksums=True) as live, open_version(base) as before:
         assert live.name != before.name and list_versions(root) == [before.name, live.name]
         assert live.count == BASE - 5 + 10 and live.manifest["validation"]["passed"]
