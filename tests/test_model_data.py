@@ -89,6 +89,32 @@ def test_an_ingest_of_another_csv_is_not_reused(tmp_path: Path, capsys: pytest.C
     assert json.loads(capsys.readouterr().out)["products"] == 6 == load_shards_manifest(out)["report"]["products"]
 
 
+def test_bad_and_missing_images_are_named_and_their_reasons_counted_together(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each bad image made its own reason key (its byte count in it) and none was named: a catalog with a few bad
+    files among thousands gave no way to find them."""
+    lines = (MINI / "styles.csv").read_text(encoding="utf-8").splitlines()
+    ids = [line.split(",")[0] for line in lines[1:6]]
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / f"{ids[0]}.jpg").write_bytes((MINI / "images" / f"{ids[0]}.jpg").read_bytes())
+    (images / f"{ids[1]}.jpg").write_bytes(b"garbage")
+    (images / f"{ids[2]}.jpg").write_bytes(b"other garbage, longer")
+    good = (MINI / "images" / f"{ids[3]}.jpg").read_bytes()
+    (images / f"{ids[3]}.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "styles.csv").write_text("\n".join(lines[:6]) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="vitrine.ingest"):
+        report = build_shards(tmp_path / "styles.csv", images, tmp_path / "out", CatalogConfig(), progress=False)
+    assert (report.records, report.bad_images, report.missing_images) == (1, 3, 1)
+    assert report.bad_image_reasons == {"not a recognised image": 2, "corrupt or truncated image": 1}
+    named = {p["product_id"]: p for p in report.image_problems}
+    assert sorted(named) == sorted(ids[1:5])
+    assert named[ids[4]]["image"] == str(images / f"{ids[4]}.jpg") and "missing" in named[ids[4]]["problem"]
+    assert "truncated" in named[ids[3]]["problem"]
+    assert all(f"product {pid}: image {images / f'{pid}.jpg'}" in caplog.text for pid in ids[1:5])
+    assert load_shards_manifest(tmp_path / "out")["report"]["image_problems"] == report.image_problems
+
+
 def test_half_written_output_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="no manifest"):

@@ -36,6 +36,7 @@ from model.files import sha256_file
 from model.images import ImageDecodeError, decode_image
 
 DEFAULT_MAX_RECORDS_PER_SHARD = 4096
+MAX_LISTED = 20  # missing or bad images named in the log and in the report (the rest are counted)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")  # a URL's scheme (a Windows "C:\\" path has no "//")
 logger = logging.getLogger("vitrine.ingest")
 
@@ -51,7 +52,10 @@ class IngestReport:
     missing_images: int = 0  # no image named, or no file where one was named
     failed_downloads: int = 0  # image URLs that could not be downloaded (reasons in downloads["errors"])
     bad_images: int = 0
-    bad_image_reasons: dict[str, int] = field(default_factory=dict)  # product id -> reason, summarised
+    bad_image_reasons: dict[str, int] = field(default_factory=dict)  # reason -> products (e.g. "corrupt or
+    # truncated image": 3)
+    image_problems: list[dict[str, str]] = field(default_factory=list)  # the first MAX_LISTED missing or bad images:
+    # {"product_id", "image" (path), "problem"}, so that they can be found and fixed
     catalog: dict[str, int] = field(default_factory=dict)  # read_catalog's report
     downloads: dict[str, Any] = field(default_factory=dict)  # model.data.sources.FetchReport when URLs were named
     unsupported_sources: dict[str, int] = field(default_factory=dict)  # e.g. {"s3://": 12}: counted as missing
@@ -83,7 +87,7 @@ def prepare_image(path: str, max_side: int | None = None) -> tuple[bytes | None,
     try:
         image = decode_image(data, min_size=(1, 1) if max_side is None else (max_side, max_side))
     except ImageDecodeError as exc:
-        return None, str(exc).split(":")[0][:80]
+        return None, str(exc)
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -237,6 +241,22 @@ def local_sources(images: list[str], images_dir: Path, cache: str | Path, fetch:
     return result
 
 
+def reason_key(message: str) -> str:
+    """An ImageDecodeError message as a countable reason: without its details (sizes, byte counts, the decoder's
+    words), e.g. "corrupt or truncated image (515 bytes): Truncated File Read" -> "corrupt or truncated image"."""
+    return re.sub(r"\d+(x\d+)?", "N", re.sub(r"\s*\(.*", "", message.split(":")[0])).strip()[:80]
+
+
+def _name_problem(report: IngestReport, product: Product, source: str, problem: str) -> None:
+    """Log and list (the first MAX_LISTED) a product whose image is missing or bad."""
+    listed = report.missing_images + report.bad_images
+    if listed <= MAX_LISTED:
+        report.image_problems.append({"product_id": product.product_id, "image": source or "(none named)",
+                                      "problem": problem})
+        logger.warning("product %s: image %s: %s%s", product.product_id, source or "(none named)", problem,
+                       " (further ones are counted, not named)" if listed == MAX_LISTED else "")
+
+
 def _write_all_shards(products: list[Product], sources: list[str], tmp: Path, max_records: int,
                       report: IngestReport, options: dict[str, Any]) -> list[dict[str, Any]]:
     """Validate (and maybe re-encode) images in worker processes; write shards of at most `max_records`.
@@ -261,9 +281,12 @@ def _write_all_shards(products: list[Product], sources: list[str], tmp: Path, ma
                     pass  # counted in report.failed_downloads
                 elif reason == "missing":
                     report.missing_images += 1
+                    _name_problem(report, product, sources[position], "missing: no such file" if sources[position]
+                                  else "no image: its cell is empty or names a scheme that is not fetched")
                 else:
                     report.bad_images += 1
-                    reasons[reason] += 1
+                    reasons[reason_key(reason)] += 1
+                    _name_problem(report, product, sources[position], reason)
                 continue
             pending.append((product, data))
             if len(pending) == max_records:
