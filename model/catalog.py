@@ -145,12 +145,16 @@ DELIMITERS = (",", ";", "\t", "|")
 
 
 def csv_encoding(csv_path: str | Path, encoding: str | None) -> str:
-    """The encoding to read `csv_path` with: `encoding`, else UTF-8 (with or without a BOM) when the whole file
-    decodes as UTF-8, else Windows-1252 (what spreadsheet programs on Windows export), with a warning."""
+    """The encoding to read `csv_path` with: `encoding`, else UTF-16 when the file starts with its byte order mark
+    (Excel's "Unicode Text" export), else UTF-8 (with or without a BOM) when the whole file decodes as UTF-8, else
+    Windows-1252 (what spreadsheet programs on Windows export), with a warning."""
     if encoding is not None:
         return encoding
     decoder = codecs.getincrementaldecoder("utf-8")()
     with open(csv_path, "rb") as handle:
+        if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Excel's "Unicode Text" export
+            return "utf-16"
+        handle.seek(0)
         try:
             while chunk := handle.read(1 << 20):
                 decoder.decode(chunk)

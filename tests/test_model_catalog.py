@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import shutil
 from pathlib import Path
@@ -205,3 +206,17 @@ def test_an_image_pattern_with_another_placeholder_is_a_config_error(pattern: st
         CatalogConfig(image_url_pattern="https://cdn.example.com/" + pattern)
     literal = CatalogConfig(image_pattern="photos/{id}_{{front}}.jpg")
     assert literal.image_pattern.format(id="7") == "photos/7_{front}.jpg"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_excel_unicode_text_export_is_read(tmp_path: Path, encoding: str) -> None:
+    """Excel's "Unicode Text" export is UTF-16 with a byte order mark, tab-separated; it was read as Windows-1252
+    (a header of NUL-separated letters)."""
+    text = "sku\tname\ttype\tprice\n1\tCaf\u00e9 cr\u00e8me \u4e2d\u6587 \U0001f457\tShirts\t19,90 \u20ac\n"
+    data = text.encode(encoding)
+    if encoding != "utf-16":  # the plain codec writes its BOM itself
+        data = (codecs.BOM_UTF16_LE if encoding.endswith("le") else codecs.BOM_UTF16_BE) + data
+    (tmp_path / "unicode.txt").write_bytes(data)
+    table = read_catalog(tmp_path / "unicode.txt", SHOP)
+    assert [(p.product_id, p.title, p.price) for p in table.products] == [
+        ("1", "Caf\u00e9 cr\u00e8me \u4e2d\u6587 \U0001f457", 19.9)]
