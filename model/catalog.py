@@ -185,7 +185,9 @@ def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Cou
     A row with more fields than the header only because it ends with delimiters ("a;b;c;") loses the empty
     extra fields. Another row with more fields than the header (an unquoted delimiter) has its extra fields
     joined back into `overflow_column` with the delimiter; a row with too few fields (or too many and no overflow
-    column) is counted as bad and skipped. Blank lines are counted. `delimiter` / `encoding` None:
+    column) is counted as bad and skipped. Blank lines are counted, and so is (with a warning naming its lines) a
+    row whose multi-line field holds what looks like whole rows: an unclosed quote (rows_suspect_unclosed_quote).
+    `delimiter` / `encoding` None:
     detected (csv_delimiter with `id_column`, csv_encoding).
     """
     chosen = csv_encoding(csv_path, encoding)
@@ -207,17 +209,27 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
         handle.seek(0)
         if delimiter != ",":
             logger.info("catalog CSV %s: fields separated by %r", csv_path, delimiter)
-        reader = _checked(csv.reader(handle, delimiter=delimiter), csv_path)
+        raw = csv.reader(handle, delimiter=delimiter)
+        reader = _checked(raw, csv_path)
         header = next(reader, None)
         if not header:
             raise ValueError(f"catalog CSV {csv_path} is empty: expected a header row")
         header = [h.strip() for h in header]
         overflow_at = header.index(overflow_column) if overflow_column in header else None
+        last_line = raw.line_num
         for fields in reader:
+            first_line, last_line = last_line + 1, raw.line_num
             if not fields or all(not f.strip() for f in fields):
                 report["blank_lines"] += 1
                 continue
             report["rows_read"] += 1
+            if last_line > first_line and _holds_rows(fields, delimiter, len(header)):
+                report["rows_suspect_unclosed_quote"] += 1
+                if report["rows_suspect_unclosed_quote"] <= 20:
+                    logger.warning("catalog CSV %s, lines %d-%d were read as one row: a field holds lines that look "
+                                   "like rows of their own, so a quote opened on line %d is probably not closed "
+                                   "(those rows are not read); quote the field, or double the quote inside it",
+                                   csv_path, first_line, last_line, first_line)
             extra = len(fields) - len(header)
             if extra > 0 and not any(f.strip() for f in fields[len(header):]):
                 fields = fields[:len(header)]  # a delimiter ending the line ("a;b;c;"): no value was split
@@ -232,6 +244,13 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
                 report[f"rows_bad/{reason}"] += 1
                 continue
             yield header, dict(zip(header, fields, strict=True))
+
+
+def _holds_rows(fields: list[str], delimiter: str, columns: int) -> bool:
+    """True when a field spanning lines holds a line with a whole row's delimiters (`columns` - 1 of them): the
+    sign of a quote that was opened and not closed, which makes the csv module read on across rows."""
+    return columns > 2 and any(line.count(delimiter) >= columns - 1 for field in fields if "\n" in field
+                               for line in field.split("\n")[1:])
 
 
 CSV_FIELD_LIMIT = 16 << 20  # characters in one cell (Python's csv default, 128 KiB, is less than one long

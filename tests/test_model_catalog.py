@@ -220,3 +220,18 @@ def test_excel_unicode_text_export_is_read(tmp_path: Path, encoding: str) -> Non
     table = read_catalog(tmp_path / "unicode.txt", SHOP)
     assert [(p.product_id, p.title, p.price) for p in table.products] == [
         ("1", "Caf\u00e9 cr\u00e8me \u4e2d\u6587 \U0001f457", 19.9)]
+
+
+def test_an_unclosed_quote_that_swallows_rows_is_counted_and_named(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """`2,"12 inch pizza,...` opens a quote that the csv module closes only at the next quote in the file: the
+    rows between became part of one title, without a count or a word. A legitimate multi-line cell is not
+    suspected."""
+    (tmp_path / "quote.csv").write_text(
+        'sku,name,type,price\n1,a,Shirts,1\n2,"12 inch pizza,Shirts,2\n3,c,Shirts,3\n4,d,Shirts,4\n'
+        '5,e "big",Shirts,5\n6,"two\nlines, fine",Shirts,6\n', encoding="utf-8")
+    with caplog.at_level("WARNING", logger="vitrine.catalog"):
+        table = read_catalog(tmp_path / "quote.csv", SHOP)
+    assert table.report["rows_suspect_unclosed_quote"] == 1
+    assert "quote.csv, lines 3-6 were read as one row" in caplog.text and "line 3 is probably not closed" in caplog.text
+    assert table.products[-1].title == "two\nlines, fine"
