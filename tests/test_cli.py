@@ -40,6 +40,12 @@ def test_missing_input_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: 
     assert "catalog CSV not found" in capsys.readouterr().err
 
 
+def test_a_query_image_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`vitrine query --image photos/` raised IsADirectoryError with a traceback (before any connection)."""
+    assert main(["query", "--target", "127.0.0.1:9", "--image", str(tmp_path)]) == 2
+    assert f"image file {tmp_path} is a folder" in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

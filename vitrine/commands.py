@@ -31,6 +31,17 @@ def _existing(path: str, what: str) -> Path:
     return p
 
 
+def _read_file(path: str, what: str) -> bytes:
+    """The bytes of a file the user named; UserError when it is missing, a folder or unreadable."""
+    p = _existing(path, what)
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a folder: name a file")
+    try:
+        return p.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {what} {p}: {err.strerror or err}") from err
+
+
 def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
     """Config fields set on the command line: {config field: value} for every flag that was given."""
     return {field: getattr(args, flag) for flag, field in mapping.items() if getattr(args, flag) is not None}
@@ -223,7 +234,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     search_filter = SearchFilter(categories=tuple(args.category or ()), brands=tuple(args.brand or ()),
                                  min_price=args.min_price, max_price=args.max_price, in_stock_only=args.in_stock)
     options = SearchOptions(nprobe=args.nprobe, exact_rerank=not args.no_rerank, one_per_product=not args.all_images)
-    images = [_existing(path, "image file").read_bytes() for path in args.image or ()]
+    images = [_read_file(path, "image file") for path in args.image or ()]
     crop = _crop(args.crop) if args.crop is not None else None
     if crop is not None and not images:
         raise UserError("--crop marks part of a query photo: it needs --image")
