@@ -46,6 +46,19 @@ def test_a_query_image_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys:
     assert f"image file {tmp_path} is a folder" in capsys.readouterr().err
 
 
+def test_index_list_names_a_version_with_a_broken_manifest_and_goes_on(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A half-written manifest.json (a full disk) stopped `index list` with a bare JSON error naming no file."""
+    for name, text in (("20260101T000000Z", '{"factory": "IDMap,Flat", "count": 3}'), ("20260102T000000Z", "{bad"),
+                       ("20260103T000000Z", '{"factory": "IDMap,Flat", "count": 4}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
+    assert main(["index", "list", "--index-root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "count=3" in lines[0] and "count=4" in lines[2]
+    assert f"unreadable {tmp_path / '20260102T000000Z' / 'manifest.json'}" in lines[1]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

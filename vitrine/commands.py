@@ -165,8 +165,12 @@ def cmd_index_list(args: argparse.Namespace) -> int:
     except VersionError:
         current = None  # nothing published yet: list what is there
     for name in list_versions(root):
-        manifest = json.loads((root / name / "manifest.json").read_text())
         mark = "*" if name == current else " "
+        try:
+            manifest = json.loads((root / name / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # one broken folder must not hide the others
+            print(f"{mark} {name}  (unreadable {root / name / 'manifest.json'}: {err})")
+            continue
         print(f"{mark} {name}  {manifest.get('factory', '?'):<20} count={manifest.get('count', '?')} "
               f"recall@10={manifest.get('validation', {}).get('recall_at_10', '?')}")
     return 0
