@@ -142,6 +142,7 @@ class CatalogTable:
 
 
 DELIMITERS = (",", ";", "\t", "|")
+MAX_ID_BYTES = 500  # a product id's UTF-8 length: the index's catalog store keys it in LMDB (at most 511 bytes)
 
 
 def csv_encoding(csv_path: str | Path, encoding: str | None) -> str:
@@ -409,7 +410,8 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
                  images_dir: str | Path | None = None) -> CatalogTable:
     """Read a catalog CSV into Products with a report of counts (never drops a row silently).
 
-    Report keys: rows_read, rows_ok, rows_repaired_overflow, rows_bad (+ rows_bad/<reason>), bad_price,
+    Report keys: rows_read, rows_ok, rows_repaired_overflow, rows_bad (+ rows_bad/<reason>: e.g. missing_id,
+    id_too_long: over MAX_ID_BYTES), bad_price,
     duplicate_ids (first kept), empty_cells/<column>, blank_lines, empty_image_source (no image named),
     image_urls (images to download) and, when `images_dir` is given, missing_images (products whose image
     file does not exist; they are kept, ingest drops them). `CatalogTable.images` holds each product's
@@ -436,6 +438,14 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
         if not product.product_id:
             report["rows_bad"] += 1
             report["rows_bad/missing_id"] += 1
+            continue
+        if len(product.product_id.encode("utf-8")) > MAX_ID_BYTES:
+            report["rows_bad"] += 1
+            report["rows_bad/id_too_long"] += 1
+            if report["rows_bad/id_too_long"] <= 20:
+                logger.warning("catalog CSV %s: product id %r... is %d bytes long, over the limit of %d: row skipped "
+                               "(is id_column the right column?)", csv_path, product.product_id[:60],
+                               len(product.product_id.encode("utf-8")), MAX_ID_BYTES)
             continue
         if product.product_id in seen:
             report["duplicate_ids"] += 1

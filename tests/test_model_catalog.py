@@ -235,3 +235,15 @@ def test_an_unclosed_quote_that_swallows_rows_is_counted_and_named(tmp_path: Pat
     assert table.report["rows_suspect_unclosed_quote"] == 1
     assert "quote.csv, lines 3-6 were read as one row" in caplog.text and "line 3 is probably not closed" in caplog.text
     assert table.products[-1].title == "two\nlines, fine"
+
+
+def test_a_product_id_too_long_for_the_index_is_a_bad_row(tmp_path: Path) -> None:
+    """An id over LMDB's key size (a product URL mapped as the id) passed ingest and the whole embed stage, then
+    stopped the index build with lmdb.BadValsizeError; it is now a bad row, counted at once."""
+    long_id = "https://shop.example.com/products/" + "very-long-handle-" * 40
+    accents = "\u00e9" * 250
+    (tmp_path / "ids.csv").write_text(f"sku,name,type,price\n{long_id},a,Shirts,1\n{accents},b,Shirts,1\n"
+                                      "ok,c,Shirts,1\n", encoding="utf-8")
+    table = read_catalog(tmp_path / "ids.csv", SHOP)
+    assert [p.product_id for p in table.products] == [accents, "ok"]  # 500 bytes: the limit
+    assert table.report["rows_bad/id_too_long"] == 1 and table.report["rows_bad"] == 1
