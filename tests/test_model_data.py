@@ -115,6 +115,15 @@ def test_bad_and_missing_images_are_named_and_their_reasons_counted_together(
     assert load_shards_manifest(tmp_path / "out")["report"]["image_problems"] == report.image_problems
 
 
+@pytest.mark.parametrize("max_side", [0, -5])
+def test_a_max_side_that_is_not_positive_is_refused(tmp_path: Path, max_side: int) -> None:
+    """--max-side 0 (meant as "off") re-encoded every catalog image as a 1x1 pixel JPEG, without a word."""
+    with pytest.raises(ValueError, match="max_side must be a positive number of pixels"):
+        build_shards(MINI / "styles.csv", MINI / "images", tmp_path / "out", CatalogConfig(), progress=False,
+                     max_side=max_side)
+    assert not (tmp_path / "out").exists()
+
+
 def test_half_written_output_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="no manifest"):

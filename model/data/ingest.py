@@ -172,6 +172,9 @@ def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: s
     """
     if max_records_per_shard <= 0:
         raise ValueError(f"max_records_per_shard must be positive, got {max_records_per_shard}")
+    if max_side is not None and max_side <= 0:  # 0 shrank every image to 1x1 pixel
+        raise ValueError(f"max_side must be a positive number of pixels (leave it unset to store images as they "
+                         f"are), got {max_side}")
     out_dir = Path(out_dir)
     if images_dir is None:
         if config.image_column is None:
