@@ -221,12 +221,28 @@ def check_memory(plan: IndexPlan, n: int, dim: int, memory_budget: int | None, *
 _IVF_RE = re.compile(r"(?:^|,)IVF(\d+)")
 
 
-def plan_from_factory(factory: str, n: int, dim: int) -> IndexPlan:
+def _check_factory(factory: str, dim: int) -> None:
+    """ValueError naming the factory string when Faiss cannot build it for `dim`."""
+    import faiss
+
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split()).rpartition(": ")[2]  # Faiss's words, without its C++ source position
+        raise ValueError(f"Faiss cannot build the factory string {factory!r} for {dim}-d vectors: {detail} (see "
+                         "https://github.com/facebookresearch/faiss/wiki/The-index-factory)") from None
+
+
+def plan_from_factory(factory: str, n: int, dim: int, *, trains: bool = True) -> IndexPlan:
     """Plan for a factory string given by the user (config override) instead of `plan_index`.
 
-    A non-IVF factory is wrapped in ``IDMap,`` so that shards share one internal-id space.
+    A non-IVF factory is wrapped in ``IDMap,`` so that shards share one internal-id space. ValueError when Faiss
+    cannot build the factory for `dim` or, when the plan `trains` the index, an IVF has more lists than the `n`
+    vectors that train it (both stopped the build with a Faiss RuntimeError traceback, the second after the whole
+    embed stage); an update reuses a trained index (trains False).
     """
     factory = factory.strip()
+    _check_factory(factory, dim)
     match = _IVF_RE.search(factory)
     if match is None:
         if not factory.startswith("IDMap"):
@@ -234,6 +250,10 @@ def plan_from_factory(factory: str, n: int, dim: int) -> IndexPlan:
         plan = IndexPlan(factory=factory, nlist=0, pq_m=0, nbits=0, train_size=0, nprobe=1)
         return plan if plan.is_exact else replace(plan, train_size=n, rerank_factor=RERANK_FACTOR)
     nlist = int(match.group(1))
+    if trains and nlist > n:
+        raise ValueError(f"factory {factory!r} has {nlist} inverted lists, more than the {n} vectors that would "
+                         "train them: choose fewer lists (IVF<nlist> with nlist <= n, e.g. about 4 * sqrt(n)) or leave "
+                         "--factory unset for the planned index")
     pq = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
     pq_m = int(pq.group(1)) if pq else 0
     nbits = int(pq.group(2) or NBITS) if pq else 0

@@ -171,7 +171,8 @@ def _embed_rows(rows: list[tuple[Product, str, str, int | None]], live: IndexVer
 
 def _live_plan(live: IndexVersion, n: int, nprobe: int | None) -> IndexPlan:
     stored = live.manifest.get("plan")
-    plan = IndexPlan(**stored) if isinstance(stored, dict) else plan_from_factory(live.factory, n, live.dim)
+    plan = IndexPlan(**stored) if isinstance(stored, dict) \
+        else plan_from_factory(live.factory, n, live.dim, trains=False)
     defaults = live.manifest.get("search_defaults", {})
     return IndexPlan(**{**plan.to_json(), "nprobe": int(nprobe or defaults.get("nprobe", plan.nprobe)),
                         "rerank_factor": int(defaults.get("rerank_factor", plan.rerank_factor))})

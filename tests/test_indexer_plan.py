@@ -1,5 +1,7 @@
 """Table-driven tests pinning the index planning decisions (indexer.plan)."""
 
+import re
+
 import pytest
 
 from indexer.plan import (
@@ -125,3 +127,17 @@ def test_parse_bytes(text: str, value: int) -> None:
 def test_parse_bytes_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="write e.g. 8GB"):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("factory, n, message", [
+    ("Garbage", 1000, "cannot build the factory string 'Garbage' for 256-d vectors"),
+    ("IVF16,PQ7", 1000, "cannot build the factory string 'IVF16,PQ7'"),  # 256 is no multiple of 7
+    ("IVF4096,Flat", 300, "4096 inverted lists, more than the 300 vectors"),
+])
+def test_a_user_factory_that_cannot_be_built_is_a_value_error(factory: str, n: int, message: str) -> None:
+    """--factory Garbage or IVF16,PQ7 stopped the build with a Faiss RuntimeError traceback; IVF4096 on 300
+    vectors did so after the whole embed stage."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan_from_factory(factory, n, 256)
+    assert plan_from_factory("IVF16,PQ32", 1000, 256).nlist == 16
+    assert plan_from_factory("IVF4096,Flat", 300, 256, trains=False).nlist == 4096  # an update reuses the training
