@@ -72,6 +72,9 @@ class EmbedSettings:
     ray_cpus_per_actor: float = 1.0  # backend "ray": CPUs each actor reserves (= its torch threads)
 
     def __post_init__(self) -> None:
+        for name, low in (("batch_size", 1), ("num_workers", 0), ("chunk_rows", 1)):  # chunk_rows 0 divided by 0
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         if self.forward not in FORWARD_PLACES:

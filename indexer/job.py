@@ -85,6 +85,10 @@ class IndexBuildConfig:
     keep_versions: int | None = 5  # versions kept after publishing (CURRENT and its predecessor always)
     publish: bool = True  # point CURRENT at the new version when validation passes
 
+    def __post_init__(self) -> None:
+        if self.nprobe is not None and self.nprobe < 1:  # it was published as the version's search default
+            raise ValueError(f"nprobe must be at least 1 (leave it unset for the plan's default), got {self.nprobe}")
+
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

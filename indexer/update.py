@@ -59,6 +59,11 @@ class IndexUpdateConfig:
     image_cache: str | Path | None = None  # downloaded image URLs (None: <index_root>/.image-cache)
     image_max_age_h: float = 20.0  # cached image URLs older than this are revalidated (conditional GET)
 
+    def __post_init__(self) -> None:
+        for name, value in (("nprobe", self.nprobe), ("batch_size", self.batch_size), ("num_shards", self.num_shards)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
 
 def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], list[str], set[int]]:
     """The new catalog's products, its read report, and each product's image as a local path (URLs downloaded)."""

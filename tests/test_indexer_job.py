@@ -177,3 +177,19 @@ def test_forward_place_auto_and_its_checks(monkeypatch: pytest.MonkeyPatch) -> N
     assert not embed.forward_in_workers(embed.EmbedSettings(num_workers=16, forward="main"))
     with pytest.raises(ValueError, match="unknown forward place"):
         embed.EmbedSettings(forward="gpu")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--chunk-rows", "0"], "chunk_rows must be at least 1, got 0"),  # was a ZeroDivisionError traceback
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--workers", "-1"], "num_workers must be at least 0, got -1"),
+    (["--nprobe", "-3"], "nprobe must be at least 1"),  # was published as the version's search default
+])
+def test_build_flags_out_of_range_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   flags: list[str], message: str) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    assert main(["index", "build", "--shards", str(shards), "--index-root", str(tmp_path / "index"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "index" / "CURRENT").exists()
