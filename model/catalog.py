@@ -52,6 +52,7 @@ class CatalogConfig:
     encoding: str | None = None  # None: UTF-8 (BOM or not), or Windows-1252 when the file is not valid UTF-8
 
     def __post_init__(self) -> None:
+        self._check_types()
         for name in ("image_pattern", "image_url_pattern"):
             pattern = getattr(self, name)
             if pattern is None:
@@ -62,6 +63,31 @@ class CatalogConfig:
                 raise ValueError(f"catalog config {name} {pattern!r} cannot be filled in ({type(exc).__name__}: "
                                  f"{exc}): its only placeholder is {{id}}, the product id as text (e.g. "
                                  "\"{id}.jpg\"); write a literal brace as {{ or }}") from None
+
+    def _check_types(self) -> None:
+        """ValueError naming the field when a value has the wrong type or form (a config file's typo surfaced as a
+        TypeError / LookupError traceback in the CSV reader, or as columns named by single letters)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "attribute_columns":
+                if not isinstance(value, tuple) or not all(isinstance(c, str) for c in value):
+                    raise ValueError(f"catalog config attribute_columns must be a list of column names (e.g. "
+                                     f"[\"type\"]), got {value!r}")
+            elif not isinstance(value, str) and not (value is None and "None" in str(f.type)):
+                raise ValueError(f"catalog config {f.name} must be {'a column name' if 'column' in f.name else 'text'}"
+                                 f"{' or null' if 'None' in str(f.type) else ''}, got {value!r}")
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise ValueError(f"catalog config delimiter must be one character (\",\" \";\" \"\\t\" \"|\"), got "
+                             f"{self.delimiter!r}")
+        if self.decimal_separator not in (None, ".", ","):
+            raise ValueError(f"catalog config decimal_separator must be \".\" or \",\" (or null: detected), got "
+                             f"{self.decimal_separator!r}")
+        if self.encoding is not None:
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                raise ValueError(f"catalog config encoding {self.encoding!r} is not an encoding Python knows (e.g. "
+                                 "\"utf-8\", \"cp1252\", \"latin-1\", \"utf-16\")") from None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -75,8 +101,11 @@ class CatalogConfig:
         if unknown:
             raise ValueError(f"unknown catalog config keys {unknown}; known keys: {sorted(known)}")
         values = dict(data)
-        if "attribute_columns" in values:
-            values["attribute_columns"] = tuple(values["attribute_columns"])
+        columns = values.get("attribute_columns", ())
+        if isinstance(columns, list):
+            values["attribute_columns"] = tuple(columns)
+        elif columns is None:
+            values["attribute_columns"] = ()
         return cls(**values)
 
 

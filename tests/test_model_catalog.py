@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,21 @@ def test_a_product_id_too_long_for_the_index_is_a_bad_row(tmp_path: Path) -> Non
     table = read_catalog(tmp_path / "ids.csv", SHOP)
     assert [p.product_id for p in table.products] == [accents, "ok"]  # 500 bytes: the limit
     assert table.report["rows_bad/id_too_long"] == 1 and table.report["rows_bad"] == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("delimiter", ";;", "delimiter must be one character"),  # was TypeError from the csv module
+    ("encoding", "utf-99", "encoding 'utf-99' is not an encoding Python knows"),  # was LookupError
+    ("attribute_columns", "type", "attribute_columns must be a list of column names"),  # was ['e', 'p', 't', 'y']
+    ("id_column", 5, "id_column must be a column name, got 5"),
+    ("title_column", None, "title_column must be a column name, got None"),
+    ("decimal_separator", "x", "decimal_separator must be"),
+])
+def test_config_values_of_the_wrong_type_are_named(tmp_path: Path, field: str, value: object, message: str) -> None:
+    (tmp_path / "columns.json").write_text(json.dumps({**SHOP.to_json(), field: value}), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_catalog_config(tmp_path / "columns.json")
+
+
+def test_config_attribute_columns_null_means_none() -> None:
+    assert CatalogConfig.from_json({**SHOP.to_json(), "attribute_columns": None}).attribute_columns == ()
