@@ -209,8 +209,10 @@ class _Server(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):  # several server processes share the port, as their gRPC port
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        from engine import lifecycle
+
+        if lifecycle.SHARED_PORT and hasattr(socket, "SO_REUSEPORT"):  # worker processes share the port, as
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # their gRPC port
         super().server_bind()
 
 

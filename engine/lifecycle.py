@@ -94,10 +94,15 @@ def set_health(health_servicer: health.HealthServicer, status: Any, service_name
         health_servicer.set(name, status)
 
 
+SHARED_PORT = False  # True in the worker processes of run_workers, which bind one port together (SO_REUSEPORT);
+# a single server binds its ports alone, so that a port already in use is an error, not a silent share of its traffic
+
+
 def bind(config: ServerConfig) -> tuple[grpc.Server, int]:
     """A grpc.Server bound to config.host:config.port (not started) and the bound port; ServerStartError."""
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
-               ("grpc.max_send_message_length", config.max_message_bytes)]
+               ("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.so_reuseport", 1 if SHARED_PORT else 0)]
     # OpenMP's thread count is a per-thread setting: each request thread sets its own (a call made
     # in the main thread would leave the request threads at one OpenMP team per core, each).
     executor = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="vitrine-rpc",
@@ -140,7 +145,7 @@ def run_until_signal(config: ServerConfig, create: Callable[[ServerConfig], tupl
     logger.info("configuration: %s", config_to_json(config))
     try:
         server, port = create(config)
-    except ServerStartError as exc:
+    except (ServerStartError, OSError) as exc:  # OSError: e.g. the metrics port in use
         logger.error("cannot start: %s", exc)
         return 1
     with stop_signals() as stop:
@@ -182,6 +187,8 @@ def shared_http_port(config: ServerConfig) -> ServerConfig:
 
 def _worker_main(config: ServerConfig, index: int, count: int, verbose: bool) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter, logging set up again)."""
+    global SHARED_PORT
+    SHARED_PORT = True  # the workers share the gRPC and HTTP ports
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -199,7 +206,7 @@ def run_workers(config: ServerConfig) -> int:
     """Serve with `config.processes` worker processes on one port until SIGINT/SIGTERM; the exit status.
 
     Each worker is a whole server (own GIL, model, Faiss index, hot-swap watcher, health, metrics on
-    metrics_port + i) bound to the same port with SO_REUSEPORT (gRPC's default on Linux), so the
+    metrics_port + i) bound to the same port with SO_REUSEPORT (only workers set it: see SHARED_PORT), so the
     kernel spreads client connections over them. Workers are started with `spawn` (no gRPC, OpenMP
     or torch state is forked). A stop signal is passed on to every worker, which stops gracefully. When
     a worker exits on its own (it could not start, or crashed) the others are stopped too and its exit

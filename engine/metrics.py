@@ -78,8 +78,13 @@ class Metrics:
             self.index_vectors.set(count)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port. OSError naming the address
+        when it cannot be bound (in use: it was a bare "Address already in use" traceback)."""
+        try:
+            server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port} (--metrics-port): "
+                                     f"{exc.strerror or exc}") from exc
         self._http = server
         return int(server.server_port)
 

@@ -126,3 +126,29 @@ def test_serve_with_processes_fails_when_its_workers_cannot_start(tmp_path: Path
                             timeout=180)
     assert result.returncode == 1, result.stderr
     assert "CURRENT" in result.stderr and "exited with status 1; stopping the others" in result.stderr
+
+
+def test_a_second_server_on_a_port_in_use_refuses_to_start(tmp_path: Path) -> None:
+    """Every server set SO_REUSEPORT, so a second `vitrine serve` on a busy port (another index, an old
+    deployment) started silently and took a share of the first one's connections. Only the workers of
+    --processes share a port now; a single server on a port in use (gRPC, HTTP or metrics) exits 1 saying so."""
+    index = build_engine_index(tmp_path)
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    serve = [sys.executable, "-m", "vitrine", "serve", "--index-root", str(index.index_root), "--grace-s", "1"]
+    first = subprocess.Popen([*serve, "--port", str(port), "--http-port", str(http_port), "--metrics-port",
+                              str(metrics_port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=5.0) as client:
+            client.wait_ready(timeout_s=240.0)
+        for flags, said in ((["--port", str(port)], f"cannot bind 127.0.0.1:{port}"),
+                            (["--port", str(free_port()), "--http-port", str(http_port)],
+                             f"cannot bind the HTTP gateway to 127.0.0.1:{http_port}"),
+                            (["--port", str(free_port()), "--metrics-port", str(metrics_port)],
+                             f"cannot serve metrics on 127.0.0.1:{metrics_port}")):
+            second = subprocess.run([*serve, *flags], env=env, capture_output=True, text=True, timeout=240)
+            assert second.returncode == 1 and said in second.stderr, second.stderr[-2000:]
+            assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
