@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from indexer.build import build_index_from_vectors
+from indexer.errors import ValidationFailed
 from indexer.plan import IndexPlan, plan_from_factory
 from indexer.publish import load_digests
 from indexer.version import IndexVersion, open_current
@@ -58,11 +59,16 @@ class IndexUpdateConfig:
     publish: bool = True  # point CURRENT at the new version when validation passes
     image_cache: str | Path | None = None  # downloaded image URLs (None: <index_root>/.image-cache)
     image_max_age_h: float = 20.0  # cached image URLs older than this are revalidated (conditional GET)
+    max_removed_fraction: float = 0.5  # refuse (CURRENT untouched) an update that would take more than this fraction
+    # of the live products out of the index (deleted rows, missing or bad images): a truncated export or an images
+    # folder that is not mounted; 1.0 allows any
 
     def __post_init__(self) -> None:
         for name, value in (("nprobe", self.nprobe), ("batch_size", self.batch_size), ("num_shards", self.num_shards)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if not 0.0 <= self.max_removed_fraction <= 1.0:
+            raise ValueError(f"max_removed_fraction must lie in [0, 1], got {self.max_removed_fraction}")
 
 
 def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], list[str], set[int]]:
@@ -174,6 +180,20 @@ def _embed_rows(rows: list[tuple[Product, str, str, int | None]], live: IndexVer
     return vectors[keep], products, digests[keep], int((~keep).sum())
 
 
+def _check_removed(live: IndexVersion, kept: list[Product], counts: dict[str, int], max_fraction: float) -> None:
+    """ValidationFailed when more than `max_fraction` of the live products would leave the index: a truncated
+    export (its missing rows are deletions) or an images folder that is not there (every image missing) looks
+    like a catalog change and was published, taking most of the shop out of search."""
+    retained = sum(live.internal_id(product.product_id) is not None for product in kept)
+    removed = live.count - retained
+    if live.count and removed > max_fraction * live.count:
+        raise ValidationFailed(
+            f"the update would take {removed} of the {live.count} products of {live.name} out of the index "
+            f"({removed / live.count:.0%}, over the limit of {max_fraction:.0%}: {counts['deleted']} not in the new "
+            f"catalog, the others with a missing or bad image); is the export complete and the images folder there? "
+            "Pass --max-removed 1 to apply it anyway", {"update": counts})
+
+
 def _live_plan(live: IndexVersion, n: int, nprobe: int | None) -> IndexPlan:
     stored = live.manifest.get("plan")
     plan = IndexPlan(**stored) if isinstance(stored, dict) \
@@ -204,6 +224,7 @@ def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
         counts["bad_image"] = bad
         if not kept:
             raise ValueError("the new catalog has no product with a usable image: refusing to publish an empty index")
+        _check_removed(live, kept, counts, config.max_removed_fraction)
         trained = faiss.clone_index(live.shards[0])
         trained.reset()  # empty, trained: the live quantizer and codebooks
         plan = _live_plan(live, len(kept), config.nprobe)

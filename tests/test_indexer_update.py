@@ -90,3 +90,32 @@ def test_update_refuses_an_empty_catalog(tmp_path: Path) -> None:
             "--index-root", str(root)]
     assert main(argv) == 2
     assert read_current(root) == live and list_versions(root) == [live]
+
+
+def test_update_refuses_to_take_most_products_out_of_the_index(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated export (a third of its rows) or an images folder synced by a third looked like a catalog
+    change: the update published a version without most of the shop. Over --max-removed (default half of the
+    live products) it now fails like a gate, CURRENT untouched."""
+    shards, checkpoint = make_inputs(tmp_path, 30)
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=10))
+    live = read_current(root)
+    rows = catalog_rows(30)
+    write_catalog_rows(tmp_path / "truncated.csv", rows[:11])
+    partial = tmp_path / "half-synced"  # only 10 of the 30 images arrived
+    partial.mkdir()
+    for row in rows[1:11]:
+        shutil.copyfile(MINI / "images" / f"{row[0]}.jpg", partial / f"{row[0]}.jpg")
+    update = ["index", "update", "--index-root", str(root), "--validation-queries", "10"]
+    assert main([*update, "--csv", str(tmp_path / "truncated.csv"), "--images", str(MINI / "images")]) == 1
+    assert "would take 20 of the 30 products" in capsys.readouterr().err
+    write_catalog_rows(tmp_path / "all.csv", rows)
+    assert main([*update, "--csv", str(tmp_path / "all.csv"), "--images", str(partial)]) == 1
+    assert "would take 20 of the 30 products" in capsys.readouterr().err
+    assert read_current(root) == live and list_versions(root) == [live]
+    assert main([*update, "--csv", str(tmp_path / "truncated.csv"), "--images", str(MINI / "images"),
+                 "--max-removed", "1"]) == 0
+    with open_current(root) as version:
+        assert version.count == 10

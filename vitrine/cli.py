@@ -134,6 +134,10 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--model", default=None, help="checkpoint folder (default: the live version's; it must have "
                                                  "the same fingerprint)")
     u.add_argument("--batch-size", type=int, default=None, help="images per embedding forward pass (default 64)")
+    u.add_argument("--max-removed", type=float, default=None,
+                   help="refuse the update (CURRENT unchanged, exit 1) when more than this fraction of the live "
+                        "products would leave the index: deleted rows, missing or bad images, as from a truncated "
+                        "export or an images folder that is not mounted (default 0.5; 1 allows any)")
     _add_build_flags(u)
     u.set_defaults(handler=commands.cmd_index_update)
     ls = isub.add_parser("list", help="list the versions under an index root (the live one marked *)")

@@ -146,7 +146,7 @@ def cmd_index_update(args: argparse.Namespace) -> int:
                                image_max_age_h=args.image_max_age_h,
                                catalog_config=Path(args.catalog_config) if args.catalog_config else None,
                                model=Path(args.model) if args.model else None)
-    config = dataclasses.replace(config, **_overrides(args, _BUILD_FLAGS))
+    config = dataclasses.replace(config, **_overrides(args, {**_BUILD_FLAGS, "max_removed": "max_removed_fraction"}))
     if args.no_publish:
         config = dataclasses.replace(config, publish=False)
     path, report = _run_gated(lambda: update_index(config))
