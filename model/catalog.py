@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,8 @@ def csv_delimiter(first_line: str, delimiter: str | None, id_column: str | None)
 
 
 def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Counter[str], *,
-                  delimiter: str | None = ",", encoding: str | None = "utf-8-sig", id_column: str | None = None
-                  ) -> Iterator[tuple[list[str], dict[str, str]]]:
+                  delimiter: str | None = ",", encoding: str | None = "utf-8-sig", id_column: str | None = None,
+                  on_header: Callable[[list[str]], None] | None = None) -> Iterator[tuple[list[str], dict[str, str]]]:
     """Yield (header, row dict) for each data row, repairing rows that have too many fields.
 
     A row with more fields than the header only because it ends with delimiters ("a;b;c;") loses the empty
@@ -217,12 +217,12 @@ def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Cou
     joined back into `overflow_column` with the delimiter; a row with too few fields (or too many and no overflow
     column) is counted as bad and skipped. Blank lines are counted, and so is (with a warning naming its lines) a
     row whose multi-line field holds what looks like whole rows: an unclosed quote (rows_suspect_unclosed_quote).
-    `delimiter` / `encoding` None:
-    detected (csv_delimiter with `id_column`, csv_encoding).
+    `delimiter` / `encoding` None: detected (csv_delimiter with `id_column`, csv_encoding). `on_header` is called
+    with the header before the first row (even when no row follows, or every row is bad).
     """
     chosen = csv_encoding(csv_path, encoding)
     try:
-        yield from _iter_rows(csv_path, overflow_column, report, delimiter, chosen, id_column)
+        yield from _iter_rows(csv_path, overflow_column, report, delimiter, chosen, id_column, on_header)
     except UnicodeDecodeError as exc:  # only with an `encoding` the caller chose (detection checked UTF-8)
         raise ValueError(f"catalog CSV {csv_path} is not valid {chosen} ({exc.reason} at byte {exc.start}); set "
                          "\"encoding\" in the catalog config to the file's encoding, e.g. \"cp1252\" or "
@@ -230,7 +230,8 @@ def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Cou
 
 
 def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counter[str], delimiter: str | None,
-               encoding: str, id_column: str | None) -> Iterator[tuple[list[str], dict[str, str]]]:
+               encoding: str, id_column: str | None, on_header: Callable[[list[str]], None] | None = None
+               ) -> Iterator[tuple[list[str], dict[str, str]]]:
     # the Windows-1252 fallback leaves its five undefined bytes as U+FFFD instead of failing
     with open(csv_path, newline="", encoding=encoding, errors="replace" if encoding == "cp1252" else "strict") \
             as handle:
@@ -245,6 +246,8 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
         if not header:
             raise ValueError(f"catalog CSV {csv_path} is empty: expected a header row")
         header = [h.strip() for h in header]
+        if on_header is not None:
+            on_header(header)
         overflow_at = header.index(overflow_column) if overflow_column in header else None
         last_line = raw.line_num
         for fields in reader:
@@ -450,13 +453,10 @@ def read_catalog(csv_path: str | Path, config: CatalogConfig, *,
     products: list[Product] = []
     images: list[str] = []
     seen: set[str] = set()
-    checked = False
     splits = load_split_file(csv_path, config.split_file) if config.split_file else None
-    for header, row in iter_csv_rows(csv_path, config.overflow_column, report, delimiter=config.delimiter,
-                                     encoding=config.encoding, id_column=config.id_column):
-        if not checked:
-            _check_columns(header, config, csv_path)
-            checked = True
+    for _, row in iter_csv_rows(csv_path, config.overflow_column, report, delimiter=config.delimiter,
+                                encoding=config.encoding, id_column=config.id_column,
+                                on_header=lambda header: _check_columns(header, config, csv_path)):
         for column, value in row.items():
             if not value.strip():
                 report[f"empty_cells/{column}"] += 1

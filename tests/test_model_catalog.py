@@ -266,3 +266,13 @@ def test_config_values_of_the_wrong_type_are_named(tmp_path: Path, field: str, v
 
 def test_config_attribute_columns_null_means_none() -> None:
     assert CatalogConfig.from_json({**SHOP.to_json(), "attribute_columns": None}).attribute_columns == ()
+
+
+def test_the_column_mapping_is_checked_even_when_every_row_is_bad(tmp_path: Path) -> None:
+    """The header was checked against the mapping only at the first good row: a CSV whose rows all had the wrong
+    field count (a wrong delimiter) or a header-only export gave an empty catalog and no error."""
+    (tmp_path / "bad.csv").write_text("sku,name\n1;a;Shirts;1\n", encoding="utf-8")
+    (tmp_path / "header.csv").write_text("sku,nom,type\n", encoding="utf-8")
+    for name in ("bad.csv", "header.csv"):
+        with pytest.raises(ValueError, match="lacks the configured columns"):
+            read_catalog(tmp_path / name, SHOP)
