@@ -217,8 +217,9 @@ def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Cou
     joined back into `overflow_column` with the delimiter; a row with too few fields (or too many and no overflow
     column) is counted as bad and skipped. Blank lines are counted, and so is (with a warning naming its lines) a
     row whose multi-line field holds what looks like whole rows: an unclosed quote (rows_suspect_unclosed_quote).
-    `delimiter` / `encoding` None: detected (csv_delimiter with `id_column`, csv_encoding). `on_header` is called
-    with the header before the first row (even when no row follows, or every row is bad).
+    `delimiter` / `encoding` None: detected (csv_delimiter with `id_column`, csv_encoding); an Excel "sep=;" first
+    line names the delimiter and is skipped. `on_header` is called with the header before the first row (even when
+    no row follows, or every row is bad).
     """
     chosen = csv_encoding(csv_path, encoding)
     try:
@@ -229,6 +230,9 @@ def iter_csv_rows(csv_path: str | Path, overflow_column: str | None, report: Cou
                          "\"latin-1\"") from exc
 
 
+_EXCEL_SEP = re.compile(r'^"?sep=(.)"?\r?\n?$')  # Excel's "sep=;" line before the header
+
+
 def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counter[str], delimiter: str | None,
                encoding: str, id_column: str | None, on_header: Callable[[list[str]], None] | None = None
                ) -> Iterator[tuple[list[str], dict[str, str]]]:
@@ -236,8 +240,12 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
     with open(csv_path, newline="", encoding=encoding, errors="replace" if encoding == "cp1252" else "strict") \
             as handle:
         first = handle.readline()
+        start = 0
+        if sep := _EXCEL_SEP.match(first):
+            delimiter, start = delimiter or sep.group(1), handle.tell()
+            first = handle.readline()
         delimiter = csv_delimiter(first, delimiter, id_column)
-        handle.seek(0)
+        handle.seek(start)
         if delimiter != ",":
             logger.info("catalog CSV %s: fields separated by %r", csv_path, delimiter)
         raw = csv.reader(handle, delimiter=delimiter)

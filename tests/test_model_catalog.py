@@ -268,6 +268,15 @@ def test_config_attribute_columns_null_means_none() -> None:
     assert CatalogConfig.from_json({**SHOP.to_json(), "attribute_columns": None}).attribute_columns == ()
 
 
+def test_excel_sep_line_names_the_delimiter(tmp_path: Path) -> None:
+    """Excel writes "sep=;" before the header of a CSV meant for it: the header was read as ['sep=;'] (and with
+    "delimiter": ";" set as the error suggested, every row was bad and the catalog silently empty)."""
+    (tmp_path / "excel.csv").write_bytes(b'\xef\xbb\xbfsep=;\r\nsku;name;type;price\r\n1;a, b;Shirts;1,5\r\n')
+    for config in (SHOP, CatalogConfig(**{**SHOP.__dict__, "delimiter": ";"})):
+        table = read_catalog(tmp_path / "excel.csv", config)
+        assert [(p.product_id, p.title, p.price) for p in table.products] == [("1", "a, b", 1.5)]
+
+
 def test_the_column_mapping_is_checked_even_when_every_row_is_bad(tmp_path: Path) -> None:
     """The header was checked against the mapping only at the first good row: a CSV whose rows all had the wrong
     field count (a wrong delimiter) or a header-only export gave an empty catalog and no error."""
