@@ -104,26 +104,36 @@ class RecordImages:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _value(self, record: int) -> bytes:
+    def _value(self, record: int) -> tuple[bytes, str]:
+        """The record's value, and the SHA-1 of its source file when ingest stored other bytes ("" otherwise)."""
         import lmdb
+
+        from model.data.shards import source_digest_key
 
         shard = int(np.searchsorted(self.offsets, record, side="right") - 1)
         if shard not in self._envs:  # opened lazily, so each worker process has its own handle
             self._envs[shard] = lmdb.open(str(self.shards_dir / self.paths[shard]), readonly=True, lock=False,
                                           readahead=False, max_readers=512)
+        index = record - int(self.offsets[shard])
         with self._envs[shard].begin(buffers=False) as txn:
-            value = txn.get(struct.pack(">Q", record - int(self.offsets[shard])))
+            value = txn.get(struct.pack(">Q", index))
+            source = txn.get(source_digest_key(index))
         if value is None:
-            raise ValueError(f"shard {self.paths[shard]} lacks record {record - int(self.offsets[shard])}")
-        return bytes(value)
+            raise ValueError(f"shard {self.paths[shard]} lacks record {index}")
+        return bytes(value), bytes(source).decode("ascii") if source is not None else ""
 
     def read(self, record: int) -> tuple[str, str, bytes, str]:
-        """(product id, product JSON, encoded image bytes, image SHA-1) of one record, not decoded."""
+        """(product id, product JSON, encoded image bytes, image SHA-1) of one record, not decoded.
+
+        The SHA-1 is that of the catalog's image file: of the stored bytes, or the source file's digest that
+        ingest recorded when it re-encoded the image (--max-side), so that `index update` sees the same file as
+        unchanged."""
         from model.data import decode_record
 
-        product, data = decode_record(self._value(record))
+        value, source = self._value(record)
+        product, data = decode_record(value)
         meta = json.dumps(product.to_json(), ensure_ascii=False, separators=(",", ":"))
-        return product.product_id, meta, data, hashlib.sha1(data).hexdigest()
+        return product.product_id, meta, data, source or hashlib.sha1(data).hexdigest()
 
     def __getitem__(self, record: int) -> tuple[int, Any, str, str, str]:
         product_id, meta, data, digest = self.read(record)

@@ -119,3 +119,42 @@ def test_update_refuses_to_take_most_products_out_of_the_index(tmp_path: Path,
                  "--max-removed", "1"]) == 0
     with open_current(root) as version:
         assert version.count == 10
+
+
+def test_update_sees_photos_reencoded_at_ingest_as_unchanged(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Ingest with --max-side stores re-encoded bytes; it records the source file's SHA-1 beside them, so the next
+    update of the same catalog reuses every embedding (it re-embedded every downscaled photo, every night)."""
+    import hashlib
+
+    import lmdb
+
+    from model.catalog import CatalogConfig
+    from model.checkpoint import save_checkpoint
+    from model.data import build_shards, decode_record, load_shards_manifest
+    from model.data.shards import record_key, source_digest_key
+    from model.networks import ModelConfig, create_model
+
+    write_catalog_rows(tmp_path / "styles.csv", catalog_rows(12))
+    shards = tmp_path / "shards"
+    build_shards(tmp_path / "styles.csv", MINI / "images", shards, CatalogConfig(), max_side=64, progress=False)
+    entry = load_shards_manifest(shards)["shards"][0]
+    env = lmdb.open(str(shards / entry["path"]), readonly=True, lock=False)
+    with env.begin() as txn:  # the 60x80 photos were re-encoded to 48x64; their files' digests are kept
+        product, stored = decode_record(txn.get(record_key(0)))
+        source = (MINI / "images" / f"{product.product_id}.jpg").read_bytes()
+        assert stored != source
+        assert txn.get(source_digest_key(0)).decode() == hashlib.sha1(source).hexdigest()
+    env.close()
+    config = ModelConfig(image_size=(32, 32), patch_size=8, width=32, depth=1, num_heads=2, embedding_dim=16)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", create_model(config),
+                                 {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "label_maps": {},
+                                  "metrics": {}})
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=6))
+    capsys.readouterr()
+    assert main(["index", "update", "--csv", str(tmp_path / "styles.csv"), "--images", str(MINI / "images"),
+                 "--index-root", str(root), "--validation-queries", "6"]) == 0
+    out = capsys.readouterr().out
+    assert '"unchanged": 12' in out and '"image_changed": 0' in out and '"added": 0' in out

@@ -11,6 +11,7 @@ finished output is reused (idempotent).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -30,7 +31,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.catalog import CatalogConfig, Product, is_url, read_catalog, resolve_source
-from model.data.shards import COUNT_KEY, SHARDS_FORMAT, encode_record, load_shards_manifest, record_key
+from model.data.shards import (COUNT_KEY, SHARDS_FORMAT, encode_record, load_shards_manifest, record_key,
+                                source_digest_key)
 from model.data.sources import FetchSettings, fetch_urls
 from model.files import sha256_file
 from model.images import ImageDecodeError, decode_image
@@ -72,38 +74,48 @@ class IngestReport:
 
 
 def prepare_image(path: str, max_side: int | None = None) -> tuple[bytes | None, str]:
-    """(bytes to store, "") when the image file exists and decodes, else (None, reason).
+    """(bytes to store, "") when the image file exists and decodes, else (None, reason): `prepare_record`
+    without the source file's digest."""
+    data, reason, _ = prepare_record(path, max_side)
+    return data, reason
+
+
+def prepare_record(path: str, max_side: int | None = None) -> tuple[bytes | None, str, str]:
+    """(bytes to store, "", source digest) when the image file exists and decodes, else (None, reason, "").
 
     With `max_side`, an image whose longer side exceeds it is downscaled and re-encoded as JPEG (quality
     90), so shards of phone photos stay small; other images are stored as given (no generation loss).
-    Runs in ingest worker processes, hence plain arguments and no exceptions for bad input.
+    The source digest is the SHA-1 of the file's bytes when they were re-encoded ("" when stored as given: the
+    stored bytes are the file's). Runs in ingest worker processes, hence plain arguments and no exceptions for
+    bad input.
     """
     file = Path(path)
     if not path or not file.is_file():
-        return None, "missing"
+        return None, "missing", ""
     data = file.read_bytes()
     # with max_side, a large JPEG decodes at the reduced scale that still covers max_side both ways; without,
     # the image is only validated (every byte of it is still decoded), at the smallest scale
     try:
         image = decode_image(data, min_size=(1, 1) if max_side is None else (max_side, max_side))
     except ImageDecodeError as exc:
-        return None, str(exc)
+        return None, str(exc), ""
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         buffer = io.BytesIO()
         image.resize(size, Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
-        data = buffer.getvalue()
-    return data, ""
+        return buffer.getvalue(), "", hashlib.sha1(data).hexdigest()
+    return data, "", ""
 
 
-def _prepare_star(args: tuple[str, int | None]) -> tuple[bytes | None, str]:
-    return prepare_image(*args)
+def _prepare_star(args: tuple[str, int | None]) -> tuple[bytes | None, str, str]:
+    return prepare_record(*args)
 
 
-def _write_shard(path: Path, records: list[tuple[Product, bytes]]) -> dict[str, Any]:
-    """Write one LMDB shard; returns its manifest entry (path, record count, sha256 of data.mdb)."""
-    values = [encode_record(product, data) for product, data in records]
+def _write_shard(path: Path, records: list[tuple[Product, bytes, str]]) -> dict[str, Any]:
+    """Write one LMDB shard of (product, stored image bytes, source digest or ""); returns its manifest entry
+    (path, record count, sha256 of data.mdb)."""
+    values = [encode_record(product, data) for product, data, _ in records]
     # Room for the values plus LMDB's per-record and B-tree overhead, with generous headroom.
     map_size = max(1 << 20, 2 * sum(len(v) + 64 for v in values) + (1 << 20))
     env = lmdb.open(str(path), map_size=map_size, subdir=True, meminit=False, map_async=False)
@@ -111,6 +123,8 @@ def _write_shard(path: Path, records: list[tuple[Product, bytes]]) -> dict[str, 
         with env.begin(write=True) as txn:
             for index, value in enumerate(values):
                 txn.put(record_key(index), value)
+                if records[index][2]:
+                    txn.put(source_digest_key(index), records[index][2].encode("ascii"))
             txn.put(COUNT_KEY, struct.pack(">Q", len(values)))
         env.sync(True)
     finally:
@@ -269,14 +283,14 @@ def _write_all_shards(products: list[Product], sources: list[str], tmp: Path, ma
     """
     reasons: Counter[str] = Counter()
     entries: list[dict[str, Any]] = []
-    pending: list[tuple[Product, bytes]] = []
+    pending: list[tuple[Product, bytes, str]] = []
     jobs = [(source, options["max_side"]) for source in sources]
     workers = options["workers"] or os.cpu_count() or 1
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_prepare_star, jobs, chunksize=64) if pool else map(_prepare_star, jobs)
         failed = options.get("failed_downloads", set())
-        for position, (product, (data, reason)) in tqdm(enumerate(zip(products, results, strict=True)),
+        for position, (product, (data, reason, digest)) in tqdm(enumerate(zip(products, results, strict=True)),
                                                         total=len(products), desc="ingest", unit="img",
                                                         disable=not options["progress"], mininterval=1.0):
             if data is None:
@@ -291,7 +305,7 @@ def _write_all_shards(products: list[Product], sources: list[str], tmp: Path, ma
                     reasons[reason_key(reason)] += 1
                     _name_problem(report, product, sources[position], reason)
                 continue
-            pending.append((product, data))
+            pending.append((product, data, digest))
             if len(pending) == max_records:
                 entries.append(_write_shard(tmp / f"shard-{len(entries):05d}.lmdb", pending))
                 pending = []

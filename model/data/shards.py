@@ -42,6 +42,13 @@ def record_key(index: int) -> bytes:
     return struct.pack(">Q", index)
 
 
+def source_digest_key(index: int) -> bytes:
+    """LMDB key of the SHA-1 (40 hex characters) of the source file of record `index`, written only when ingest
+    stored other bytes than the file's (re-encoded with --max-side): an incremental update compares the catalog's
+    files with it, so an unchanged photo is recognised as unchanged."""
+    return b"sha1/" + struct.pack(">Q", index)
+
+
 def encode_record(product: Product, image_bytes: bytes) -> bytes:
     """Value of one record: length-prefixed Product JSON followed by the image bytes."""
     meta = json.dumps(product.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
