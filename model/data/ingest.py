@@ -31,8 +31,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.catalog import CatalogConfig, Product, is_url, read_catalog, resolve_source
-from model.data.shards import (COUNT_KEY, SHARDS_FORMAT, encode_record, load_shards_manifest, record_key,
-                                source_digest_key)
+from model.data.shards import (
+    COUNT_KEY,
+    SHARDS_FORMAT,
+    encode_record,
+    load_shards_manifest,
+    record_key,
+    source_digest_key,
+)
 from model.data.sources import FetchSettings, fetch_urls
 from model.files import sha256_file
 from model.images import ImageDecodeError, decode_image
