@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None,
                    help="model folder whose card gives the architecture, input size, resize mode and heads "
                         "(default: the earlier pure ViT, patch 8, width 192, depth 6, at --image-size)")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="training-step arithmetic to time, comma-separated (bf16 without native support is "
+                        "emulated and slow: leave it out there)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="loader", help="result file name")
     args = p.parse_args(argv)
@@ -133,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         resize_mode = card_resize_mode(card)
     loaders = {w: loader_rate(args.shards, w, args.batch_size, size, args.batches, args.repeats,  # type: ignore[arg-type]
                               resize_mode) for w in (0, 1, 2)}
-    models = {name: model_rate(args.batch_size, size, bf16, args.steps, args.repeats, arch)  # type: ignore[arg-type]
-              for name, bf16 in (("fp32", False), ("bf16", True))}
+    precisions = [name.strip() for name in args.precisions.split(",") if name.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        p.error(f"--precisions takes fp32 and/or bf16, got {args.precisions!r}")
+    models = {name: model_rate(args.batch_size, size, name == "bf16", args.steps, args.repeats, arch)  # type: ignore[arg-type]
+              for name in precisions}
     fastest_model = max(m["images_per_s"] for m in models.values())
     lines = [f"Batch {args.batch_size}, input {size[0]}x{size[1]} ({resize_mode}), model "
              f"{args.model or 'pure ViT'}, {torch.get_num_threads()} torch threads; medians of {args.repeats} "
