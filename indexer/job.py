@@ -88,6 +88,8 @@ class IndexBuildConfig:
     def __post_init__(self) -> None:
         if self.nprobe is not None and self.nprobe < 1:  # it was published as the version's search default
             raise ValueError(f"nprobe must be at least 1 (leave it unset for the plan's default), got {self.nprobe}")
+        if not 0.0 <= self.min_recall_at_10 <= 1.0:  # above 1 no build could pass (0: no recall floor)
+            raise ValueError(f"min_recall_at_10 (--min-recall) must lie in [0, 1], got {self.min_recall_at_10}")
 
 
 def _key(*parts: Any) -> str:

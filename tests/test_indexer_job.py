@@ -184,6 +184,7 @@ def test_forward_place_auto_and_its_checks(monkeypatch: pytest.MonkeyPatch) -> N
     (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
     (["--workers", "-1"], "num_workers must be at least 0, got -1"),
     (["--nprobe", "-3"], "nprobe must be at least 1"),  # was published as the version's search default
+    (["--min-recall", "2"], "must lie in [0, 1], got 2.0"),  # a gate no build could pass
 ])
 def test_build_flags_out_of_range_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    flags: list[str], message: str) -> None:
