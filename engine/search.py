@@ -277,6 +277,8 @@ class Searcher:
         raise InvalidQuery("the query is empty: set one of image, vector or product_id")
 
     def _product_query(self, product_id: str, exclude: bool | None) -> QueryVector:
+        if not product_id:  # as GetProduct answers: a malformed request, not a product that is missing
+            raise InvalidQuery("the query's product_id is empty; give the id of a catalog product")
         internal_id = self._internal_id(product_id, "; search by image or vector instead, or check the id")
         vector = normalize(self.version.vector(internal_id), f"stored vector of product {product_id!r}")
         return QueryVector(vector, product_id if exclude is None or exclude else None)

@@ -276,6 +276,7 @@ def _rpc_error(call) -> grpc.RpcError:
 @pytest.mark.parametrize(("case", "code", "words"), [
     ("bad_image", grpc.StatusCode.INVALID_ARGUMENT, "decode"),
     ("unknown_product", grpc.StatusCode.NOT_FOUND, "no-such-product"),
+    ("empty_product_id", grpc.StatusCode.INVALID_ARGUMENT, "product_id is empty"),  # as GetProduct("") answers
     ("wrong_dim", grpc.StatusCode.INVALID_ARGUMENT, "dimensions"),
     ("bad_top_k", grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
 ])
@@ -284,6 +285,7 @@ def test_errors_then_still_serving(client: VisualSearchClient, engine_index: Eng
     calls = {
         "bad_image": lambda: client.search_image(b"this is not an image"),
         "unknown_product": lambda: client.search_product("no-such-product"),
+        "empty_product_id": lambda: client.search_product(""),
         "wrong_dim": lambda: client.search_vector(np.ones(engine_index.dim + 3, np.float32)),
         "bad_top_k": lambda: client.search_product(engine_index.products[0].product_id, top_k=5000),
     }
