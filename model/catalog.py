@@ -392,6 +392,14 @@ def _check_columns(header: list[str], config: CatalogConfig, csv_path: str | Pat
             hint = " The header was read as one column: set \"delimiter\" in the catalog config (e.g. \";\")."
         raise ValueError(f"catalog CSV {csv_path} lacks the configured columns {missing}; its header is "
                          f"{header}. Fix the column mapping (CatalogConfig / --catalog-config).{hint}")
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    ambiguous = [c for c in repeated if c in wanted]
+    if ambiguous:  # each row's value would silently be the last of the columns of that name
+        raise ValueError(f"catalog CSV {csv_path} has more than one column named {ambiguous}, which the column "
+                         "mapping reads: rename them in the header so that the mapping names one")
+    if repeated:
+        logger.warning("catalog CSV %s: more than one column is named %s (not read by the column mapping; only the "
+                       "last of each would be kept)", csv_path, repeated)
 
 
 def _product_from_row(row: dict[str, str], config: CatalogConfig, report: Counter[str], source: str) -> Product:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -285,3 +286,19 @@ def test_the_column_mapping_is_checked_even_when_every_row_is_bad(tmp_path: Path
     for name in ("bad.csv", "header.csv"):
         with pytest.raises(ValueError, match="lacks the configured columns"):
             read_catalog(tmp_path / name, SHOP)
+
+
+def test_a_header_naming_a_mapped_column_twice_is_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two columns of one name: each row kept the last one's value, silently. A mapped one is an error; another
+    is a warning."""
+    path = tmp_path / "dup.csv"
+    config = CatalogConfig(id_column="id", title_column="title", category_column="type", attribute_columns=(),
+                           split_column=None)
+    path.write_text("id,title,type,title,notes,notes\n1,Red shirt,Shirts,Blue shirt,a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"more than one column named \['title'\]"):
+        read_catalog(path, config)
+    path.write_text("id,title,type,notes,notes\n1,Red shirt,Shirts,a,b\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="vitrine.catalog"):
+        table = read_catalog(path, config)
+    assert [p.title for p in table.products] == ["Red shirt"]
+    assert any("['notes']" in r.getMessage() for r in caplog.records)
