@@ -3,9 +3,11 @@
 `vitrine serve --http-port 8080` serves, beside gRPC and from the same process, index and model:
 
   POST /v1/search           a SearchRequest as JSON, or the raw image as the body (Content-Type image/*
-                            or application/octet-stream) with query parameters top_k, category and brand
-                            (repeatable), min_price, max_price, in_stock, nprobe, exact_rerank,
-                            one_per_product, crop (x,y,width,height: fractions of the image)
+                            or application/octet-stream; an image sent with another type, e.g. curl
+                            --data-binary's default, is recognised by its first bytes) with query
+                            parameters top_k, category and brand (repeatable), min_price, max_price,
+                            in_stock, nprobe, exact_rerank, one_per_product, crop (x,y,width,height:
+                            fractions of the image)
   POST /v1/batch-search     a BatchSearchRequest as JSON
   POST /v1/embed            an EmbedRequest as JSON, or the raw image as the body
   GET  /v1/products/<id>    GetProduct (the id URL-encoded)
@@ -55,6 +57,14 @@ HTTP_STATUS = {  # google.api's mapping of gRPC codes to HTTP statuses
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 IMAGE_TYPES = ("image/", "application/octet-stream")
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_image(body: bytes) -> bool:
+    """True when `body` starts like an image file: JPEG, PNG, GIF, BMP, TIFF, WebP (RIFF....WEBP) or an ISO
+    media file (AVIF, HEIC: ....ftyp). Unsupported formats among them then get the decoder's clear error."""
+    return (body.startswith(IMAGE_SIGNATURES) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
+            or body[4:8] == b"ftyp")
 IDLE_TIMEOUT_S = 30.0  # each connection has a thread: idle keep-alive connections must not hold them forever
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -264,7 +274,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._reply(404, {"code": "NOT_FOUND", "message": f"no such endpoint: {verb} {path}; see "
                                                                          "engine/http_gateway.py for the routes"})
             method, kind = route
-            if method in ("Search", "Embed") and self._is_image():
+            if method in ("Search", "Embed") and (self._is_image() or self._sniffed_image(body)):
                 request: Message = search_request_from_query(body, query) if method == "Search" \
                     else embed_request_from_query(body, query)
             else:
@@ -286,6 +296,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _is_image(self) -> bool:
         kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         return kind.startswith(IMAGE_TYPES)
+
+    def _sniffed_image(self, body: bytes) -> bool:
+        """An image body sent without an image Content-Type (none, or curl --data-binary's default
+        application/x-www-form-urlencoded) is recognised by its first bytes; a declared JSON body never is."""
+        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        return kind != "application/json" and looks_like_image(body)
 
     def _body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():

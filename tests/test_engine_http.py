@@ -65,6 +65,14 @@ def test_search_by_image_body_matches_grpc(served: tuple[Any, int], engine_index
     assert [h["score"] for h in answer["hits"]] == pytest.approx([h.score for h in expected.hits], abs=1e-6)
     assert answer["index_version"] == engine_index.version_path.name
     assert answer["hits"][0]["product"]["title"] == expected.hits[0].product.title
+    # the same photo as `curl --data-binary @photo.jpg` sends it (form-urlencoded), and with no type at all: it
+    # is recognised by its first bytes (it was parsed as JSON: "'utf-8' codec can't decode byte 0xff")
+    for kind in ("application/x-www-form-urlencoded", ""):
+        status, sniffed = http(server, "/v1/search?top_k=5", image, kind)
+        assert status == 200, sniffed
+        assert [h["product_id"] for h in sniffed["hits"]] == [h["product_id"] for h in answer["hits"]]
+    status, refused = http(server, "/v1/search", image, "application/json")  # declared JSON stays JSON
+    assert status == 400 and "JSON" in refused["message"]
 
 
 def test_search_by_json_with_filter_matches_grpc(served: tuple[Any, int], engine_index: EngineIndex) -> None:
