@@ -104,8 +104,9 @@ def fold_batchnorm(module: nn.Module) -> int:
     """Fold every eval-mode batch norm of FOLDABLE_PAIRS into the convolution before it, in place; returns how many.
 
     An eval-mode batch norm is a fixed per-channel affine map, so the convolution's weights and bias absorb it
-    and the pass skips one read and write of the activation: the same function (outputs equal to ~1e-7), faster
-    on the CPU (the default model's forward ~10%). The batch norm's activation (ReLU6 in Lite0) stays. For
+    and the pass skips one read and write of the activation: the same function (outputs equal to ~1e-6), faster
+    on the CPU (the default model's forward 1.16x, `benchmarks/bench_fold.py`). The batch norm's activation
+    (ReLU6 in Lite0) stays. For
     inference copies only: the module's state dict changes (no batch-norm entries), so never fold a model
     that is trained further or saved; a module in training mode is refused.
     """
@@ -140,8 +141,9 @@ def lite0_passes(x: torch.Tensor) -> int:
 
     Why: an activation above glibc's mmap threshold (128 MiB as model.runtime sets it) is mapped afresh and
     page-faulted on every pass; at batch 128 and 128x96 that expansion is 151 MB, and the frozen stem took
-    624 ms in one pass against 188 ms in two passes of 64 images (by hand, quiet cores). Only eval-mode
-    batch norms are split (each image's output is the same whatever the passes, tested); on a GPU: one pass.
+    624 ms in one pass against 188 ms in two passes of 64 images (by hand, quiet cores). Only for layers whose
+    batch norms are in eval mode (then each image's output is the same whatever the passes, tested; batch
+    statistics would change with the split); on a GPU: one pass.
     """
     if x.device.type != "cpu":
         return 1
@@ -154,9 +156,10 @@ class Lite0Stem(nn.Module):
 
     The conv stem and blocks[:frozen_blocks] (when frozen_blocks >= 0) never get gradients and stay in eval
     mode (their batch-norm statistics are ImageNet's); the rest trains. In training, the frozen part runs as a
-    copy with its batch norms folded into the convolutions (`fold_batchnorm`: the same function, and a quarter
-    of the frozen part's time saved on the CPU); the registered modules, and so the state dict and checkpoints,
-    keep them. The copy is made at the first training forward and again after any `.to()` or state-dict load.
+    copy with its batch norms folded into the convolutions (`fold_batchnorm`: the same function), in the passes
+    of `lite0_passes`: with both, the default's training step is 1.15x faster on the CPU (`bench_fold`). The
+    registered modules, and so the state dict and checkpoints, keep the batch norms. The copy is made at the
+    first training forward and again after any `.to()` or state-dict load.
     """
 
     def __init__(self, blocks: int, frozen_blocks: int = -1) -> None:
