@@ -110,6 +110,27 @@ def check_role(config: ServerConfig) -> None:
         raise ConfigError("tls_ca (mutual TLS) needs the server's own tls_cert and tls_key")
     if config.shard_timeout_ms <= 0:
         raise ConfigError(f"shard_timeout_ms must be > 0, got {config.shard_timeout_ms}")
+    check_ranges(config)
+
+
+# settings that must be at least this (a port out of 0-65535 was bound modulo 65536: 70000 served on 4464)
+_MINIMUM: dict[str, float] = {
+    "max_workers": 1, "max_concurrent_rpcs": 1, "max_message_bytes": 1, "max_image_pixels": 1,
+    "max_batch_queries": 1, "default_top_k": 1, "exact_max": 0, "rerank_depth": 0, "grace_s": 0, "max_batch": 1,
+    "max_wait_ms": 0, "batch_workers": 1, "torch_threads": 1, "faiss_threads": 1, "faiss_batch_threads": 0}
+
+
+def check_ranges(config: ServerConfig) -> None:
+    """ConfigError naming the first setting out of its range (ports 0-65535, counts >= 1, poll_s > 0, ...)."""
+    for name in ("port", "metrics_port", "http_port"):
+        value = getattr(config, name)
+        if value is not None and not 0 <= value <= 65535:
+            raise ConfigError(f"{name} must be a TCP port in 0-65535 (0: any free port), got {value}")
+    for name, low in _MINIMUM.items():
+        if getattr(config, name) < low:
+            raise ConfigError(f"{name} must be >= {low:g}, got {getattr(config, name)}")
+    if not config.poll_s > 0:
+        raise ConfigError(f"poll_s must be > 0 (seconds between two reads of CURRENT), got {config.poll_s}")
 
 
 def _is_host_port(target: str) -> bool:

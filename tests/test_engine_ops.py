@@ -206,3 +206,17 @@ def test_config_precedence(tmp_path: Path) -> None:
     assert load_server_config(None, {"VITRINE_INDEX_ROOT": "/x", "VITRINE_PRECISION": "fp32"}, {}).precision == "fp32"
     with pytest.raises(ConfigError, match="precision must be auto, fp32 or bf16, got 'fp16'"):
         load_server_config(None, {"VITRINE_INDEX_ROOT": "/x"}, {"precision": "fp16"})
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"VITRINE_PORT": "70000"}, "port must be a TCP port in 0-65535"),  # was bound as 70000 % 65536 = 4464
+    ({"VITRINE_PORT": "-1"}, "port must be a TCP port"),  # was bound as 65535
+    ({"VITRINE_METRICS_PORT": "99999"}, "metrics_port must be a TCP port"),  # was an OverflowError traceback
+    ({"VITRINE_HTTP_PORT": "65536"}, "http_port must be a TCP port"),
+    ({"VITRINE_POLL_S": "0"}, "poll_s must be > 0"),
+    ({"VITRINE_MAX_WORKERS": "0"}, "max_workers must be >= 1"),
+    ({"VITRINE_GRACE_S": "-1"}, "grace_s must be >= 0"),
+])
+def test_config_out_of_range_is_an_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_server_config(None, {"VITRINE_INDEX_ROOT": "/x", **env}, {})
