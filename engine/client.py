@@ -53,7 +53,7 @@ class VisualSearchClient:
         self.backoff_s = backoff_s  # wait before the first retry; doubles each time
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
-        if tls or tls_ca is not None or tls_cert is not None:
+        if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:  # a key alone: an error there
             self._channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)

@@ -138,3 +138,13 @@ def test_tls_settings_errors_name_what_is_wrong(engine_index: EngineIndex, certs
     with pytest.raises(ServerStartError, match=r"cannot read the TLS private key .*missing.key"):
         create_server(ServerConfig(index_root=engine_index.index_root, port=0, watch=False,
                                    tls_cert=certs / "server.pem", tls_key=tmp_path / "missing.key"))
+
+
+def test_client_key_without_certificate_is_an_error_not_plaintext(tmp_path: Path) -> None:
+    """A client key alone was ignored: the client silently connected in plaintext."""
+    from engine.tls import TlsError
+
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(TlsError, match="needs both a TLS certificate and its private key"):
+        VisualSearchClient("localhost:1", tls_key=key)
