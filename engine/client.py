@@ -47,6 +47,8 @@ class VisualSearchClient:
         system's CAs) and presenting `tls_cert` / `tls_key` when the server asks for a client certificate."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 (every call has a deadline), got {timeout_s}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0 (extra attempts after an UNAVAILABLE answer), got {retries}")
         self.target = target
         self.timeout_s = timeout_s
         self.retries = retries  # extra attempts after an UNAVAILABLE answer

@@ -148,3 +148,9 @@ def test_client_key_without_certificate_is_an_error_not_plaintext(tmp_path: Path
     key.write_text("-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n")
     with pytest.raises(TlsError, match="needs both a TLS certificate and its private key"):
         VisualSearchClient("localhost:1", tls_key=key)
+
+
+def test_client_negative_retries_is_an_error() -> None:
+    """retries=-1 made every call fail with AssertionError('unreachable')."""
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        VisualSearchClient("localhost:1", retries=-1)
