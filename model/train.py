@@ -207,6 +207,9 @@ def train(config: TrainConfig) -> Path:
     label_maps, ids = scan_label_maps(config.shards_dir, tasks, config.train_splits, config.max_records,
                                       config.min_class_count)  # no tasks (pretrain): only the record ids
     weak = load_weak_labels(config.weak_labels) if pretrain and config.weak_labels else None
+    if weak is not None and not weak.labels:
+        raise ValueError(f"the weak labels {config.weak_labels} hold no label (nothing to pretrain on): rerun "
+                         "`vitrine annotate` with other --text-fields / --splits or a lower --min-count")
     teacher = load_teacher(config.distill_from, label_maps) if config.distill_from else None
     model, init = _build_model(config, label_maps, len(weak.labels) if weak else 0)
     model.to(device)

@@ -145,3 +145,42 @@ def test_own_catalog_with_other_columns_and_no_split(tmp_path: Path) -> None:
     assert card["config"]["task_weights"] == [2.0, 1.0]
     manifest = json.loads(next((work / "index").glob("*/manifest.json")).read_text())
     assert manifest["count"] == 30
+
+
+def _tiny_shards(tmp_path: Path, n: int = 12) -> Path:
+    """Shards of `n` mini-catalog products under other column names, split train/test."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = ["sku,name,kind,colour,part"]
+    for i, image in enumerate(sorted((MINI / "images").glob("*.jpg"))[:n]):
+        (images / image.name).write_bytes(image.read_bytes())
+        rows.append(f"{image.stem},blue cotton shirt {i},{'Shirts' if i % 2 else 'Shoes'},Blue,"
+                    f"{'test' if i % 4 == 0 else 'train'}")
+    (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "cols.json").write_text(json.dumps({
+        "id_column": "sku", "image_pattern": "{id}.jpg", "title_column": "name", "category_column": "kind",
+        "attribute_columns": ["kind", "colour"], "split_column": "part", "overflow_column": "name"}))
+    assert main(["ingest", "--csv", str(tmp_path / "my.csv"), "--images", str(images), "--out",
+                 str(tmp_path / "shards"), "--catalog-config", str(tmp_path / "cols.json")]) == 0
+    return tmp_path / "shards"
+
+
+def test_annotate_that_would_mine_nothing_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown --text-fields or --splits name wrote empty weak labels (then a KeyError traceback in pretrain)."""
+    shards = _tiny_shards(tmp_path)
+    out = tmp_path / "weak.json"
+    capsys.readouterr()
+    for flags, message in ((["--text-fields", "colour,nosuch"], "--text-fields nosuch: not a field"),
+                           (["--splits", "tarin"], "no record of"),
+                           (["--min-count", "1000"], "no weak label")):
+        assert main(["annotate", "--shards", str(shards), "--out", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    assert main(["annotate", "--shards", str(shards), "--out", str(out), "--text-fields", "title,colour",
+                 "--splits", "train", "--min-count", "1", "--head-min-count", "1"]) == 0
+    empty = json.loads(out.read_text())
+    empty.update(labels=[], clusters={}, products={k: [] for k in empty["products"]})
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    assert main(["train", "--stage", "pretrain", "--shards", str(shards), "--weak-labels", str(tmp_path / "empty.json"),
+                 "--out", str(tmp_path / "pre")]) == 2
+    assert "hold no label" in capsys.readouterr().err

@@ -167,9 +167,22 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                                "tail_clusters": "tail_clusters", "seed": "seed"})
     if args.text_fields:
         values["text_fields"] = tuple(f.strip() for f in args.text_fields.split(",") if f.strip())
-    splits = None if not args.splits else {s.strip() for s in args.splits.split(",")}
-    products = (r.product for r in iter_shard_records(shards) if splits is None or r.product.split in splits)
+    splits = None if not args.splits else {s.strip() for s in args.splits.split(",") if s.strip()}
+    everything = [r.product for r in iter_shard_records(shards)]
+    products = [p for p in everything if splits is None or p.split in splits]
+    if not products:  # an unknown split name mined nothing and wrote empty labels
+        found = sorted({str(p.split) for p in everything})
+        raise UserError(f"no record of {shards} is in --splits {','.join(sorted(splits or ()))} "
+                        f"(the splits there: {', '.join(found) or 'none'})")
+    known = {"title", "category", "brand"}.union(*(p.attributes for p in everything))
+    unknown = [f for f in values.get("text_fields", ()) if f not in known]
+    if unknown:  # an unknown field was read as empty text: empty labels, then a pretrain traceback
+        raise UserError(f"--text-fields {', '.join(unknown)}: not a field of these shards; known: "
+                        f"{', '.join(sorted(known))}")
     weak = build_weak_labels(products, WeakLabelConfig(**values))
+    if not weak.labels:
+        raise UserError(f"no weak label: no term is in --min-count {weak.config.min_count} products of the "
+                        f"{len(products)} mined; lower --min-count or add --text-fields")
     save_weak_labels(weak, args.out)
     print(report_markdown(weak))
     print(f"weak labels written: {args.out}")
