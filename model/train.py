@@ -125,6 +125,13 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32, bf16 or auto, got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+        if self.max_records is not None and self.max_records < 1:
+            raise ValueError(f"max_records must be >= 1 (or unset: every record), got {self.max_records}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"a task is named twice in {list(self.tasks)}: one head per label column")
+        if self.timm_name.startswith("vit") and (self.num_heads < 1 or self.width % self.num_heads):
+            raise ValueError(f"the ViT width ({self.width}) must be a multiple of its attention heads "
+                             f"({self.num_heads}): change --width or --heads")
 
 
 def seed_everything(seed: int) -> None:

@@ -247,3 +247,15 @@ def test_zoom_out_augmentation_shrinks_onto_white_deterministically() -> None:
     np.testing.assert_array_equal(Augment((80, 60), mean, std, zoom_out=0.0)(photo, 3).numpy(), plain(photo, 3).numpy())
     with pytest.raises(ValueError, match="zoom_out"):
         Augment((80, 60), mean, std, zoom_out=1.5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"num_heads": 3}, "must be a multiple of its attention heads"),  # was an AssertionError traceback in timm
+    ({"max_records": -5}, "max_records must be >= 1"),  # silently trained on all records but the last 5
+    ({"max_records": 0}, "max_records must be >= 1"),  # blamed the task column ("no record ... has a value")
+    ({"tasks": ("articleType", "articleType")}, "named twice"),  # silently trained two heads of one column
+])
+def test_config_that_cannot_train_is_refused_before_any_work(tmp_path: Path, overrides: dict[str, object],
+                                                             message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _tiny_config(tmp_path / "no-shards", tmp_path / "out", **overrides).validate()
