@@ -63,6 +63,12 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
     from model.data.shards import product_label
 
     table = read_catalog(csv_path, catalog_config)
+    known = {"category", "brand"}.union(*(p.attributes for p in table.products))
+    unknown = [c for c in [type_column, *strict_columns] if c not in known]
+    if unknown:  # an unknown column read as "" for every product: no query, or strict silently equal to type
+        raise ValueError(f"column {', '.join(map(repr, unknown))} is not a label column of {csv_path} (known: "
+                         f"{', '.join(sorted(known))}; a CSV column must be in the catalog config's "
+                         "attribute_columns); --strict-columns '' compares the type only")
     sources = local_sources(table.images, images_dir, images_dir / ".image-cache", None, progress=True)
     ids, paths, types, stricts, queries = [], [], [], [], []
     for product, source in zip(table.products, sources.paths, strict=True):
@@ -78,8 +84,10 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
         types.append(value)
         stricts.append(strict)
     if not queries:
+        splits = sorted({str(p.split) for p in table.products if p.split is not None})
         raise ValueError(f"no query images: no product of {csv_path} has split {query_split!r} and a "
-                         f"{type_column!r} value (set split_column/split_file in the catalog config)")
+                         f"{type_column!r} value (splits there: {', '.join(splits) or 'none'}; set split_column "
+                         "or split_file in the catalog config, or --query-split)")
     chosen = np.array(queries)
     if max_queries is not None and len(chosen) > max_queries:
         chosen = np.sort(np.random.default_rng(0).choice(chosen, max_queries, replace=False))
@@ -355,7 +363,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=REPO / "work" / "relevance-cache", help="embedding cache")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="arithmetic of the models' forward passes (default fp32: the same numbers on every machine)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_queries is not None and args.max_queries < 1:
+        p.error(f"--max-queries must be >= 1, got {args.max_queries}")  # 0 was an IndexError traceback
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,10 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         catalog_config = CatalogConfig()
     strict_columns = [c.strip() for c in args.strict_columns.split(",") if c.strip()]
-    gallery = load_gallery(args.csv, args.images, catalog_config, args.type_column, strict_columns,
-                           args.query_split, args.max_queries)
-    print(f"gallery {len(gallery.ids)} images, {len(gallery.queries)} queries", flush=True)
     models = dict(spec.split("=", 1) if "=" in spec else (Path(spec).name, spec) for spec in args.model)
+    if args.baseline is not None and args.baseline not in models:  # said before embedding, not after
+        raise SystemExit(f"--baseline {args.baseline!r} is not one of the models: {', '.join(models)}")
+    try:
+        gallery = load_gallery(args.csv, args.images, catalog_config, args.type_column, strict_columns,
+                               args.query_split, args.max_queries)
+    except ValueError as exc:
+        raise SystemExit(f"bench_relevance: error: {exc}") from None
+    print(f"gallery {len(gallery.ids)} images, {len(gallery.queries)} queries", flush=True)
     results, timings = {}, {}
     for name, spec in models.items():
         start = time.perf_counter()

@@ -121,3 +121,23 @@ def test_fold_benchmark_times_both_variants_and_finds_the_same_embeddings(tmp_pa
         assert {"unfolded", "folded"} <= set(results[key]["images_per_s"])
         assert all(rate > 0 for rate in results[key]["images_per_s"].values())
     assert "now / before" in (tmp_path / "fold.md").read_text()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--type-column", "nosuch"], "column 'nosuch' is not a label column"),  # was a ValueError traceback
+    (["--strict-columns", "baseColour,colr"], "column 'colr' is not a label column"),  # strict silently == type
+    (["--query-split", "eval"], "no query images"),  # a traceback; a CSV without a split column too
+    (["--baseline", "other"], "--baseline 'other' is not one of the models"),  # said after embedding every model
+])
+def test_harness_bad_columns_are_clear_errors_before_embedding(tmp_path: Path, flags: list[str],
+                                                               message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        main(["--csv", str(MINI / "styles.csv"), "--images", str(MINI / "images"), "--model",
+              f"m={tmp_path / 'no-model'}", "--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_harness_max_queries_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # 0 was an IndexError traceback after embedding
+        main(["--model", "m=x", "--max-queries", "0"])
+    assert exit_info.value.code == 2 and "--max-queries must be >= 1" in capsys.readouterr().err
