@@ -147,8 +147,8 @@ def test_own_catalog_with_other_columns_and_no_split(tmp_path: Path) -> None:
     assert manifest["count"] == 30
 
 
-def _tiny_shards(tmp_path: Path, n: int = 12) -> Path:
-    """Shards of `n` mini-catalog products under other column names, split train/test."""
+def _tiny_shards(tmp_path: Path, n: int = 12, split: bool = True) -> Path:
+    """Shards of `n` mini-catalog products under other column names, split train/test (or without a split)."""
     images = tmp_path / "imgs"
     images.mkdir()
     rows = ["sku,name,kind,colour,part"]
@@ -159,7 +159,8 @@ def _tiny_shards(tmp_path: Path, n: int = 12) -> Path:
     (tmp_path / "my.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "cols.json").write_text(json.dumps({
         "id_column": "sku", "image_pattern": "{id}.jpg", "title_column": "name", "category_column": "kind",
-        "attribute_columns": ["kind", "colour"], "split_column": "part", "overflow_column": "name"}))
+        "attribute_columns": ["kind", "colour"], "split_column": "part" if split else None,
+        "overflow_column": "name"}))
     assert main(["ingest", "--csv", str(tmp_path / "my.csv"), "--images", str(images), "--out",
                  str(tmp_path / "shards"), "--catalog-config", str(tmp_path / "cols.json")]) == 0
     return tmp_path / "shards"
@@ -184,3 +185,16 @@ def test_annotate_that_would_mine_nothing_is_an_error(tmp_path: Path, capsys: py
     assert main(["train", "--stage", "pretrain", "--shards", str(shards), "--weak-labels", str(tmp_path / "empty.json"),
                  "--out", str(tmp_path / "pre")]) == 2
     assert "hold no label" in capsys.readouterr().err
+
+
+def test_catalog_without_split_column_is_all_training_for_annotate_and_binarize(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README tour has "split_column": null, then `annotate --splits train` and `binarize` (default --splits
+    train): both found no record (annotate wrote empty labels), while `train` trains on records without a split."""
+    shards = _tiny_shards(tmp_path, split=False)
+    out = tmp_path / "weak.json"
+    assert main(["annotate", "--shards", str(shards), "--out", str(out), "--splits", "train", "--min-count", "1"]) == 0
+    assert len(json.loads(out.read_text())["products"]) == 12
+    capsys.readouterr()
+    assert main(["binarize", "--model", str(REPO / "model" / "default"), "--shards", str(shards)]) == 2
+    assert "ITQ needs at least 256 images (the embedding size), got 12" in capsys.readouterr().err  # not 0 records

@@ -126,7 +126,8 @@ def cmd_binarize(args: argparse.Namespace) -> int:
     shards = _existing(args.shards, "shards folder")
     folder = _existing(args.model, "checkpoint folder")
     splits = {s.strip() for s in args.splits.split(",") if s.strip()}
-    records = [r for r in iter_shard_records(shards) if r.product.split in splits]
+    # a record without a split (a catalog without a split column) is a training record, as `vitrine train` has it
+    records = [r for r in iter_shard_records(shards) if r.product.split is None or r.product.split in splits]
     if len(records) < 2:
         raise UserError(f"{shards} has {len(records)} records in splits {sorted(splits)}: nothing to fit on")
     step = max(1, -(-len(records) // args.max_records))
@@ -169,7 +170,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         values["text_fields"] = tuple(f.strip() for f in args.text_fields.split(",") if f.strip())
     splits = None if not args.splits else {s.strip() for s in args.splits.split(",") if s.strip()}
     everything = [r.product for r in iter_shard_records(shards)]
-    products = [p for p in everything if splits is None or p.split in splits]
+    # a record without a split (a catalog without a split column) is a training record, as `vitrine train` has it
+    products = [p for p in everything if splits is None or p.split is None or p.split in splits]
     if not products:  # an unknown split name mined nothing and wrote empty labels
         found = sorted({str(p.split) for p in everything})
         raise UserError(f"no record of {shards} is in --splits {','.join(sorted(splits or ()))} "
