@@ -198,3 +198,11 @@ def test_catalog_without_split_column_is_all_training_for_annotate_and_binarize(
     capsys.readouterr()
     assert main(["binarize", "--model", str(REPO / "model" / "default"), "--shards", str(shards)]) == 2
     assert "ITQ needs at least 256 images (the embedding size), got 12" in capsys.readouterr().err  # not 0 records
+
+
+def test_binarize_max_records_below_one_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shards = _tiny_shards(tmp_path)
+    capsys.readouterr()
+    assert main(["binarize", "--model", str(REPO / "model" / "default"), "--shards", str(shards),
+                 "--max-records", "0"]) == 2  # was a ZeroDivisionError traceback
+    assert "--max-records must be >= 1" in capsys.readouterr().err

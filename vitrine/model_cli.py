@@ -126,6 +126,8 @@ def cmd_binarize(args: argparse.Namespace) -> int:
     shards = _existing(args.shards, "shards folder")
     folder = _existing(args.model, "checkpoint folder")
     splits = {s.strip() for s in args.splits.split(",") if s.strip()}
+    if args.max_records is not None and args.max_records < 1:
+        raise UserError(f"--max-records must be >= 1, got {args.max_records}")  # 0 was a ZeroDivisionError
     # a record without a split (a catalog without a split column) is a training record, as `vitrine train` has it
     records = [r for r in iter_shard_records(shards) if r.product.split is None or r.product.split in splits]
     if len(records) < 2:
