@@ -146,8 +146,9 @@ def diff_catalog(live: IndexVersion, products: list[Product], sources: list[str]
 
 
 def _embed_rows(rows: list[tuple[Product, str, str, int | None]], live: IndexVersion, embedder: Any,
-                batch_size: int) -> tuple[np.ndarray, list[Product], np.ndarray, int]:
-    """float16 vectors of the rows (reused or embedded), their products and digests; undecodable images skipped.
+                batch_size: int) -> tuple[np.ndarray, list[Product], np.ndarray, list[int]]:
+    """float16 vectors of the rows (reused or embedded), their products and digests, and the positions in `rows`
+    of the undecodable images (skipped).
 
     Images are read, decoded and brought to the model's input one at a time and embedded a batch at a time, so
     memory does not grow with the number of new images or their size (an update adding thousands of photos
@@ -179,7 +180,7 @@ def _embed_rows(rows: list[tuple[Product, str, str, int | None]], live: IndexVer
     flush()
     digests = np.array([digest for _, _, digest, _ in rows], dtype="S40")
     products = [rows[i][0] for i in np.flatnonzero(keep)]
-    return vectors[keep], products, digests[keep], int((~keep).sum())
+    return vectors[keep], products, digests[keep], np.flatnonzero(~keep).tolist()
 
 
 def _check_removed(live: IndexVersion, kept: list[Product], counts: dict[str, int], max_fraction: float) -> None:
@@ -223,7 +224,9 @@ def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
                              f"{live.model_fingerprint[:12]}...: run a full `vitrine index build`")
         rows, counts = diff_catalog(live, products, sources, failed)
         vectors, kept, digests, bad = _embed_rows(rows, live, embedder, config.batch_size)
-        counts["bad_image"] = bad
+        for row in bad:  # counted once, as a bad image: not also as added or changed (it is neither in the index)
+            counts["added" if live.internal_id(rows[row][0].product_id) is None else "image_changed"] -= 1
+        counts["bad_image"] = len(bad)
         if not kept:
             raise ValueError("the new catalog has no product with a usable image: refusing to publish an empty index")
         _check_removed(live, kept, counts, config.max_removed_fraction)

@@ -158,3 +158,35 @@ def test_update_sees_photos_reencoded_at_ingest_as_unchanged(tmp_path: Path,
                  "--index-root", str(root), "--validation-queries", "6"]) == 0
     out = capsys.readouterr().out
     assert '"unchanged": 12' in out and '"image_changed": 0' in out and '"added": 0' in out
+
+def test_update_counts_a_bad_image_once(tmp_path: Path) -> None:
+    """A product whose image does not decode is counted as `bad_image` only; it was also counted as `added` (or
+    `image_changed`) in every nightly report, so the report's counts did not add up to the catalog's rows."""
+    shards, checkpoint = make_inputs(tmp_path, 30)
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=10))
+    rows = catalog_rows(33)  # the 30 live products and 3 new ones
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in rows[1:]:
+        shutil.copyfile(MINI / "images" / f"{row[0]}.jpg", images / f"{row[0]}.jpg")
+    broken_live, broken_new = rows[4][0], rows[32][0]  # a live product's photo and a new product's photo
+    for pid in (broken_live, broken_new):
+        (images / f"{pid}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    write_catalog_rows(tmp_path / "new.csv", rows)
+    update = ["index", "update", "--csv", str(tmp_path / "new.csv"), "--images", str(images), "--index-root",
+              str(root), "--validation-queries", "10"]
+    counted = ("unchanged", "metadata_changed", "image_changed", "added", "missing_image", "bad_image",
+               "duplicate_ids")
+    assert main(update) == 0
+    with open_current(root) as live:
+        report = live.manifest["update"]
+        assert (report["added"], report["image_changed"], report["bad_image"], report["unchanged"]) == (2, 0, 2, 29)
+        assert sum(report[key] for key in counted) == 33 and live.count == 31
+        assert live.internal_id(broken_live) is None and live.internal_id(broken_new) is None
+    assert main(update) == 0  # the next night, nothing changed: the two bad images are still only bad images
+    with open_current(root) as live:
+        report = live.manifest["update"]
+        assert (report["added"], report["image_changed"], report["bad_image"], report["unchanged"]) == (0, 0, 2, 31)
+        assert sum(report[key] for key in counted) == 33 and live.count == 31
