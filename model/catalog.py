@@ -174,26 +174,53 @@ DELIMITERS = (",", ";", "\t", "|")
 MAX_ID_BYTES = 500  # a product id's UTF-8 length: the index's catalog store keys it in LMDB (at most 511 bytes)
 
 
+MIXED_ENCODING = "utf-8+cp1252"  # csv_encoding's answer for a UTF-8 file with a few Windows-1252 bytes in it
+_CP1252_FALLBACK = "vitrine-cp1252-fallback"
+
+
+def _cp1252_fallback(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: bytes that are not UTF-8 are decoded one by one as Windows-1252 (its five undefined
+    bytes as U+FFFD)."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return bytes(exc.object[exc.start:exc.end]).decode("cp1252", errors="replace"), exc.end
+
+
+codecs.register_error(_CP1252_FALLBACK, _cp1252_fallback)
+_UNDECODED = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for bytes that are not UTF-8
+_NON_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
+
+
 def csv_encoding(csv_path: str | Path, encoding: str | None) -> str:
     """The encoding to read `csv_path` with: `encoding`, else UTF-16 when the file starts with its byte order mark
     (Excel's "Unicode Text" export), else UTF-8 (with or without a BOM) when the whole file decodes as UTF-8, else
-    Windows-1252 (what spreadsheet programs on Windows export), with a warning."""
+    Windows-1252 (what spreadsheet programs on Windows export) when no non-ASCII text in it is UTF-8, else
+    MIXED_ENCODING: UTF-8 with the bytes that are not UTF-8 read as Windows-1252 (a UTF-8 export with a few cells
+    pasted from a Windows program; read wholly as Windows-1252 every accented letter of it became two, "Ã©").
+    Both fallbacks log a warning."""
     if encoding is not None:
         return encoding
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    undecoded = utf8_letters = 0
     with open(csv_path, "rb") as handle:
         if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # Excel's "Unicode Text" export
             return "utf-16"
         handle.seek(0)
-        try:
-            while chunk := handle.read(1 << 20):
-                decoder.decode(chunk)
-            decoder.decode(b"", final=True)
-            return "utf-8-sig"
-        except UnicodeDecodeError as exc:
-            logger.warning("catalog CSV %s is not UTF-8 (%s): reading it as Windows-1252; set \"encoding\" in the "
-                           "catalog config to choose another", csv_path, exc.reason)
-            return "cp1252"
+        while chunk := handle.read(1 << 20):
+            text = decoder.decode(chunk)
+            undecoded += len(_UNDECODED.findall(text))
+            utf8_letters += len(_NON_ASCII.findall(text))
+        undecoded += len(_UNDECODED.findall(decoder.decode(b"", final=True)))
+    if not undecoded:
+        return "utf-8-sig"
+    if not utf8_letters:  # (a UTF-8 byte order mark counts as UTF-8: a BOM, then Windows-1252 bytes, is mixed)
+        logger.warning("catalog CSV %s is not UTF-8 (%d bytes are not): reading it as Windows-1252; set "
+                       "\"encoding\" in the catalog config to choose another", csv_path, undecoded)
+        return "cp1252"
+    logger.warning("catalog CSV %s is UTF-8 but for %d bytes that are not (pasted from a Windows program?): reading "
+                   "those as Windows-1252 and the rest as UTF-8; set \"encoding\" in the catalog config to choose "
+                   "one encoding for the whole file", csv_path, undecoded)
+    return MIXED_ENCODING
 
 
 def csv_delimiter(first_line: str, delimiter: str | None, id_column: str | None) -> str:
@@ -237,8 +264,9 @@ def _iter_rows(csv_path: str | Path, overflow_column: str | None, report: Counte
                encoding: str, id_column: str | None, on_header: Callable[[list[str]], None] | None = None
                ) -> Iterator[tuple[list[str], dict[str, str]]]:
     # the Windows-1252 fallback leaves its five undefined bytes as U+FFFD instead of failing
-    with open(csv_path, newline="", encoding=encoding, errors="replace" if encoding == "cp1252" else "strict") \
-            as handle:
+    errors = {"cp1252": "replace", MIXED_ENCODING: _CP1252_FALLBACK}.get(encoding, "strict")
+    with open(csv_path, newline="", encoding="utf-8-sig" if encoding == MIXED_ENCODING else encoding,
+              errors=errors) as handle:
         first = handle.readline()
         start = 0
         if sep := _EXCEL_SEP.match(first):

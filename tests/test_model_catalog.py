@@ -109,6 +109,24 @@ def test_spreadsheet_exports_semicolons_tabs_and_windows_1252(tmp_path: Path) ->
     assert read_catalog(tmp_path / "pipe.csv", config).products[0].title == "a,b;c"
 
 
+def test_a_utf8_export_with_a_few_windows_1252_bytes_keeps_its_utf8(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """One cell pasted from a Windows program into a UTF-8 export: the file was read wholly as Windows-1252, so
+    every other accented title became mojibake ("CafÃ©"). Now only the bytes that are not UTF-8 are."""
+    data = ("sku,name,type,price\n1,Caf\u00e9 \u00e0 la cr\u00e8me,Shirts,1\n".encode("utf-8")
+            + "2,Cr\u00e8me \u2013 \u00e9t\u00e9,Shirts,2\n".encode("cp1252")
+            + "3,\u00c9t\u00e9 \u201ctee\u201d \u20ac,Shirts,3\n".encode("utf-8"))
+    (tmp_path / "mixed.csv").write_bytes(data)
+    with caplog.at_level("WARNING", logger="vitrine.catalog"):
+        table = read_catalog(tmp_path / "mixed.csv", SHOP)
+    assert [p.title for p in table.products] == ["Caf\u00e9 \u00e0 la cr\u00e8me", "Cr\u00e8me \u2013 \u00e9t\u00e9",
+                                                 "\u00c9t\u00e9 \u201ctee\u201d \u20ac"]
+    assert "UTF-8 but for 4 bytes" in caplog.text
+    bom_then_cp1252 = codecs.BOM_UTF8 + "sku,name,type,price\n1,Cr\u00e8me,Shirts,1\n".encode("cp1252")
+    (tmp_path / "bom.csv").write_bytes(bom_then_cp1252)
+    assert read_catalog(tmp_path / "bom.csv", SHOP).products[0].title == "Cr\u00e8me"  # a BOM, then Windows-1252
+
+
 def test_wrong_encoding_or_delimiter_gives_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "eu.csv").write_bytes("sku;name;type;price\n1;Caf\u00e9;Shirts;1\n".encode("cp1252"))
     with pytest.raises(ValueError, match=r"is not valid utf-8 .* set \"encoding\""):
