@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from model.annotate import load_weak_labels
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.data.shards import ShardDataset
+from model.data.shards import ShardDataset, load_shards_manifest
 from model.images import RESIZE_MODES
 from model.losses import MultiTaskLoss
 from model.networks import IMAGENET_LITE0, LITE0_MEAN, LITE0_STD, ModelConfig, VitrineModel, create_model
@@ -142,8 +142,13 @@ def seed_everything(seed: int) -> None:
 
 
 def data_fingerprint(shards_dir: Path | str) -> str:
-    """SHA-256 of the shards manifest (it holds each shard's sha256): names the training data."""
-    return hashlib.sha256((Path(shards_dir) / "manifest.json").read_bytes()).hexdigest()
+    """Names the training data: SHA-256 of the shards' format and of each shard's record count and SHA-256, in
+    order. Not of the whole manifest: it also holds the ingest's timings and the folders it read, so the same
+    catalog ingested twice had two fingerprints."""
+    manifest = load_shards_manifest(shards_dir)
+    identity = {"format": manifest.get("format"),
+                "shards": [[entry["records"], entry["sha256"]] for entry in manifest["shards"]]}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:

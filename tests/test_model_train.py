@@ -52,6 +52,20 @@ def test_train_writes_checkpoint_card_and_metrics(checkpoint: Path) -> None:
     assert not any(p.name.startswith(".") for p in checkpoint.parent.iterdir())
 
 
+def test_data_fingerprint_names_the_data_not_the_ingest_run(checkpoint: Path, tmp_path: Path) -> None:
+    """The same catalog ingested again (another folder, another run time) has the same fingerprint; other data
+    has another."""
+    from model.train import data_fingerprint
+
+    card = json.loads((checkpoint / "model_card.json").read_text())
+    assert data_fingerprint(checkpoint.parent / "shards") == card["data_fingerprint"]
+    build_shards(MINI / "styles.csv", MINI / "images", tmp_path / "again", CatalogConfig(), progress=False)
+    assert data_fingerprint(tmp_path / "again") == card["data_fingerprint"]
+    build_shards(MINI / "styles.csv", MINI / "images", tmp_path / "smaller", CatalogConfig(), progress=False,
+                 max_records_per_shard=500)
+    assert data_fingerprint(tmp_path / "smaller") != card["data_fingerprint"]
+
+
 def test_training_and_embedder_see_the_same_pixels(checkpoint: Path) -> None:
     """The training loader (evaluation mode) and the Embedder preprocess a photo of another aspect alike."""
     from model.training_data import Augment

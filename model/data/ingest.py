@@ -124,7 +124,9 @@ def _write_shard(path: Path, records: list[tuple[Product, bytes, str]]) -> dict[
     values = [encode_record(product, data) for product, data, _ in records]
     # Room for the values plus LMDB's per-record and B-tree overhead, with generous headroom.
     map_size = max(1 << 20, 2 * sum(len(v) + 64 for v in values) + (1 << 20))
-    env = lmdb.open(str(path), map_size=map_size, subdir=True, meminit=False, map_async=False)
+    # meminit: LMDB zeroes the unused bytes of its pages (without it they held whatever the process's heap held
+    # there, so the same records made a different data.mdb, its sha256 and the training data's fingerprint)
+    env = lmdb.open(str(path), map_size=map_size, subdir=True, meminit=True, map_async=False)
     try:
         with env.begin(write=True) as txn:
             for index, value in enumerate(values):
