@@ -48,14 +48,19 @@ class QueryVector:
 
 
 def normalize(vector: np.ndarray, what: str) -> np.ndarray:
-    """`vector` scaled to unit L2 norm; InvalidQuery when it is zero or not finite."""
+    """`vector` scaled to unit L2 norm; InvalidQuery when it is zero or not finite.
+
+    The norm is taken in float64: float32 squares overflow above ~1e19 (norm inf, the vector became zeros)
+    and underflow below ~1e-23 (norm 0, refused as all zeros), though any non-zero scale is a valid query.
+    """
     vector = np.asarray(vector, dtype=np.float32)
     if not np.isfinite(vector).all():
         raise InvalidQuery(f"the {what} contains NaN or infinite values")
-    norm = float(np.linalg.norm(vector))
+    wide = vector.astype(np.float64)
+    norm = float(np.linalg.norm(wide))
     if norm == 0.0:
         raise InvalidQuery(f"the {what} is all zeros; it has no direction to search along")
-    return vector / norm
+    return (wide / norm).astype(np.float32)
 
 
 def check_deadline(deadline: float | None, stage: str) -> None:

@@ -231,6 +231,20 @@ def test_search_by_vector(client: VisualSearchClient, engine_index: EngineIndex)
     assert len({h.product_id for h in result.hits}) == 7
 
 
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_search_by_vector_of_any_nonzero_scale(client: VisualSearchClient, engine_index: EngineIndex,
+                                               scale: float) -> None:
+    """A vector whose squares overflow or underflow float32 finds what its unit vector finds (it was searched
+    as all zeros: scores 0 in arbitrary order, or refused as all zeros)."""
+    rng = np.random.default_rng(1)
+    unit = rng.normal(size=engine_index.dim).astype(np.float32)
+    unit /= np.linalg.norm(unit)
+    expected = client.search_vector(unit, top_k=5)
+    result = client.search_vector(unit * np.float32(scale), top_k=5)
+    assert [h.product_id for h in result.hits] == [h.product_id for h in expected.hits]
+    assert [h.score for h in result.hits] == pytest.approx([h.score for h in expected.hits], abs=1e-5)
+
+
 def test_search_by_product_excludes_itself(client: VisualSearchClient, engine_index: EngineIndex) -> None:
     product_id = engine_index.products[0].product_id
     result = client.search_product(product_id, top_k=10)
