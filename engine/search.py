@@ -27,7 +27,7 @@ from engine.types import MAX_TOP_K, IndexInfo, SearchHit, SearchQuery, SearchReq
 from indexer.validate import RERANK_MIN_CANDIDATES, rerank_candidates
 from indexer.version import IndexVersion
 from model.catalog import Product
-from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, crop_fraction, decode_image
+from model.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, check_region, crop_fraction, decode_image
 
 __all__ = ["Searcher", "QueryVector", "filter_mask", "normalize", "OVERFETCH"]
 
@@ -92,6 +92,11 @@ def decode_query(data: bytes, crop: tuple[float, float, float, float] | None, *,
                  decode_size: DecodeSizeFn | None) -> Image.Image:
     """A query image decoded within the size limits, at the reduced JPEG scale `decode_size` allows for its crop
     region, and cut to that region when it has one (InvalidQuery when the region is not inside it)."""
+    if crop is not None:  # before decode_size uses it (a NaN fraction was an INTERNAL ValueError there)
+        try:
+            check_region(*crop)
+        except ValueError as exc:
+            raise InvalidQuery(str(exc)) from None
     image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels,
                          min_size=None if decode_size is None else decode_size(crop))
     return image if crop is None else crop_query(image, crop)

@@ -206,13 +206,23 @@ def test_a_client_shrinks_a_large_photo_before_upload(client: VisualSearchClient
 
 @pytest.mark.parametrize("crop, message", [((0.0, 0.0, 0.0, 1.0), "must lie inside"),
                                            ((0.6, 0.0, 0.5, 1.0), "x + width <= 1"),
-                                           ((-0.1, 0.0, 0.5, 0.5), "must lie inside")])
+                                           ((-0.1, 0.0, 0.5, 0.5), "must lie inside"),
+                                           ((0.0, 0.0, float("nan"), 1.0), "must lie inside"),
+                                           ((0.0, 0.0, 1.0, float("nan")), "must lie inside")])
 def test_a_crop_outside_the_photo_is_invalid(client: VisualSearchClient, engine_index: EngineIndex,
                                              crop: tuple[float, float, float, float], message: str) -> None:
     photo, _, _ = _two_products_photo(engine_index)
     with pytest.raises(grpc.RpcError) as error:
         client.search_image(photo, crop=crop)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        client.embed(photo, crop=crop)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()
+    from engine.types import SearchQuery, SearchRequest
+
+    items = client.batch_search([SearchRequest(SearchQuery(image=photo, crop=crop), 3),
+                                 SearchRequest(SearchQuery(image=photo), 3)])
+    assert [i.code for i in items] == ["INVALID_ARGUMENT", "OK"] and message in items[0].message
 
 
 def test_a_crop_needs_an_image_query(client: VisualSearchClient, engine_index: EngineIndex) -> None:
