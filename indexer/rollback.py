@@ -31,9 +31,20 @@ def _previous(names: list[str], current: str, root: str | Path) -> str:
 
 
 def rollback(root: str | Path, to: str | None = None) -> str:
-    """Make `to` (default: the version before the live one) live again; returns its name."""
-    names, before = list_versions(root), read_current(root)
-    target = to if to is not None else _previous(names, before, root)
+    """Make `to` (default: the version before the live one) live again; returns its name.
+
+    With `to`, a CURRENT that is missing or unreadable is replaced too (the target does not depend on it).
+    """
+    names = list_versions(root)
+    if to is None:
+        before = read_current(root)
+        target = _previous(names, before, root)
+    else:
+        target = to
+        try:
+            before = read_current(root)
+        except VersionError as exc:
+            before = f"(unreadable: {exc})"
     if target not in names:
         raise VersionError(f"no complete version named {target!r} under {root}; see `vitrine index list`")
     with open_version(Path(root) / target, verify_checksums=True):

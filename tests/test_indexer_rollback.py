@@ -68,3 +68,16 @@ def test_publish_keeps_the_last_n_but_never_current_or_its_predecessor(tmp_path:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trash")]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         prune_versions(tmp_path, 0)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "empty", "garbage"])
+def test_rollback_to_a_named_version_repairs_a_missing_or_broken_current(tmp_path: Path, damage: str) -> None:
+    """With --to the target is known, so a CURRENT that is gone or unreadable does not block the recovery."""
+    names = _three_versions(tmp_path)
+    current = tmp_path / "CURRENT"
+    if damage == "deleted":
+        current.unlink()
+    else:
+        current.write_text("" if damage == "empty" else "../elsewhere\n", encoding="utf-8")
+    assert rollback(tmp_path, to=names[1]) == names[1]
+    assert read_current(tmp_path) == names[1]
