@@ -66,6 +66,8 @@ class MicroBatcher:
         rows = []
         for future in futures:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if timeout is not None and not timeout <= threading.TIMEOUT_MAX:  # too far away (or inf) to wait on
+                timeout = None
             try:
                 rows.append(future.result(timeout=timeout))
             except FutureTimeout:

@@ -196,6 +196,19 @@ def test_deadline_and_cors(served: tuple[Any, int], engine_index: EngineIndex) -
         assert response.headers["Access-Control-Allow-Origin"] == "https://shop.example.com"
 
 
+@pytest.mark.parametrize("timeout_ms", ["1e300", "inf", "nan"])
+def test_a_huge_or_non_finite_timeout(served: tuple[Any, int], engine_index: EngineIndex, timeout_ms: str) -> None:
+    """A deadline too far away to wait on is no deadline (it was INTERNAL: OverflowError in the embedding
+    wait); NaN is refused like any timeout that is not positive."""
+    server, _ = served
+    image = engine_index.images[engine_index.products[1].product_id]
+    status, answer = http(server, "/v1/search?top_k=3", image, "image/jpeg", headers={"X-Timeout-Ms": timeout_ms})
+    if timeout_ms == "nan":
+        assert status == 400 and "timeout_ms must be positive" in answer["message"]
+    else:
+        assert status == 200 and len(answer["hits"]) == 3, answer
+
+
 def test_health_says_not_serving_once_stopping(tmp_path: Path) -> None:
     own = build_engine_index(tmp_path)  # its own version: one process opens a version's LMDB once
     server, _ = create_server(ServerConfig(index_root=own.index_root, port=0, max_workers=2, http_port=0,
