@@ -278,6 +278,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 request: Message = search_request_from_query(body, query) if method == "Search" \
                     else embed_request_from_query(body, query)
             else:
+                options = sorted(set(query) - {"timeout_ms"}) if verb == "POST" else []
+                if options:  # they would be ignored: a filter in the URL must not answer unfiltered hits
+                    raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"query parameters {options} apply to a raw image body only; with a JSON body, "
+                                     "put them in the JSON (only timeout_ms goes in the URL)")
                 request = self._parse_json(body, kind)
             return self._call(method, request, query)
         except CallFailed as failed:

@@ -165,6 +165,20 @@ def test_errors_carry_the_grpc_code_and_its_http_status(served: tuple[Any, int],
     assert message in answer["message"]
 
 
+def test_query_parameters_beside_a_json_body_are_refused(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    """Options as query parameters apply to a raw image body; beside a JSON body they were silently ignored
+    (a category filter in the URL answered unfiltered hits). Only timeout_ms goes with a JSON body."""
+    server, _ = served
+    product_id = engine_index.products[3].product_id
+    other = next(p.category for p in engine_index.products if p.category != engine_index.products[3].category)
+    body = json.dumps({"product_id": product_id}).encode()
+    for path in (f"/v1/search?top_k=3&category={other}", "/v1/batch-search?in_stock=true", "/v1/embed?crop=0,0,1,1"):
+        status, answer = http(server, path, body if "batch" not in path else b'{"requests": [{}]}')
+        assert status == 400 and "query parameters" in answer["message"] and "JSON" in answer["message"], answer
+    status, answer = http(server, "/v1/search?timeout_ms=10000", body)
+    assert status == 200 and len(answer["hits"]) == 10
+
+
 def test_an_oversized_body_is_refused_unread(served: tuple[Any, int]) -> None:
     server, _ = served
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
