@@ -179,7 +179,9 @@ def _set_index_metrics(metrics: Metrics, shards: ShardSearch) -> None:
 def _start_watcher(config: ServerConfig, slot: SearcherSlot[ShardSearch],
                    metrics: Metrics) -> VersionWatcher[ShardSearch]:
     def load(name: str) -> ShardSearch:
-        shards = load_shard_search(config, Path(config.index_root) / name)
+        kept = slot.previous  # a rollback to the version kept open: serve it again (LMDB opens it only once)
+        shards = kept if kept is not None and kept.version.name == name else \
+            load_shard_search(config, Path(config.index_root) / name)
         _set_index_metrics(metrics, shards)
         return shards
 

@@ -105,8 +105,15 @@ class SearcherSlot(Generic[S]):
         return None if entry is None else entry.searcher
 
     def install(self, searcher: S | None) -> None:
-        """Put `searcher` in service (None: none) and retire the previous one (kept: the one before it)."""
+        """Put `searcher` in service (None: none) and retire the previous one (kept: the one before it).
+
+        `searcher` may be the kept previous one (a rollback): it is served again and the one in service is
+        kept in its place; nothing is retired.
+        """
         with self._lock:
+            if searcher is not None and self._previous is not None and self._previous.searcher is searcher:
+                self._entry, self._previous = self._previous, self._entry
+                return
             old, self._entry = self._entry, (None if searcher is None else _Entry(searcher))
             if self.keep_previous and searcher is not None:
                 retiring, self._previous = [self._previous], old

@@ -132,3 +132,46 @@ def test_a_publish_in_remote_shard_mode_costs_no_partial_answer(tmp_path: Path,
     assert seen == {old, new.name}, seen
     partial = [a for a in answers if a[1] or a[2] != 10]
     assert not partial, f"{len(partial)} of {len(answers)} answers were partial or short: {partial[:5]}"
+
+
+def test_a_shard_server_rolls_back_to_the_version_it_keeps_open(tmp_path: Path) -> None:
+    """A rollback names the version a shard server swapped away from and still holds open: it goes back to
+    serving it (opening it a second time failed, LMDB refuses that, and the rollback was refused for good)."""
+    from engine.config import ServerConfig
+    from engine.shard_server import create_shard_server
+
+    index = build_engine_index(tmp_path)
+    old = index.version_path.name
+    with open_version(index.version_path) as version:
+        vectors = version.vectors_of(np.arange(version.count))
+        products = version.products(np.arange(version.count))
+        fingerprint = version.model_fingerprint
+    new = build_index_from_vectors(vectors, products, index.index_root, fingerprint, index.model_dir, FACTORY,
+                                   nprobe=2, num_shards=2, min_recall_at_10=0.0, validation_queries=16,
+                                   publish=False, name=NEW_VERSION)
+    server, port = create_shard_server(ServerConfig(index_root=index.index_root, port=0, role="shard",
+                                                    shards=(0, 1), poll_s=0.05))
+    target = f"127.0.0.1:{port}"
+    watcher = server.watcher
+    assert watcher is not None
+
+    def wait_for(name: str) -> None:
+        deadline = time.monotonic() + 30
+        while server.slot.current is None or server.slot.current.version.name != name:
+            assert time.monotonic() < deadline, f"the shard server never swapped to {name}: {watcher.refused}"
+            time.sleep(0.02)
+
+    try:
+        publish_current(index.index_root, new.name)
+        wait_for(new.name)
+        publish_current(index.index_root, old)  # the rollback
+        wait_for(old)
+        assert not watcher.refused
+        assert shard_search(target, index.dim, old).index_version == old
+        assert shard_search(target, index.dim, new.name).index_version == new.name  # now the kept previous one
+        publish_current(index.index_root, new.name)  # and forward again
+        wait_for(new.name)
+        assert shard_search(target, index.dim, "").index_version == new.name
+        assert server.slot.closed_versions == 0 and not watcher.refused
+    finally:
+        server.stop(None).wait()
