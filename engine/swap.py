@@ -63,6 +63,7 @@ class SearcherSlot(Generic[S]):
     def __init__(self, keep_previous: bool = False) -> None:
         self._entry: _Entry[S] | None = None
         self._previous: _Entry[S] | None = None
+        self._closing: list[_Entry[S]] = []  # retired, still leased: open until their last request ends
         self.keep_previous = keep_previous
         self._lock = threading.Lock()
         self.closed_versions = 0  # versions closed after retirement (tests and metrics read it)
@@ -91,6 +92,9 @@ class SearcherSlot(Generic[S]):
                 close = entry.retired and entry.leases == 0
             if close:
                 self._close(entry)
+                with self._lock:  # only once closed: then it can be opened again
+                    if entry in self._closing:
+                        self._closing.remove(entry)
 
     @property
     def current(self) -> S | None:
@@ -125,8 +129,15 @@ class SearcherSlot(Generic[S]):
                     entry.retired = True
                     if entry.leases == 0:
                         closing.append(entry)
+                    else:
+                        self._closing.append(entry)
         for entry in closing:
             self._close(entry)
+
+    def closing(self, name: str) -> bool:
+        """True while a retired version named `name` is still open for requests in flight."""
+        with self._lock:
+            return any(entry.searcher.version.name == name for entry in self._closing)
 
     def _close(self, entry: _Entry[S]) -> None:
         logger.info("closing retired index version %s", entry.searcher.version.name)
@@ -171,6 +182,9 @@ class VersionWatcher(Generic[S]):
         if name not in self.deferred:
             logger.info("CURRENT names %s; loading it in the background", name)
         try:
+            if self.slot.closing(name):  # a rollback to it: it can be opened again once it closed
+                raise SwapDeferred(f"index version {name} is still open for requests in flight; it is loaded "
+                                   "again once they finished")
             searcher = self.load(name)
         except SwapDeferred as exc:
             if name not in self.deferred:

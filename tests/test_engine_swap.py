@@ -197,3 +197,49 @@ def test_a_deferred_swap_is_retried_at_the_next_poll_and_logged_once(tmp_path: P
         ready[0] = True
         assert watcher.check_once() == "swapped"
     assert slot.current.version.name == "v2" and results == ["deferred", "swapped"] and not watcher.deferred
+
+
+def test_a_rollback_to_a_version_still_closing_is_served_once_it_closed(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publish, then roll back while a request still holds the old version: opening it again fails while it is
+    open (LMDB: once per process), so the swap waits for it to close instead of refusing it for good."""
+    from engine_fixtures import FACTORY
+
+    from indexer.version import open_version
+
+    index = build_engine_index(tmp_path)
+    old = index.version_path.name
+    with open_version(index.version_path) as version:
+        vectors, products = version.vectors_of(np.arange(version.count)), version.products(np.arange(version.count))
+    new = build_index_from_vectors(vectors, products, index.index_root, load_fingerprint(index.version_path),
+                                   index.model_dir, FACTORY, nprobe=2, num_shards=2, min_recall_at_10=0.0,
+                                   validation_queries=16, publish=False, name="20990101T000000Z")
+    server, port = create_server(ServerConfig(index_root=index.index_root, port=0, poll_s=0.05, max_workers=4))
+    entered, release = threading.Event(), threading.Event()
+    real_search = Searcher.search
+
+    def held_search(self: Searcher, request, deadline=None):  # noqa: ANN001, ANN202
+        if request.top_k == 7:
+            entered.set()
+            assert release.wait(30)
+        return real_search(self, request, deadline)
+
+    monkeypatch.setattr(Searcher, "search", held_search)
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=30.0) as client:
+            held = threading.Thread(target=lambda: client.search_vector(np.ones(index.dim, np.float32), top_k=7))
+            held.start()
+            assert entered.wait(30)
+            publish_current(index.index_root, new.name)
+            wait_for_version(client, new.name)
+            publish_current(index.index_root, old)  # the rollback, while the old version is still leased
+            time.sleep(0.5)  # ten polls
+            assert client.index_info().version == new.name
+            release.set()
+            held.join(30)
+            wait_for_version(client, old)
+            assert server.watcher is not None and not server.watcher.refused
+            assert client.search_product(products[0].product_id, top_k=3).index_version == old
+    finally:
+        release.set()
+        server.stop(None).wait()
