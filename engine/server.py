@@ -26,7 +26,7 @@ from PIL import Image
 
 from engine.batcher import BatcherConfig, MicroBatcher
 from engine.config import ServerConfig
-from engine.errors import ShardsUnavailable
+from engine.errors import NotReady, ShardsUnavailable
 from engine.http_gateway import HttpGateway
 from engine.lifecycle import ServerStartError, VitrineServer, bind, run_until_signal, set_health
 from engine.metrics import Metrics
@@ -186,7 +186,13 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
     set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING, (SERVICE_NAME,))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     runner_box: list[ModelRunner] = []
-    servicer = VisualSearchServicer(slot, lambda images, deadline: runner_box[0].embed(images, deadline), "", metrics,
+
+    def embed(images: Sequence[Image.Image], deadline: float | None) -> np.ndarray:
+        if not runner_box:  # Embed needs no index lease: it must say so itself while the model loads
+            raise NotReady("the server is still loading its index and model; retry in a few seconds")
+        return runner_box[0].embed(images, deadline)
+
+    servicer = VisualSearchServicer(slot, embed, "", metrics,
                                     max_batch_queries=config.max_batch_queries,
                                     max_image_bytes=config.max_message_bytes, max_image_pixels=config.max_image_pixels)
     search_pb2_grpc.add_VisualSearchServicer_to_server(servicer, server)

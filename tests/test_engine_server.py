@@ -366,6 +366,9 @@ def test_not_serving_until_loaded(engine_index: EngineIndex, tmp_path, monkeypat
             assert status == "NOT_SERVING"
             err = _rpc_error(lambda: client.search_product(engine_index.products[0].product_id))
             assert err.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.details()
+            image = engine_index.images[engine_index.products[0].product_id]
+            err = _rpc_error(lambda: client.embed(image))  # no model yet: it was INTERNAL (IndexError)
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.details()
             release.set()
             client.wait_ready(timeout_s=30.0)
             assert client.search_product(engine_index.products[0].product_id, top_k=2).hits
