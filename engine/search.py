@@ -348,7 +348,8 @@ class Searcher:
         """The served version's internal id of `product_id`; ProductNotFound (message + hint) when absent."""
         internal_id = self.version.internal_id(product_id) if product_id else None
         if internal_id is None:
-            raise ProductNotFound(f"product id {product_id!r} is not in index version {self.version.name}{hint}")
+            raise ProductNotFound(f"product id {_quoted(product_id)} is not in index version "
+                                  f"{self.version.name}{hint}")
         return internal_id
 
     def index_info(self) -> IndexInfo:
@@ -364,6 +365,14 @@ class Searcher:
                          metric=str(manifest.get("metric", "inner_product")), created_utc=created,
                          shard_count=len(manifest["shards"]), default_nprobe=self.version.default_nprobe,
                          query_image_size=None if self.decode_size is None else self.decode_size(None))
+
+
+def _quoted(product_id: str, limit: int = 100) -> str:
+    """`product_id` quoted for a status message, shortened when long (gRPC status details must stay well
+    under the 8-16 KiB metadata limit of clients, or they get RESOURCE_EXHAUSTED instead of the status)."""
+    if len(product_id) <= limit:
+        return repr(product_id)
+    return f"{product_id[:limit]!r}... ({len(product_id)} characters)"
 
 
 def _with_time(outcome: SearchResult | Exception | None, took_us: int) -> SearchResult | Exception:

@@ -323,6 +323,16 @@ def test_errors_then_still_serving(client: VisualSearchClient, engine_index: Eng
     assert len(client.search_product(engine_index.products[2].product_id, top_k=3).hits) == 3  # still serving
 
 
+@pytest.mark.parametrize("product_id", ["x" * 20_000, "é" * 3_000])
+def test_a_long_unknown_product_id_is_not_found(client: VisualSearchClient, product_id: str) -> None:
+    """The NOT_FOUND message quotes the id shortened: quoted whole it overflowed the client's 16 KiB limit on
+    status metadata, and the client got RESOURCE_EXHAUSTED ("Stream removed") instead."""
+    for call in (lambda: client.search_product(product_id), lambda: client.get_product(product_id)):
+        err = _rpc_error(call)
+        assert err.code() == grpc.StatusCode.NOT_FOUND and "not in index version" in err.details()
+        assert product_id[:50] in err.details() and len(err.details()) < 1000
+
+
 def test_model_mismatch_refuses_to_start(engine_index: EngineIndex, tmp_path) -> None:
     # A copy of the index (LMDB refuses a second open of the same path in one process) served with a
     # freshly initialised model: its weights, hence its fingerprint, differ from the indexing model's.
