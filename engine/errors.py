@@ -65,5 +65,16 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             message = str(exc) or error_type.__name__
             if isinstance(exc, ImageDecodeError):
                 message = f"cannot decode the query image: {message}"
-            return code, message
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}"
+            return code, shorten_status(message)
+    return grpc.StatusCode.INTERNAL, shorten_status(f"internal error ({type(exc).__name__}): {exc}")
+
+
+MAX_STATUS_CHARS = 2000  # a status message travels in response metadata: clients refuse more than 8-16 KiB
+
+
+def shorten_status(message: str, limit: int = MAX_STATUS_CHARS) -> str:
+    """`message` cut to `limit` characters, saying so: a longer one (an exception quoting a huge input) made the
+    client fail with RESOURCE_EXHAUSTED ("Stream removed") instead of receiving the status."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... (message cut: {len(message)} characters)"

@@ -62,3 +62,12 @@ def test_query_kind() -> None:
 def test_status_for(exc: Exception, code: grpc.StatusCode, text: str) -> None:
     got_code, message = status_for(exc)
     assert got_code == code and text in message
+
+
+def test_status_messages_are_cut_to_fit_a_clients_metadata_limit() -> None:
+    """A status message quoting a huge input overflowed the client's 8-16 KiB metadata limit: the client got
+    RESOURCE_EXHAUSTED ("Stream removed") instead of the status."""
+    for exc in (InvalidQuery("bad filter " + "x" * 50_000), ValueError("y" * 50_000)):
+        code, message = status_for(exc)
+        assert code == (grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, InvalidQuery) else grpc.StatusCode.INTERNAL)
+        assert len(message) < 2100 and message.endswith(" characters)") and "message cut" in message
