@@ -162,6 +162,7 @@ class VersionWatcher(Generic[S]):
         self.on_result = on_result or (lambda result: None)
         self.refused: dict[str, str] = {}  # version name -> why it was refused
         self.deferred: dict[str, str] = {}  # version name -> why its swap waits (until it happens)
+        self.unreadable: str | None = None  # why CURRENT could not be read at the last poll (None: it could)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vitrine-watcher", daemon=True)
 
@@ -174,8 +175,14 @@ class VersionWatcher(Generic[S]):
         try:
             name = read_current(self.index_root)
         except VersionError as exc:
-            logger.warning("cannot read CURRENT: %s", exc)
+            if str(exc) != self.unreadable:  # once per reason, not at every poll
+                logger.warning("cannot read CURRENT: %s (still serving %s; logged again when the reason changes)",
+                               exc, served.version.name if (served := self.slot.current) else "nothing")
+                self.unreadable = str(exc)
             return "unreadable"
+        if self.unreadable is not None:
+            logger.info("CURRENT is readable again: it names %s", name)
+            self.unreadable = None
         current = self.slot.current
         if (current is not None and current.version.name == name) or name in self.refused:
             return "unchanged"

@@ -199,6 +199,21 @@ def test_a_deferred_swap_is_retried_at_the_next_poll_and_logged_once(tmp_path: P
     assert slot.current.version.name == "v2" and results == ["deferred", "swapped"] and not watcher.deferred
 
 
+def test_an_unreadable_current_is_logged_once_per_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A missing CURRENT was logged at every poll (every 2 s by default) for as long as it stayed missing."""
+    slot: SearcherSlot[FakeServed] = SearcherSlot()
+    slot.install(FakeServed("v1"))  # type: ignore[arg-type]
+    watcher = VersionWatcher(tmp_path, slot, FakeServed, 0.01)  # type: ignore[arg-type,type-var]
+    with caplog.at_level(logging.INFO, logger="vitrine.engine"):
+        assert [watcher.check_once() for _ in range(5)] == ["unreadable"] * 5
+        assert caplog.text.count("cannot read CURRENT") == 1 and "still serving v1" in caplog.text
+        (tmp_path / "CURRENT").write_text("v1\n")
+        assert watcher.check_once() == "unchanged" and "readable again" in caplog.text
+        (tmp_path / "CURRENT").unlink()
+        assert watcher.check_once() == "unreadable"
+        assert caplog.text.count("cannot read CURRENT") == 2  # missing again after it was back: said again
+
+
 def test_a_rollback_to_a_version_still_closing_is_served_once_it_closed(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Publish, then roll back while a request still holds the old version: opening it again fails while it is
