@@ -332,7 +332,10 @@ class Searcher:
                 if product.product_id == exclude or (one_per_product and product.product_id in seen):
                     continue
                 seen.add(product.product_id)
-                hits.append(SearchHit(product_id=product.product_id, score=float(score), product=product))
+                # cosine of the float16-rounded stored vector: within ~1e-3 of the float32 one, so clipped to the
+                # -1..1 the API promises (a product's own photo scored 1.0001)
+                hits.append(SearchHit(product_id=product.product_id, score=min(1.0, max(-1.0, float(score))),
+                                      product=product))
                 if len(hits) == top_k:
                     return hits
             start = end

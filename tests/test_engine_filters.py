@@ -209,3 +209,20 @@ def test_clustered_filter_probes_where_the_passing_vectors_are(tmp_path: Path) -
         with_probing, with_uniform = recall(probing), recall(uniform)
     assert with_probing >= 0.9 and with_uniform >= 0.9
     assert candidates.nprobe_for(4, 0.1, 64) == 13
+
+
+def test_scores_stay_within_minus_one_and_one(ivfpq: Path) -> None:
+    """The stored float16 vectors are unit vectors only to ~1e-3: a product's own vector as the query scored
+    1.0001 against itself, outside the -1..1 the API promises."""
+    with open_version(ivfpq) as version:
+        stored = version.vectors_of(np.arange(version.count)).astype(np.float32)
+        longest = np.argsort(-np.linalg.norm(stored, axis=1))[:5]  # the float16 rows rounded up the most
+        assert np.linalg.norm(stored[longest[0]]) > 1.0
+        searcher = Searcher(version, no_embed)
+        for row in longest:
+            for query in (stored[row], -stored[row]):
+                result = searcher.search(SearchRequest(SearchQuery(vector=query), top_k=5,
+                                                       options=SearchOptions(one_per_product=False)))
+                assert all(-1.0 <= hit.score <= 1.0 for hit in result.hits)
+            best = searcher.search(SearchRequest(SearchQuery(vector=stored[row]), top_k=1)).hits[0]
+            assert best.product_id == f"p{row}" and best.score == 1.0
