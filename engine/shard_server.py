@@ -82,8 +82,8 @@ def warm_up_shards(shards: ShardSearch) -> None:
     shards.prober()
 
 
-def check_shard_query(query: ShardQuery, dim: int) -> None:
-    """InvalidQuery when the queries, k or nprobe cannot be searched."""
+def check_shard_query(query: ShardQuery, dim: int, count: int) -> None:
+    """InvalidQuery when the queries, k or nprobe cannot be searched (`count`: the version's vectors, all shards)."""
     if query.vectors.shape[0] == 0:
         raise InvalidQuery("the shard request holds no query vector")
     if query.vectors.shape[1] != dim:
@@ -92,6 +92,8 @@ def check_shard_query(query: ShardQuery, dim: int) -> None:
         raise InvalidQuery("the query vectors contain NaN or infinite values")
     if query.k < 1:
         raise InvalidQuery(f"k must be >= 1, got {query.k}")
+    if query.k > max(count, 1):  # a root asks for at most the version's count; Faiss would allocate k per query
+        raise InvalidQuery(f"k must be at most the index version's {count} vectors, got {query.k}")
     if query.nprobe is not None and query.nprobe < 0:
         raise InvalidQuery(f"nprobe must be >= 0 (0 means the index default), got {query.nprobe}")
 
@@ -117,7 +119,7 @@ class IndexShardServicer(shard_pb2_grpc.IndexShardServicer):
                     also = f" (and still {previous.version.name})" if previous is not None else ""
                     raise VersionMismatch(f"this shard server serves index version {version}{also}, not "
                                           f"{query.index_version}; a root never mixes versions")
-                check_shard_query(query, shards.version.dim)
+                check_shard_query(query, shards.version.dim, shards.version.count)
                 check_deadline(deadline_of(context), "the shard search")
                 parts = shards.search_parts(query.vectors, query.k, query.nprobe, shards.plan(query.filter))
                 held = tuple(shards.shard_ids)

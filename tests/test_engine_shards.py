@@ -143,6 +143,16 @@ def test_shard_server_answers_only_its_shards_and_refuses_another_version(cluste
                         timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert cluster.index.version_path.name in (err.value.details() or "")
+        # a direct caller asking for more candidates than the version holds (k near 2**31 made Faiss allocate
+        # tens of GB per query): INVALID_ARGUMENT before any search; the whole version's count is still fine
+        count = len(cluster.index.products)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Search(shard_pb2.ShardSearchRequest(queries=[query], k=2**31 - 1,
+                                                     index_version=cluster.index.version_path.name), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most" in (err.value.details() or "")
+        answer = stub.Search(shard_pb2.ShardSearchRequest(queries=[query], k=count,
+                                                          index_version=cluster.index.version_path.name), timeout=10)
+        assert len(answer.candidates[0].ids) == count
 
 
 def shard_ids(cluster: Cluster, shard: int) -> set[int]:
