@@ -15,7 +15,8 @@
   GET  /healthz             200 {"status": "SERVING"}, else 503
 
 JSON is the proto3 JSON mapping of the messages in protos/vitrine/v1/search.proto: field names as in the
-proto (lowerCamelCase is accepted too), bytes as base64, unknown fields refused. Every call runs the
+proto (lowerCamelCase is accepted too), bytes as base64 (an `image` may also be a browser's data URL,
+"data:image/jpeg;base64,..."; text that is not base64 is refused), unknown fields refused. Every call runs the
 gRPC servicer's own method, so validation, limits, metrics, logs and status codes are the same. A
 failed call answers {"code": "INVALID_ARGUMENT", "message": "..."} with the HTTP status of its gRPC
 code (the google.api HTTP mapping: INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429,
@@ -31,6 +32,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -232,6 +234,21 @@ ROUTES = {("POST", "/v1/search"): ("Search", search_pb2.SearchRequest),
           ("GET", "/v1/index"): ("GetIndexInfo", search_pb2.GetIndexInfoRequest)}
 
 
+_DATA_URL = re.compile(r"^data:[^,;]*(;[^,;]*)*;base64,", re.IGNORECASE)
+
+
+def base64_image(value: str) -> str:
+    """A JSON `image` field as protobuf's JSON parser takes it: a browser's data URL ("data:image/jpeg;base64,...",
+    what FileReader.readAsDataURL gives) loses its prefix, and text that is not base64 (standard or URL-safe) is a
+    ValueError (protobuf's parser skipped the foreign characters: "!!!" became an empty image, and a data URL's
+    prefix became garbage bytes in front of the image)."""
+    text = _DATA_URL.sub("", value.strip(), count=1)
+    compact = "".join(text.split())  # line breaks of MIME-style base64
+    if not re.fullmatch(r"[A-Za-z0-9+/_-]*={0,2}", compact) or len(compact.rstrip("=")) % 4 == 1:
+        raise ValueError("field image is not base64 (standard or URL-safe alphabet, or a data: URL with ;base64,)")
+    return compact
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     owner: HttpGateway
     protocol_version = "HTTP/1.1"
@@ -327,8 +344,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _parse_json(self, body: bytes, kind: type[Message]) -> Message:
         try:
-            return json_format.Parse(body.decode("utf-8") if body else "{}", kind())
-        except (json_format.ParseError, UnicodeDecodeError) as exc:
+            document = json.loads(body.decode("utf-8") if body else "{}")
+            if isinstance(document, dict):
+                for holder in [document, *(r for r in document.get("requests") or () if isinstance(r, dict))]:
+                    if isinstance(holder.get("image"), str):
+                        holder["image"] = base64_image(holder["image"])
+            return json_format.ParseDict(document, kind())
+        except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
                              f"the body is not a valid {kind.DESCRIPTOR.full_name} in JSON: {exc}") from None
 

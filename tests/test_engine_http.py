@@ -165,6 +165,28 @@ def test_errors_carry_the_grpc_code_and_its_http_status(served: tuple[Any, int],
     assert message in answer["message"]
 
 
+def test_a_data_url_image_in_json_and_text_that_is_not_base64(served: tuple[Any, int],
+                                                               engine_index: EngineIndex) -> None:
+    """A browser's FileReader.readAsDataURL gives "data:image/jpeg;base64,...": its prefix became garbage bytes in
+    front of the image ("not a recognised image"); text that is not base64 ("!!!") became an empty image."""
+    server, _ = served
+    image = engine_index.images[engine_index.products[4].product_id]
+    encoded = base64.b64encode(image).decode()
+    status, plain = http(server, "/v1/search", json.dumps({"image": encoded, "top_k": 3}).encode())
+    assert status == 200
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # MIME line breaks
+    for value in (f"data:image/jpeg;base64,{encoded}", f"DATA:image/jpeg;name=a.jpg;base64,{wrapped}",
+                  base64.urlsafe_b64encode(image).decode().rstrip("=")):
+        status, answer = http(server, "/v1/search", json.dumps({"image": value, "top_k": 3}).encode())
+        assert status == 200 and answer["hits"] == plain["hits"], answer
+        batch_body = json.dumps({"requests": [{"image": value, "top_k": 3}]}).encode()
+        status, batch = http(server, "/v1/batch-search", batch_body)
+        assert status == 200 and batch["results"][0]["response"]["hits"] == plain["hits"]
+    for value in ("!!!", "data:image/jpeg,not-base64-at-all!"):
+        status, answer = http(server, "/v1/embed", json.dumps({"image": value}).encode())
+        assert status == 400 and "not base64" in answer["message"], answer
+
+
 def test_query_parameters_beside_a_json_body_are_refused(served: tuple[Any, int], engine_index: EngineIndex) -> None:
     """Options as query parameters apply to a raw image body; beside a JSON body they were silently ignored
     (a category filter in the URL answered unfiltered hits). Only timeout_ms goes with a JSON body."""
