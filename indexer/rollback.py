@@ -23,7 +23,11 @@ def previous_version(root: str | Path) -> str:
 
 def _previous(names: list[str], current: str, root: str | Path) -> str:
     if current not in names:
-        raise VersionError(f"CURRENT names {current}, which is not a complete version under {root}")
+        older = [name for name in names if name < current]
+        hint = f"`vitrine index rollback --to {older[-1]}` (the newest complete version before it)" if older \
+            else f"`vitrine index rollback --to NAME` with one of {names}" if names else "a new `vitrine index build`"
+        raise VersionError(f"CURRENT names {current}, which is not a complete version under {root}; to serve "
+                           f"again: {hint}")
     position = names.index(current)
     if position == 0:
         raise VersionError(f"{current} is the oldest version under {root}; there is nothing to roll back to")

@@ -81,3 +81,13 @@ def test_rollback_to_a_named_version_repairs_a_missing_or_broken_current(tmp_pat
         current.write_text("" if damage == "empty" else "../elsewhere\n", encoding="utf-8")
     assert rollback(tmp_path, to=names[1]) == names[1]
     assert read_current(tmp_path) == names[1]
+
+
+def test_rollback_when_the_live_folder_is_gone_names_the_version_to_roll_back_to(tmp_path: Path) -> None:
+    """CURRENT naming a deleted folder refused the plain rollback without saying what would work."""
+    names = _three_versions(tmp_path)
+    shutil.rmtree(tmp_path / names[-1])
+    with pytest.raises(VersionError, match=f"rollback --to {names[-2]}"):
+        rollback(tmp_path)
+    assert read_current(tmp_path) == names[-1]  # untouched: a plain rollback does not guess
+    assert rollback(tmp_path, to=names[-2]) == names[-2]
