@@ -33,6 +33,18 @@ def test_every_subcommand_explains_itself(words: list[str], capsys: pytest.Captu
     assert len(out.splitlines()) > 4
 
 
+def test_typical_flow_tasks_are_columns_of_the_default_ingest() -> None:
+    """The top-level help's `train --tasks category,colour` failed on the shards `vitrine ingest` makes with its
+    default column mapping: there is no column 'colour' (it is baseColour)."""
+    from model.catalog import CatalogConfig
+    from vitrine.cli import DESCRIPTION
+
+    line = next(line for line in DESCRIPTION.splitlines() if "--tasks" in line)
+    tasks = line.split("--tasks", 1)[1].split()[0].split(",")
+    known = {"category", "brand", *CatalogConfig().attribute_columns}
+    assert tasks and set(tasks) <= known, tasks
+
+
 def test_missing_input_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["ingest", "--csv", str(tmp_path / "nope.csv"), "--images", str(tmp_path), "--out",
                  str(tmp_path / "out")])

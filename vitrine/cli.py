@@ -24,7 +24,7 @@ Typical flow (see README.md):
   vitrine ingest --csv styles.csv --images images/ --out work/shards
   vitrine annotate --shards work/shards --out work/weak_labels.json
   vitrine train --stage pretrain --shards work/shards --weak-labels work/weak_labels.json --out work/pretrain
-  vitrine train --shards work/shards --init-from work/pretrain --tasks category,colour --out work/model
+  vitrine train --shards work/shards --init-from work/pretrain --tasks category,baseColour --out work/model
   vitrine index build --shards work/shards --model work/model --index-root work/index
   vitrine serve --index-root work/index --port 50051
   vitrine query --target localhost:50051 --image photo.jpg
