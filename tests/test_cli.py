@@ -52,6 +52,21 @@ def test_missing_input_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: 
     assert "catalog CSV not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("words", [["ingest", "--csv", "{dir}", "--images", "{dir}", "--out", "{dir}/out"],
+                                   ["ingest", "--csv", "{csv}", "--images", "{dir}", "--out", "{dir}/out",
+                                    "--catalog-config", "{dir}"],
+                                   ["index", "update", "--csv", "{dir}", "--images", "{dir}", "--index-root", "{dir}"],
+                                   ["train", "--shards", "{dir}", "--out", "{dir}/out", "--config", "{dir}"]],
+                         ids=lambda words: " ".join(w for w in words if not w.startswith("{")))
+def test_a_file_argument_that_is_a_folder_is_a_clear_error(words: list[str], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`--csv exports/` (a folder) raised IsADirectoryError with a traceback; so did a folder as a config file."""
+    (tmp_path / "my.csv").write_text("id\n1\n")
+    argv = [w.format(dir=tmp_path, csv=tmp_path / "my.csv") for w in words]
+    assert main(argv) == 2
+    assert f"{tmp_path} is a folder: name a file" in capsys.readouterr().err
+
+
 def test_a_query_image_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`vitrine query --image photos/` raised IsADirectoryError with a traceback (before any connection)."""
     assert main(["query", "--target", "127.0.0.1:9", "--image", str(tmp_path)]) == 2

@@ -31,6 +31,14 @@ def _existing(path: str, what: str) -> Path:
     return p
 
 
+def _existing_file(path: str, what: str) -> Path:
+    """The named file; UserError when it is missing or a folder (a folder was an IsADirectoryError traceback)."""
+    p = _existing(path, what)
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a folder: name a file")
+    return p
+
+
 def _read_file(path: str, what: str) -> bytes:
     """The bytes of a file the user named; UserError when it is missing, a folder or unreadable."""
     p = _existing(path, what)
@@ -59,8 +67,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from model.data.ingest import build_shards
     from model.data.sources import FetchSettings
 
-    csv_path = _existing(args.csv, "catalog CSV")
-    config = load_catalog_config(_existing(args.catalog_config, "catalog config")) if args.catalog_config \
+    csv_path = _existing_file(args.csv, "catalog CSV")
+    config = load_catalog_config(_existing_file(args.catalog_config, "catalog config")) if args.catalog_config \
         else CatalogConfig()
     if args.images is None and config.image_column is None:
         raise UserError("--images is needed: the catalog config names no image_column, so each image is looked "
@@ -140,7 +148,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 def cmd_index_update(args: argparse.Namespace) -> int:
     from indexer.update import IndexUpdateConfig, update_index
 
-    config = IndexUpdateConfig(csv_path=_existing(args.csv, "catalog CSV"),
+    config = IndexUpdateConfig(csv_path=_existing_file(args.csv, "catalog CSV"),
                                images_dir=_existing(args.images, "images") if args.images is not None else None,
                                index_root=_existing(args.index_root, "index root"), image_cache=args.image_cache,
                                image_max_age_h=args.image_max_age_h,

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vitrine.commands import UserError, _existing, _overrides
+from vitrine.commands import UserError, _existing, _existing_file, _overrides
 
 
 def add_annotate(sub: argparse._SubParsersAction) -> None:
@@ -199,7 +199,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     base: dict[str, Any] = {}
     if args.config:
-        base = json.loads(_existing(args.config, "train config").read_text(encoding="utf-8"))
+        base = json.loads(_existing_file(args.config, "train config").read_text(encoding="utf-8"))
         if not isinstance(base, dict):
             raise UserError(f"{args.config} must hold a JSON object of TrainConfig fields")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
