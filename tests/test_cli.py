@@ -67,6 +67,14 @@ def test_a_file_argument_that_is_a_folder_is_a_clear_error(words: list[str], tmp
     assert f"{tmp_path} is a folder: name a file" in capsys.readouterr().err
 
 
+def test_index_update_without_a_live_version_is_a_clear_error(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`vitrine index update` on an index root where nothing is published raised VersionError with a traceback."""
+    assert main(["index", "update", "--csv", str(MINI / "styles.csv"), "--images", str(MINI / "images"),
+                 "--index-root", str(tmp_path)]) == 2
+    assert "CURRENT not found" in capsys.readouterr().err
+
+
 def test_a_query_image_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`vitrine query --image photos/` raised IsADirectoryError with a traceback (before any connection)."""
     assert main(["query", "--target", "127.0.0.1:9", "--image", str(tmp_path)]) == 2

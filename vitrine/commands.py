@@ -146,6 +146,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_update(args: argparse.Namespace) -> int:
+    from indexer.errors import VersionError
     from indexer.update import IndexUpdateConfig, update_index
 
     config = IndexUpdateConfig(csv_path=_existing_file(args.csv, "catalog CSV"),
@@ -157,7 +158,10 @@ def cmd_index_update(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, **_overrides(args, {**_BUILD_FLAGS, "max_removed": "max_removed_fraction"}))
     if args.no_publish:
         config = dataclasses.replace(config, publish=False)
-    path, report = _run_gated(lambda: update_index(config))
+    try:
+        path, report = _run_gated(lambda: update_index(config))
+    except VersionError as err:  # nothing published yet (or CURRENT broken) was a traceback
+        raise UserError(f"{err} (an update needs a live version: run `vitrine index build` first)") from err
     print(json.dumps(report, indent=2))
     print(f"{'published' if config.publish else 'wrote'} index version: {path}")
     return 0
