@@ -241,3 +241,13 @@ def test_binarize_max_records_below_one_is_a_clear_error(tmp_path: Path, capsys:
     assert main(["binarize", "--model", str(REPO / "model" / "default"), "--shards", str(shards),
                  "--max-records", "0"]) == 2  # was a ZeroDivisionError traceback
     assert "--max-records must be >= 1" in capsys.readouterr().err
+
+
+def test_train_out_that_is_a_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --out notes.txt` (a file) trained, moved the file aside to a hidden name, then raised
+    NotADirectoryError with a traceback."""
+    shards = _tiny_shards(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["train", "--shards", str(shards), "--tasks", "kind", "--out", str(tmp_path / "notes.txt"),
+                 "--epochs", "1", "--width", "32", "--depth", "1", "--heads", "2", "--embedding-dim", "16"]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"

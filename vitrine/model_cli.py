@@ -197,6 +197,8 @@ def _train_config(args: argparse.Namespace) -> Any:
     from model.networks import IMAGENET_LITE0
     from model.train import TrainConfig
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # it was moved aside after training, then a traceback
+        raise UserError(f"--out {args.out} is a file: name the checkpoint folder to write")
     base: dict[str, Any] = {}
     if args.config:
         base = json.loads(_existing_file(args.config, "train config").read_text(encoding="utf-8"))
