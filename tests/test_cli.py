@@ -251,3 +251,11 @@ def test_train_out_that_is_a_file_is_a_clear_error(tmp_path: Path, capsys: pytes
     assert main(["train", "--shards", str(shards), "--tasks", "kind", "--out", str(tmp_path / "notes.txt"),
                  "--epochs", "1", "--width", "32", "--depth", "1", "--heads", "2", "--embedding-dim", "16"]) == 2
     assert "is a file" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_annotate_out_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`annotate --out work/` (a folder) mined the labels, then raised IsADirectoryError with a traceback."""
+    shards = _tiny_shards(tmp_path)
+    (tmp_path / "labels").mkdir()
+    assert main(["annotate", "--shards", str(shards), "--out", str(tmp_path / "labels"), "--min-count", "1"]) == 2
+    assert "is a folder" in capsys.readouterr().err

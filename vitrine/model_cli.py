@@ -166,6 +166,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     from model.data.shards import iter_shard_records
 
     shards = _existing(args.shards, "shards folder")
+    if Path(args.out).is_dir():  # it was mined, then an IsADirectoryError traceback
+        raise UserError(f"--out {args.out} is a folder: name the weak labels JSON file to write")
     values = _overrides(args, {"min_count": "min_count", "head_min_count": "head_min_count",
                                "tail_clusters": "tail_clusters", "seed": "seed"})
     if args.text_fields:
