@@ -259,3 +259,14 @@ def test_annotate_out_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys: 
     (tmp_path / "labels").mkdir()
     assert main(["annotate", "--shards", str(shards), "--out", str(tmp_path / "labels"), "--min-count", "1"]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("words", [["index", "build", "--shards", "{dir}"], ["index", "list"], ["index", "rollback"],
+                                   ["index", "update", "--csv", "{csv}", "--images", "{dir}"]], ids=" ".join)
+def test_an_index_root_that_is_a_file_is_a_clear_error(words: list[str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`--index-root` naming a file raised NotADirectoryError with a traceback (build, list, rollback)."""
+    (tmp_path / "root").write_text("x")
+    argv = [w.format(dir=tmp_path, csv=MINI / "styles.csv") for w in words]
+    assert main([*argv, "--index-root", str(tmp_path / "root")]) == 2
+    assert "is a file: name a folder" in capsys.readouterr().err

@@ -39,6 +39,14 @@ def _existing_file(path: str, what: str) -> Path:
     return p
 
 
+def _existing_folder(path: str, what: str) -> Path:
+    """The named folder; UserError when it is missing or a file (a file was a NotADirectoryError traceback)."""
+    p = _existing(path, what)
+    if not p.is_dir():
+        raise UserError(f"{what} {p} is a file: name a folder")
+    return p
+
+
 def _read_file(path: str, what: str) -> bytes:
     """The bytes of a file the user named; UserError when it is missing, a folder or unreadable."""
     p = _existing(path, what)
@@ -118,7 +126,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from indexer.plan import parse_bytes
 
     config = IndexBuildConfig(shards_dir=_existing(args.shards, "shards folder"),
-                              model=_default_or_existing_model(args.model), index_root=Path(args.index_root))
+                              model=_default_or_existing_model(args.model),
+                              index_root=_existing_folder(args.index_root, "index root")
+                              if Path(args.index_root).exists() else Path(args.index_root))
     config = dataclasses.replace(config, **_overrides(args, {
         **_BUILD_FLAGS, "workers": "num_workers", "chunk_rows": "chunk_rows", "device": "device", "forward": "forward",
         "target_recall": "target_recall", "work_dir": "work_dir", "backend": "backend", "ray_address": "ray_address",
@@ -151,7 +161,7 @@ def cmd_index_update(args: argparse.Namespace) -> int:
 
     config = IndexUpdateConfig(csv_path=_existing_file(args.csv, "catalog CSV"),
                                images_dir=_existing(args.images, "images") if args.images is not None else None,
-                               index_root=_existing(args.index_root, "index root"), image_cache=args.image_cache,
+                               index_root=_existing_folder(args.index_root, "index root"), image_cache=args.image_cache,
                                image_max_age_h=args.image_max_age_h,
                                catalog_config=Path(args.catalog_config) if args.catalog_config else None,
                                model=Path(args.model) if args.model else None)
@@ -171,7 +181,7 @@ def cmd_index_list(args: argparse.Namespace) -> int:
     from indexer.errors import VersionError
     from indexer.version import list_versions, read_current
 
-    root = _existing(args.index_root, "index root")
+    root = _existing_folder(args.index_root, "index root")
     try:
         current = read_current(root)
     except VersionError:
@@ -192,7 +202,7 @@ def cmd_index_rollback(args: argparse.Namespace) -> int:
     from indexer.errors import VersionError
     from indexer.rollback import rollback
 
-    root = _existing(args.index_root, "index root")
+    root = _existing_folder(args.index_root, "index root")
     try:
         name = rollback(root, to=args.to)
     except VersionError as err:
