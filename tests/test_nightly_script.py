@@ -78,3 +78,13 @@ def test_without_a_catalog_it_says_what_to_set(tmp_path: Path) -> None:
     assert run.returncode != 0 and "set CATALOG_CSV" in run.stderr
     run = night(tmp_path, tmp_path / "missing.csv")
     assert run.returncode == 2 and "does not exist" in run.stdout
+
+
+def test_help_prints_the_settings_and_arguments_are_refused(tmp_path: Path) -> None:
+    """`nightly.sh --help` ignored its argument and ran the job (or failed for want of CATALOG_CSV)."""
+    env = {**os.environ, "CATALOG_CSV": "", "VITRINE_HOME": str(tmp_path / "home")}
+    run = subprocess.run(["bash", str(SCRIPT), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "CATALOG_CSV" in run.stdout and "REBUILD_WEEKDAY" in run.stdout
+    run = subprocess.run(["bash", str(SCRIPT), "--full"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "takes no arguments" in run.stderr
+    assert not (tmp_path / "home").exists()

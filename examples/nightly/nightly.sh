@@ -27,6 +27,14 @@
 #   VITRINE          the vitrine command (default: vitrine on PATH)
 set -euo pipefail
 
+if [ "$#" -gt 0 ]; then  # settings are environment variables only; an argument (even --help) used to be ignored
+    case "$1" in
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "nightly.sh: takes no arguments (got $1); its settings are environment variables, see --help" >&2
+           exit 2 ;;
+    esac
+fi
+
 : "${CATALOG_CSV:?set CATALOG_CSV to the catalog export (a CSV file)}"
 VITRINE_HOME=${VITRINE_HOME:-./vitrine-data}
 REBUILD_WEEKDAY=${REBUILD_WEEKDAY:-7}
