@@ -270,3 +270,12 @@ def test_an_index_root_that_is_a_file_is_a_clear_error(words: list[str], tmp_pat
     argv = [w.format(dir=tmp_path, csv=MINI / "styles.csv") for w in words]
     assert main([*argv, "--index-root", str(tmp_path / "root")]) == 2
     assert "is a file: name a folder" in capsys.readouterr().err
+
+
+def test_index_build_model_that_is_a_file_is_a_clear_error(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`index build --model model.pt` (the weights file, not its folder) raised NotADirectoryError with a traceback."""
+    (tmp_path / "model.pt").write_bytes(b"x")
+    assert main(["index", "build", "--shards", str(tmp_path), "--model", str(tmp_path / "model.pt"),
+                 "--index-root", str(tmp_path / "index")]) == 2
+    assert "model checkpoint" in capsys.readouterr().err

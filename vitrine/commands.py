@@ -67,7 +67,7 @@ def _default_or_existing_model(path: str | None) -> Path:
     """The named checkpoint (which must exist), or the committed default model when none is named."""
     from model.checkpoint import default_model_path
 
-    return _existing(path, "model checkpoint") if path else default_model_path()
+    return _existing_folder(path, "model checkpoint") if path else default_model_path()
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
