@@ -279,3 +279,12 @@ def test_index_build_model_that_is_a_file_is_a_clear_error(tmp_path: Path,
     assert main(["index", "build", "--shards", str(tmp_path), "--model", str(tmp_path / "model.pt"),
                  "--index-root", str(tmp_path / "index")]) == 2
     assert "model checkpoint" in capsys.readouterr().err
+
+
+def test_teacher_work_dir_that_is_a_file_is_a_clear_error(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`teacher --work-dir` naming a file raised NotADirectoryError with a traceback."""
+    (tmp_path / "work").write_text("x")
+    assert main(["teacher", "--shards", str(tmp_path), "--out", str(tmp_path / "t.npz"), "--work-dir",
+                 str(tmp_path / "work")]) == 2
+    assert "is a file: name a folder" in capsys.readouterr().err

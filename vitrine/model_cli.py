@@ -264,6 +264,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
     shards = _existing(args.shards, "shards folder")
     work = Path(args.work_dir)
+    if work.exists() and not work.is_dir():  # it was a NotADirectoryError traceback
+        raise UserError(f"--work-dir {work} is a file: name a folder")
     cnn = save_frozen_cnn(work / "frozen-cnn")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = build_teacher_logits(shards, args.out, tasks, cnn, cache=work / "features.npz")
