@@ -88,3 +88,22 @@ def test_help_prints_the_settings_and_arguments_are_refused(tmp_path: Path) -> N
     run = subprocess.run(["bash", str(SCRIPT), "--full"], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "takes no arguments" in run.stderr
     assert not (tmp_path / "home").exists()
+
+
+def test_images_default_to_the_csv_folder(tmp_path: Path) -> None:
+    """Without IMAGES the full rebuild's ingest stopped with "--images is needed" (an image_pattern catalog), though
+    the script documents the CSV's folder as the default."""
+    fake = tmp_path / "fake-vitrine"
+    fake.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {tmp_path / 'calls'}\n"
+                    f"mkdir -p {tmp_path / 'home' / 'index'} {tmp_path / 'home' / 'shards'}\n"
+                    f"echo v1 > {tmp_path / 'home' / 'index' / 'CURRENT'}\n")
+    fake.chmod(0o755)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "products.csv").write_text("id\n1\n")
+    env = {**os.environ, "CATALOG_CSV": str(tmp_path / "export" / "products.csv"), "VITRINE": str(fake),
+           "VITRINE_HOME": str(tmp_path / "home")}
+    env.pop("IMAGES", None)
+    run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    ingest = (tmp_path / "calls").read_text().splitlines()[0]
+    assert ingest.startswith("ingest") and f"--images {tmp_path / 'export'}" in ingest

@@ -49,7 +49,8 @@ log() { echo "$(date -u +%FT%TZ) nightly: $*"; }
 mkdir -p "$VITRINE_HOME"
 catalog=(--csv "$CATALOG_CSV")
 [ -n "${CATALOG_CONFIG:-}" ] && catalog+=(--catalog-config "$CATALOG_CONFIG")
-[ -n "${IMAGES:-}" ] && catalog+=(--images "$IMAGES")
+# ingest and index update need --images for an image_pattern catalog; the CSV's folder is the documented default
+catalog+=(--images "${IMAGES:-$(dirname "$CATALOG_CSV")}")
 
 full=${FULL_REBUILD:-0}
 [ -f "$INDEX/CURRENT" ] || full=1
