@@ -23,6 +23,22 @@ from indexer.version import publish_current
 pytestmark = pytest.mark.timeout(180)
 
 
+def hold_searches_of_top_k_7(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """(entered, release): a Search with top_k 7 -- only the request a test holds in flight -- sets `entered`
+    and waits for `release` before it runs."""
+    entered, release = threading.Event(), threading.Event()
+    real_search = Searcher.search
+
+    def held_search(self: Searcher, request, deadline=None):  # noqa: ANN001, ANN202
+        if request.top_k == 7:
+            entered.set()
+            assert release.wait(30)
+        return real_search(self, request, deadline)
+
+    monkeypatch.setattr(Searcher, "search", held_search)
+    return entered, release
+
+
 def wait_for_version(client: VisualSearchClient, name: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while client.index_info().version != name:
@@ -59,16 +75,7 @@ def test_hot_swap_in_flight_requests_and_refusal(tmp_path: Path, monkeypatch: py
     other_model = synthetic_version(index.index_root, "0" * 64, index.model_dir, 3000, index.dim, 2,
                                     "20990101T000001Z")
     server, port = create_server(ServerConfig(index_root=index.index_root, port=0, poll_s=0.05, max_workers=4))
-    entered, release = threading.Event(), threading.Event()
-    real_search = Searcher.search
-
-    def held_search(self: Searcher, request, deadline=None):  # noqa: ANN001, ANN202
-        if request.top_k == 7:  # only the request the test holds in flight
-            entered.set()
-            assert release.wait(30)
-        return real_search(self, request, deadline)
-
-    monkeypatch.setattr(Searcher, "search", held_search)
+    entered, release = hold_searches_of_top_k_7(monkeypatch)
     try:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=30.0) as client:
             old = client.index_info().version
@@ -230,16 +237,7 @@ def test_a_rollback_to_a_version_still_closing_is_served_once_it_closed(tmp_path
                                    index.model_dir, FACTORY, nprobe=2, num_shards=2, min_recall_at_10=0.0,
                                    validation_queries=16, publish=False, name="20990101T000000Z")
     server, port = create_server(ServerConfig(index_root=index.index_root, port=0, poll_s=0.05, max_workers=4))
-    entered, release = threading.Event(), threading.Event()
-    real_search = Searcher.search
-
-    def held_search(self: Searcher, request, deadline=None):  # noqa: ANN001, ANN202
-        if request.top_k == 7:
-            entered.set()
-            assert release.wait(30)
-        return real_search(self, request, deadline)
-
-    monkeypatch.setattr(Searcher, "search", held_search)
+    entered, release = hold_searches_of_top_k_7(monkeypatch)
     try:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=30.0) as client:
             held = threading.Thread(target=lambda: client.search_vector(np.ones(index.dim, np.float32), top_k=7))
