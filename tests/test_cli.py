@@ -288,3 +288,15 @@ def test_teacher_work_dir_that_is_a_file_is_a_clear_error(tmp_path: Path,
     assert main(["teacher", "--shards", str(tmp_path), "--out", str(tmp_path / "t.npz"), "--work-dir",
                  str(tmp_path / "work")]) == 2
     assert "is a file: name a folder" in capsys.readouterr().err
+
+
+def test_index_build_shards_that_are_not_an_ingest_are_a_clear_error(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`index build --shards` on a file or on a folder without an ingest's manifest answered a bare
+    "[Errno 2] No such file or directory: '.../manifest.json'"."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for shards, words in (("empty", "run the ingest step (vitrine ingest) first"), ("file", "is a file")):
+        assert main(["index", "build", "--shards", str(tmp_path / shards), "--index-root", str(tmp_path / "i")]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()

@@ -145,6 +145,9 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         from indexer.embed_ray import import_ray
 
         _run_gated(import_ray)
+    if not (_existing_folder(args.shards, "shards folder") / "manifest.json").is_file():  # was a bare [Errno 2]
+        raise UserError(f"{args.shards} holds no manifest.json: not the output of an ingest; run the ingest step "
+                        "(vitrine ingest) first")
     if args.fresh:
         clean_work(config)
     version = _run_gated(lambda: build_index(config, stages))
