@@ -47,6 +47,15 @@ def _existing_folder(path: str, what: str) -> Path:
     return p
 
 
+def _folder_to_write(path: str, what: str) -> Path:
+    """A folder a command writes into, existing or not yet; UserError when a file is there (a NotADirectoryError
+    traceback, or for `train --out` a file moved aside after the whole training)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p} is a file: name a folder")
+    return p
+
+
 def _read_file(path: str, what: str) -> bytes:
     """The bytes of a file the user named; UserError when it is missing, a folder or unreadable."""
     p = _existing(path, what)
@@ -125,10 +134,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from indexer.job import STAGES, IndexBuildConfig, build_index, clean_work
     from indexer.plan import parse_bytes
 
-    config = IndexBuildConfig(shards_dir=_existing(args.shards, "shards folder"),
-                              model=_default_or_existing_model(args.model),
-                              index_root=_existing_folder(args.index_root, "index root")
-                              if Path(args.index_root).exists() else Path(args.index_root))
+    shards = _existing_folder(args.shards, "shards folder")
+    config = IndexBuildConfig(shards_dir=shards, model=_default_or_existing_model(args.model),
+                              index_root=_folder_to_write(args.index_root, "index root"))
+    if not (shards / "manifest.json").is_file():  # it was a bare [Errno 2] line about manifest.json
+        raise UserError(f"{args.shards} holds no manifest.json: not the output of an ingest; run the ingest step "
+                        "(vitrine ingest) first")
     config = dataclasses.replace(config, **_overrides(args, {
         **_BUILD_FLAGS, "workers": "num_workers", "chunk_rows": "chunk_rows", "device": "device", "forward": "forward",
         "target_recall": "target_recall", "work_dir": "work_dir", "backend": "backend", "ray_address": "ray_address",
@@ -145,9 +156,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         from indexer.embed_ray import import_ray
 
         _run_gated(import_ray)
-    if not (_existing_folder(args.shards, "shards folder") / "manifest.json").is_file():  # was a bare [Errno 2]
-        raise UserError(f"{args.shards} holds no manifest.json: not the output of an ingest; run the ingest step "
-                        "(vitrine ingest) first")
     if args.fresh:
         clean_work(config)
     version = _run_gated(lambda: build_index(config, stages))

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vitrine.commands import UserError, _existing, _existing_file, _overrides
+from vitrine.commands import UserError, _existing, _existing_file, _folder_to_write, _overrides
 
 
 def add_annotate(sub: argparse._SubParsersAction) -> None:
@@ -199,8 +199,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     from model.networks import IMAGENET_LITE0
     from model.train import TrainConfig
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # it was moved aside after training, then a traceback
-        raise UserError(f"--out {args.out} is a file: name the checkpoint folder to write")
+    _folder_to_write(args.out, "--out (the checkpoint folder)")
     base: dict[str, Any] = {}
     if args.config:
         base = json.loads(_existing_file(args.config, "train config").read_text(encoding="utf-8"))
@@ -263,9 +262,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from model.distill import build_teacher_logits
 
     shards = _existing(args.shards, "shards folder")
-    work = Path(args.work_dir)
-    if work.exists() and not work.is_dir():  # it was a NotADirectoryError traceback
-        raise UserError(f"--work-dir {work} is a file: name a folder")
+    work = _folder_to_write(args.work_dir, "--work-dir")
     cnn = save_frozen_cnn(work / "frozen-cnn")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = build_teacher_logits(shards, args.out, tasks, cnn, cache=work / "features.npz")
