@@ -11,7 +11,7 @@ import hashlib
 import json
 import random
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,11 @@ def product_label(product: Product, column: str) -> str:
     if column in product.attributes:
         return product.attributes[column]
     return {"category": product.category, "brand": product.brand}.get(column, "")
+
+
+def label_columns(products: Iterable[Product]) -> set[str]:
+    """Every column `product_label` can read for these products: their attribute columns, "category" and "brand"."""
+    return {"category", "brand"}.union(*(product.attributes for product in products))
 
 
 def _rank_and_world() -> tuple[int, int]:
