@@ -300,3 +300,50 @@ def test_index_build_shards_that_are_not_an_ingest_are_a_clear_error(tmp_path: P
         assert main(["index", "build", "--shards", str(tmp_path / shards), "--index-root", str(tmp_path / "i")]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "i").exists()
+
+
+@pytest.mark.parametrize("flag, what", [("--weak-labels", "--weak-labels file not found"),
+                                        ("--init-from", "--init-from checkpoint not found"),
+                                        ("--distill-from", "--distill-from teacher logits not found")])
+def test_train_inputs_that_are_missing_are_named_before_training(flag: str, what: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing --weak-labels file was a bare "[Errno 2] No such file or directory" after the run's banner."""
+    shards = _tiny_shards(tmp_path)
+    stage = "pretrain" if flag == "--weak-labels" else "finetune"
+    assert main(["train", "--stage", stage, "--shards", str(shards), "--tasks", "kind", "--out", str(tmp_path / "m"),
+                 flag, str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert what in err and str(tmp_path / "nope") in err and "training:" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_index_update_catalog_config_that_is_missing_is_named(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "root").mkdir()
+    assert main(["index", "update", "--csv", str(MINI / "styles.csv"), "--images", str(tmp_path), "--index-root",
+                 str(tmp_path / "root"), "--catalog-config", str(tmp_path / "shop.json")]) == 2
+    assert f"catalog config not found: {tmp_path / 'shop.json'}" in capsys.readouterr().err
+
+
+def test_demo_work_dir_that_is_a_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo --work-dir notes.txt` answered "[Errno 17] File exists: 'notes.txt'"."""
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--work-dir", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file: name a folder" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_file_errors_the_commands_do_not_foresee_name_the_path_and_the_problem(tmp_path: Path) -> None:
+    from vitrine.cli import describe_os_error
+
+    with pytest.raises(OSError) as missing:
+        (tmp_path / "no" / "x").read_text()
+    assert describe_os_error(missing.value) == f"{tmp_path / 'no' / 'x'}: no such file or folder"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OSError) as in_the_way:
+        (tmp_path / "f").mkdir()
+    assert describe_os_error(in_the_way.value).startswith(f"{tmp_path / 'f'}: a file is in the way")
+    with pytest.raises(OSError) as through_a_file:
+        (tmp_path / "f" / "y").write_text("x")
+    assert "a part of this path is a file" in describe_os_error(through_a_file.value)
+    own = FileExistsError("shards exist with other inputs; pass --overwrite")  # vitrine's own message is kept
+    assert describe_os_error(own) == str(own)

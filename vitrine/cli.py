@@ -297,6 +297,23 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=commands.cmd_demo)
 
 
+_OS_ERRORS = ((FileNotFoundError, "no such file or folder"),
+              (FileExistsError, "a file is in the way (a folder was to be made there)"),
+              (IsADirectoryError, "is a folder: name a file"),
+              (NotADirectoryError, "a part of this path is a file, not a folder"),
+              (PermissionError, "permission denied"))
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line naming the path and what was wrong with it, for the file errors a command can meet on the
+    user's paths (a bare "[Errno 17] File exists: 'x'" says neither which option nor what to do)."""
+    if err.filename is None:  # raised by vitrine with its own message
+        return str(err)
+    what = next((text for kind, text in _OS_ERRORS if isinstance(err, kind)), err.strerror or str(err))
+    target = f" -> {err.filename2}" if err.filename2 is not None else ""
+    return f"{err.filename}{target}: {what}"
+
+
 def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitrine", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,8 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except commands.GateFailed as err:  # a build refused to publish: say why, CURRENT untouched
         print(f"vitrine {args.command}: {err}", file=sys.stderr)
         return 1
-    except (commands.UserError, ValueError, FileExistsError, FileNotFoundError) as err:  # bad input: say what
+    except (commands.UserError, ValueError) as err:  # bad input: say what
         print(f"vitrine {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        print(f"vitrine {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitrine {args.command}: interrupted", file=sys.stderr)

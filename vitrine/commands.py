@@ -174,7 +174,8 @@ def cmd_index_update(args: argparse.Namespace) -> int:
                                images_dir=_existing(args.images, "images") if args.images is not None else None,
                                index_root=_existing_folder(args.index_root, "index root"), image_cache=args.image_cache,
                                image_max_age_h=args.image_max_age_h,
-                               catalog_config=Path(args.catalog_config) if args.catalog_config else None,
+                               catalog_config=(_existing_file(args.catalog_config, "catalog config")
+                                               if args.catalog_config else None),
                                model=Path(args.model) if args.model else None)
     config = dataclasses.replace(config, **_overrides(args, {**_BUILD_FLAGS, "max_removed": "max_removed_fraction"}))
     if args.no_publish:
@@ -307,7 +308,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vitrine.demo import DemoConfig, run_demo
 
-    config = DemoConfig(work_dir=Path(args.work_dir), fresh=args.fresh, train=args.train, precision=args.precision,
+    config = DemoConfig(work_dir=_folder_to_write(args.work_dir, "--work-dir"), fresh=args.fresh, train=args.train,
+                        precision=args.precision,
                         model=_existing(args.model, "model checkpoint") if args.model else None)
     if args.catalog:
         config = dataclasses.replace(config, catalog_dir=_existing(args.catalog, "catalog folder"))

@@ -218,6 +218,11 @@ def _train_config(args: argparse.Namespace) -> Any:
         "distill_weight": "distill_weight", "precision": "precision", "device": "device",
         "stem_blocks": "stem_blocks", "stem_frozen_blocks": "stem_frozen_blocks", "resize_mode": "resize_mode",
         "zoom_out": "zoom_out"}))
+    for key, what in (("weak_labels", "--weak-labels file"), ("distill_from", "--distill-from teacher logits")):
+        if values.get(key):  # named before the run's banner and model build, not minutes into it
+            _existing_file(str(values[key]), what)
+    if values.get("init_from"):
+        _existing(str(values["init_from"]), "--init-from checkpoint")
     if args.tasks or args.label_column:
         values["tasks"] = tuple(t.strip() for t in (args.tasks or args.label_column).split(",") if t.strip())
     elif "tasks" not in base:
