@@ -79,7 +79,14 @@ class IndexVersion:
         self.vectors = vectors  # (count, dim) float16, memory-mapped
         self._rows = vectors.view(np.ndarray)  # the same memory without np.memmap's per-indexing overhead
 
-    name = property(lambda self: str(self.manifest["version"]), doc="The version's folder name.")
+    @property
+    def name(self) -> str:
+        """The version's folder name: what CURRENT, `index list` and `index rollback --to` call it, even when the
+        folder was renamed or copied after its build (the manifest keeps the name it was built under); a version
+        opened in its build's temporary folder (.tmp-<name>, for validation) answers the name it will get."""
+        folder = Path(self.path).name
+        return str(self.manifest["version"]) if folder.startswith(".tmp-") or not folder else folder
+
     dim = property(lambda self: int(self.manifest["dim"]), doc="Embedding dimension.")
     shard_count = property(lambda self: len(self.manifest["shards"]), doc="Shards in the manifest.")
     count = property(lambda self: int(self.manifest["count"]), doc="Number of indexed vectors (internal ids).")

@@ -145,7 +145,7 @@ def test_deadline_exceeded_then_still_serving(engine_index: EngineIndex, tmp_pat
     real_forward = server.runner._forward
 
     def slow_embed(arrays):  # noqa: ANN001, ANN202
-        time.sleep(0.5)
+        time.sleep(2.0)  # far beyond the 0.2 s deadline, so a loaded CI machine's scheduling delay cannot blur it
         return real_forward(arrays)
 
     server.runner.batcher._embed_batch = slow_embed  # type: ignore[union-attr]
@@ -155,7 +155,7 @@ def test_deadline_exceeded_then_still_serving(engine_index: EngineIndex, tmp_pat
             start = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
                 client.search_image(image)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 0.45
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 1.5
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=20.0) as client:
             assert client.search_image(image, top_k=2).hits
         time.sleep(0.6)

@@ -102,6 +102,22 @@ def test_open_current(built: tuple[Path, Path, np.ndarray, list[Product]]) -> No
     assert ids[:, 0].tolist() == [0, 1, 2, 3] and scores.dtype == np.float32 and ids.dtype == np.int64
 
 
+def test_a_renamed_version_answers_its_folder_name(built: tuple[Path, Path, np.ndarray, list[Product]],
+                                                   tmp_path: Path) -> None:
+    """A version copied to another name (a kept backup, a hand-made "known-good") was served and listed under the
+    name in its manifest, so `index rollback --to` the reported name pointed at the wrong folder."""
+    import shutil
+
+    _, path, _, _ = built
+    root = tmp_path / "root"
+    shutil.copytree(path, root / "known-good")
+    publish_current(root, "known-good")
+    with open_current(root) as version:
+        assert version.name == "known-good" and version.manifest["version"] == path.name
+    with open_version(path) as version:
+        assert version.name == path.name
+
+
 @pytest.mark.parametrize("factory", ["IDMap,Flat", "IVF16,Flat", "IVF16,PQ8x4", "IDMap,IVF16,PQ8x4"])
 def test_sharded_search_equals_unsharded(factory: str) -> None:
     xb = make_vectors(3000, seed=1)
