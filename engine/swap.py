@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from engine.errors import NotReady
-from indexer.version import IndexVersion, VersionError, read_current
+from indexer.version import CURRENT, IndexVersion, VersionError, read_current
 
 logger = logging.getLogger("vitrine.engine")
 
@@ -149,7 +149,9 @@ class VersionWatcher(Generic[S]):
     """Polls CURRENT every `poll_s` and calls `load(name) -> Searcher` + `install` when it changes.
 
     `load` raises to refuse a version (model mismatch, corrupt files, failed warm-up): the error is
-    logged once per version name and the served version stays. `load` raising SwapDeferred puts the
+    logged once per version name and the served version stays. A refused version is tried again only when
+    CURRENT is published anew naming it (`vitrine index rollback --to <name>` once its files are repaired),
+    not at every poll. `load` raising SwapDeferred puts the
     swap off to the next poll (logged and counted once per version name).
     """
 
@@ -161,6 +163,7 @@ class VersionWatcher(Generic[S]):
         self.poll_s = poll_s
         self.on_result = on_result or (lambda result: None)
         self.refused: dict[str, str] = {}  # version name -> why it was refused
+        self.refused_at: dict[str, tuple[int, int] | None] = {}  # version name -> CURRENT's stamp when refused
         self.deferred: dict[str, str] = {}  # version name -> why its swap waits (until it happens)
         self.unreadable: str | None = None  # why CURRENT could not be read at the last poll (None: it could)
         self._stop = threading.Event()
@@ -184,8 +187,15 @@ class VersionWatcher(Generic[S]):
             logger.info("CURRENT is readable again: it names %s", name)
             self.unreadable = None
         current = self.slot.current
-        if (current is not None and current.version.name == name) or name in self.refused:
+        if current is not None and current.version.name == name:
             return "unchanged"
+        if name in self.refused:
+            if self.refused_at.get(name) == self._current_stamp():
+                return "unchanged"
+            # CURRENT was written again naming it (`vitrine index rollback --to <name>` after its files were
+            # repaired): an operator's explicit request to try it once more
+            logger.info("CURRENT was published again naming refused index version %s; trying it again", name)
+            del self.refused[name]
         if name not in self.deferred:
             logger.info("CURRENT names %s; loading it in the background", name)
         try:
@@ -202,6 +212,7 @@ class VersionWatcher(Generic[S]):
             return "deferred"
         except Exception as exc:  # noqa: BLE001 - any failure refuses the version and keeps the old one
             self.refused[name] = str(exc)
+            self.refused_at[name] = self._current_stamp()
             logger.error("refused index version %s, still serving %s: %s", name,
                          current.version.name if current else "nothing", exc)
             self.on_result("refused")
@@ -212,6 +223,14 @@ class VersionWatcher(Generic[S]):
                     searcher.version.count)
         self.on_result("swapped")
         return "swapped"
+
+    def _current_stamp(self) -> tuple[int, int] | None:
+        """(inode, mtime) of CURRENT: each publish replaces the file, so a new stamp is a new publish."""
+        try:
+            stat = (self.index_root / CURRENT).stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

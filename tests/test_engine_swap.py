@@ -256,3 +256,32 @@ def test_a_rollback_to_a_version_still_closing_is_served_once_it_closed(tmp_path
     finally:
         release.set()
         server.stop(None).wait()
+
+
+def test_a_refused_version_is_tried_again_only_when_current_is_published_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A refused version was never tried again, even after its files were repaired and it was published again
+    (`index rollback --to` it): the server had to be restarted to serve it."""
+    (tmp_path / "20990101T000000Z").mkdir()
+    (tmp_path / "20990101T000000Z" / "manifest.json").write_text("{}")  # publish_current wants one; load is faked
+    publish_current(tmp_path, "20990101T000000Z")
+    slot: SearcherSlot[FakeServed] = SearcherSlot()
+    slot.install(FakeServed("v1"))  # type: ignore[arg-type]
+    broken = [True]
+    loads: list[str] = []
+
+    def load(name: str) -> FakeServed:
+        loads.append(name)
+        if broken[0]:
+            raise OSError(f"shard-000.faiss of {name}: permission denied")
+        return FakeServed(name)
+
+    watcher = VersionWatcher(tmp_path, slot, load, 0.01)  # type: ignore[arg-type,type-var]
+    with caplog.at_level(logging.INFO, logger="vitrine.engine"):
+        assert [watcher.check_once() for _ in range(3)] == ["refused", "unchanged", "unchanged"]
+        assert loads == ["20990101T000000Z"] and caplog.text.count("refused index version") == 1
+        broken[0] = False  # the operator repairs the files ...
+        assert watcher.check_once() == "unchanged"  # ... which alone is not a request to load it again
+        publish_current(tmp_path, "20990101T000000Z")  # ... and publishes it again
+        assert watcher.check_once() == "swapped" and "published again" in caplog.text
+    assert slot.current is not None and slot.current.version.name == "20990101T000000Z" and not watcher.refused
