@@ -27,6 +27,9 @@ _FALSE_STOCK = {"false", "no", "n", "f", "off", "outofstock", "soldout", "unavai
                 "preorder", "backorder", "onbackorder"}
 
 
+DEFAULT_SPLIT_COLUMN = "split"
+
+
 @dataclass(frozen=True)
 class CatalogConfig:
     """How to read one catalog CSV: which column holds what (defaults fit fashion-product-images-small)."""
@@ -44,7 +47,7 @@ class CatalogConfig:
     image_url_pattern: str | None = None  # e.g. "https://cdn.example.com/{id}.jpg"; None: empty URL
     attribute_columns: tuple[str, ...] = (
         "gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "year", "usage")
-    split_column: str | None = "split"  # None: no split
+    split_column: str | None = DEFAULT_SPLIT_COLUMN  # None: no split; the default may be absent
     split_file: str | None = None  # an "id,split" CSV (path relative to the catalog CSV's folder); wins over the column
     overflow_column: str | None = "productDisplayName"  # extra fields of a too-long row are joined back here
     delimiter: str | None = None  # None: the one of , ; tab | that finds id_column in the header (else ",")
@@ -414,6 +417,14 @@ def _check_columns(header: list[str], config: CatalogConfig, csv_path: str | Pat
               config.price_column, config.stock_column, config.split_column, config.image_column,
               *config.attribute_columns]
     missing = sorted({c for c in wanted if c is not None and c not in header})
+    if config.split_column == DEFAULT_SPLIT_COLUMN and config.split_column in missing and config.split_file is None:
+        # the default mapping's split column is optional: most shops' exports have none
+        missing.remove(config.split_column)
+        logger.warning("catalog CSV %s has no %r column: no product is held out (every product counts as training "
+                       "data); set split_column or split_file in the catalog config to hold some out",
+                       csv_path, config.split_column)
+    if config.split_file is not None and config.split_column in missing:
+        missing.remove(config.split_column)  # the split file wins over the column: it need not exist
     if missing:
         hint = ""
         if len(header) == 1 and any(d in header[0] for d in DELIMITERS[1:]):

@@ -320,3 +320,20 @@ def test_a_header_naming_a_mapped_column_twice_is_an_error(tmp_path: Path, caplo
         table = read_catalog(path, config)
     assert [p.title for p in table.products] == ["Red shirt"]
     assert any("['notes']" in r.getMessage() for r in caplog.records)
+
+
+def test_the_default_split_column_is_optional_and_a_split_file_needs_none(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The default mapping required a "split" column, so `vitrine ingest --csv styles.csv` (the --help's typical
+    flow, on the catalog in ../shared, whose splits are in a separate splits.csv) failed at the header."""
+    header = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
+    (tmp_path / "styles.csv").write_text(header + "7,Men,Apparel,Topwear,Shirts,Blue,Fall,2011,Casual,Blue Shirt\n"
+                                         "8,Women,Apparel,Topwear,Tops,Red,Fall,2011,Casual,Red Top\n")
+    with caplog.at_level(logging.WARNING, logger="vitrine.catalog"):
+        table = read_catalog(tmp_path / "styles.csv", CatalogConfig())
+    assert [p.split for p in table.products] == [None, None] and "no 'split' column" in caplog.text
+    (tmp_path / "splits.csv").write_text("id,split\n7,train\n8,test\n")
+    table = read_catalog(tmp_path / "styles.csv", CatalogConfig(split_file="splits.csv"))  # column left at default
+    assert [p.split for p in table.products] == ["train", "test"]
+    with pytest.raises(ValueError, match=r"lacks the configured columns \['fold'\]"):  # a named one stays required
+        read_catalog(tmp_path / "styles.csv", CatalogConfig(split_column="fold"))
