@@ -126,10 +126,14 @@ def _cluster_tail(tail: list[str], head: list[str], docs: list[set[str]], config
         if tails and heads:
             counts[np.ix_(tails, heads)] += 1.0
     profile = TfidfTransformer().fit_transform(counts).toarray()  # rows L2-normalised
+    # a small catalog has few head terms, so many tail terms share one profile: more clusters than distinct
+    # profiles left clusters without a term (labels no image carries) and a ConvergenceWarning
+    k = min(k, len(np.unique(profile.round(6), axis=0)))
     if k <= 1:
         return dict.fromkeys(tail, 0)
     assignment = KMeans(n_clusters=k, n_init=4, random_state=config.seed).fit_predict(profile)
-    return {t: int(c) for t, c in zip(tail, assignment, strict=True)}
+    number = {c: i for i, c in enumerate(sorted(set(assignment.tolist())))}  # no gaps should one stay empty
+    return {t: number[int(c)] for t, c in zip(tail, assignment, strict=True)}
 
 
 def build_weak_labels(products: Iterable[Product], config: WeakLabelConfig = WeakLabelConfig()) -> WeakLabels:

@@ -68,3 +68,15 @@ def test_deterministic_and_round_trip(products: list, tmp_path: Path) -> None:  
     (tmp_path / "other.json").write_text('{"format": "x"}')
     with pytest.raises(ValueError, match="not a weak-labels file"):
         load_weak_labels(tmp_path / "other.json")
+
+
+def test_a_small_catalog_with_few_head_terms_gets_no_empty_clusters(products: list) -> None:  # type: ignore[type-arg]
+    """With two head terms, most tail terms share one co-occurrence profile: k-means was asked for 64 clusters
+    of a handful of distinct points and left clusters without a term (labels no image carries)."""
+    weak = build_weak_labels(products[:400], WeakLabelConfig(min_count=3, head_min_count=100, tail_clusters=64))
+    head = [label for label in weak.labels if not label.startswith("cluster:")]
+    assert head == ["men", "women"]  # the setting of the case: very few head terms
+    assert 1 < len(weak.clusters) < 64 and all(weak.clusters.values())  # every cluster holds terms ...
+    carried = {i for labels in weak.product_labels.values() for i in labels}
+    assert carried == set(range(len(weak.labels)))  # ... and every label is carried by some image
+    assert weak.report["images_per_label_after"]["min"] > 0
