@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -37,6 +38,8 @@ from model.networks import IMAGENET_LITE0, LITE0_MEAN, LITE0_STD, ModelConfig, V
 from model.runtime import tune_malloc
 from model.train_loop import LoopState, run_epochs
 from model.training_data import Augment, load_teacher, make_targets, scan_label_maps
+
+logger = logging.getLogger("vitrine.model")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,6 +91,7 @@ class TrainConfig:
     stem_blocks: int = 0  # > 0: hybrid ViT whose patch embedding is EfficientNet-Lite0's stem + this many blocks
     stem_frozen_blocks: int = -1  # hybrid: conv stem + this many blocks frozen (-1: none)
     progress: bool = True  # tqdm bar
+    evaluate: bool = True  # measure the checkpoint on the held-out records into its card (model.evaluate)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings, tuples as lists)."""
@@ -265,10 +269,29 @@ def train(config: TrainConfig) -> Path:
         save_checkpoint(out_dir, model.cpu(), card)
         (work / "metrics.jsonl").replace(out_dir / "metrics.jsonl")
         shutil.rmtree(work, ignore_errors=True)
+        if config.evaluate:
+            _evaluate_into_card(out_dir, config, device)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return out_dir
+
+
+def _evaluate_into_card(out_dir: Path, config: TrainConfig, device: torch.device) -> None:
+    """The card's "evaluation" on the held-out records (model.evaluate); the checkpoint is already saved, so an
+    evaluation that fails is logged and recorded in the card, and the trained model is kept."""
+    from model.evaluate import MAX_RECORDS, evaluate_checkpoint, summary_line, write_evaluation
+
+    try:
+        # a pretrained trunk has no task heads: only the embedding's spread is measured, on fewer records
+        evaluation = evaluate_checkpoint(out_dir, config.shards_dir, train_splits=config.train_splits,
+                                         max_records=2000 if config.stage == "pretrain" else MAX_RECORDS,
+                                         device=str(device), progress=config.progress)
+        logger.info(summary_line(evaluation))
+    except Exception as exc:  # noqa: BLE001 - never lose a finished training to its evaluation
+        logger.warning("evaluation of %s failed (the checkpoint is saved): %s", out_dir, exc)
+        evaluation = {"error": str(exc)}
+    write_evaluation(out_dir, evaluation)
 
 
 def config_summary(config: TrainConfig) -> str:

@@ -17,8 +17,8 @@ from vitrine.demo import DemoConfig, run_demo
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "data" / "mini-catalog"
 
-SUBCOMMANDS = [["ingest"], ["annotate"], ["teacher"], ["train"], ["binarize"], ["index"], ["index", "build"],
-               ["index", "list"], ["index", "rollback"],
+SUBCOMMANDS = [["ingest"], ["annotate"], ["teacher"], ["train"], ["binarize"], ["evaluate"], ["index"],
+               ["index", "build"], ["index", "list"], ["index", "rollback"], ["index", "update"],
                ["serve"], ["query"],
                ["demo"]]
 

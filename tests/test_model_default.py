@@ -25,6 +25,9 @@ def test_default_model_is_small_and_documented() -> None:
     assert card["config"]["train_splits"] == ["train"] and card["timings"]["train_seconds"] > 0
     assert card["model_config"]["timm_name"].startswith("vit_")  # a hybrid ViT: ImageNet conv stem + our blocks
     assert card["model_config"]["stem_blocks"] == 5 and card["model_config"]["depth"] == 6
+    evaluation = card["evaluation"]  # `vitrine evaluate` on the full catalog's 6,623 val + test records
+    assert evaluation["held_out"] and evaluation["splits"] == ["test", "val"] and evaluation["records"] > 6000
+    assert set(evaluation["tasks"]) == set(card["label_maps"]) and not evaluation["collapsed"]
 
 
 def test_default_model_finds_the_same_article_type_on_real_photos() -> None:

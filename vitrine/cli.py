@@ -320,7 +320,7 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_ingest, model_cli.add_annotate, model_cli.add_teacher, model_cli.add_train,
-                model_cli.add_binarize, _add_index, _add_serve, _add_query, _add_demo):
+                model_cli.add_binarize, model_cli.add_evaluate, _add_index, _add_serve, _add_query, _add_demo):
         add(sub)
     return parser
 

@@ -84,7 +84,50 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default=None,
                    help="bf16 autocast; auto: where the GPU or CPU supports it (default fp32)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None, help="default cpu")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
+                   help="skip the evaluation that ends a run (head accuracy and top-1 relevance per task on the "
+                        "held-out records, written into the model card; `vitrine evaluate` runs it later)")
     p.set_defaults(handler=cmd_train)
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="measure a checkpoint on held-out records and write it into its card",
+                       description="Embed the shards' records that the checkpoint did not train on (split not in "
+                                   "its training splits; a catalog without splits: a sample of every record, and "
+                                   "the result says so) and report, per task, the head's accuracy and the top-1 "
+                                   "relevance among those records (the nearest other record has the same label), "
+                                   "and the mean cosine of random pairs (near 1: the embedding cannot tell images "
+                                   "apart). Written into the model card as \"evaluation\" (the weights and the "
+                                   "fingerprint do not change); `vitrine train` runs the same at the end of a run. "
+                                   "For the full relevance harness (gallery = the whole catalog, plots, paired "
+                                   "comparisons) see benchmarks/bench_relevance.py.")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the committed default model)")
+    p.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
+    p.add_argument("--train-splits", default=None,
+                   help="comma-separated splits the model was trained on (default: those in its model card)")
+    p.add_argument("--max-records", type=int, default=10000, help="at most this many records (an even sample)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto", help="embedding arithmetic")
+    p.add_argument("--no-write", action="store_true", help="print the evaluation without writing it into the card")
+    p.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate_checkpoint, summary_line, write_evaluation
+    from vitrine.commands import _default_or_existing_model, _existing_folder
+
+    shards = _existing_folder(args.shards, "shards folder")
+    folder = _default_or_existing_model(args.model)
+    if args.max_records < 2:
+        raise UserError(f"--max-records must be >= 2, got {args.max_records}")
+    splits = None if args.train_splits is None else [s.strip() for s in args.train_splits.split(",") if s.strip()]
+    evaluation = evaluate_checkpoint(folder, shards, train_splits=splits, max_records=args.max_records,
+                                     precision=args.precision)
+    print(json.dumps(evaluation, indent=2))
+    print(summary_line(evaluation))
+    if not args.no_write:
+        write_evaluation(folder, evaluation)
+        print(f"written into {folder / 'model_card.json'}")
+    return 0
 
 
 def add_teacher(sub: argparse._SubParsersAction) -> None:
@@ -115,13 +158,10 @@ def add_binarize(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_binarize(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
-
     from model.binary import fit_itq, quantization_error, save_rotation
     from model.data import iter_shard_records
     from model.embedder import Embedder
-    from model.images import ImageDecodeError
+    from model.evaluate import embed_record_images
 
     shards = _existing(args.shards, "shards folder")
     folder = _existing(args.model, "checkpoint folder")
@@ -137,20 +177,8 @@ def cmd_binarize(args: argparse.Namespace) -> int:
     embedder = Embedder.load(folder)
     if len(records) < embedder.dim:
         raise UserError(f"ITQ needs at least {embedder.dim} images (the embedding size), got {len(records)}")
-    parts, skipped = [], 0
-    for begin in tqdm(range(0, len(records), 256), desc="embed", unit="batch"):
-        datas = [r.image_bytes for r in records[begin:begin + 256]]
-        try:
-            parts.append(embedder.embed_bytes(datas))
-        except ImageDecodeError:
-            good = []
-            for data in datas:
-                try:
-                    good.append(embedder.embed_bytes([data]))
-                except ImageDecodeError:
-                    skipped += 1
-            parts.extend(good)
-    vectors = np.concatenate(parts)
+    vectors, kept = embed_record_images(embedder, records)
+    skipped = len(records) - len(kept)
     rotation = fit_itq(vectors, iterations=args.iterations)
     info = {"method": "itq", "splits": sorted(splits), "images": int(len(vectors)), "skipped_images": skipped,
             "iterations": args.iterations, "weights_sha256": embedder.fingerprint,
@@ -217,7 +245,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         "heads": "num_heads", "patch_size": "patch_size", "embedding_dim": "embedding_dim",
         "distill_weight": "distill_weight", "precision": "precision", "device": "device",
         "stem_blocks": "stem_blocks", "stem_frozen_blocks": "stem_frozen_blocks", "resize_mode": "resize_mode",
-        "zoom_out": "zoom_out"}))
+        "zoom_out": "zoom_out", "evaluate": "evaluate"}))
     for key, what in (("weak_labels", "--weak-labels file"), ("distill_from", "--distill-from teacher logits")):
         if values.get(key):  # named before the run's banner and model build, not minutes into it
             _existing_file(str(values[key]), what)
