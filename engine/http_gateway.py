@@ -15,7 +15,9 @@
   GET  /healthz             200 {"status": "SERVING"}, else 503
 
 JSON is the proto3 JSON mapping of the messages in protos/vitrine/v1/search.proto: field names as in the
-proto (lowerCamelCase is accepted too), bytes as base64 (an `image` may also be a browser's data URL,
+proto (lowerCamelCase is accepted too), int64 fields (took_us, count) as strings, enums by name, answers with
+every field at its default too ("hits": [], "code": 0, "partial": false) but those with presence (an unknown
+Product.price is absent), bytes as base64 (an `image` may also be a browser's data URL,
 "data:image/jpeg;base64,..."; text that is not base64 is refused), unknown fields refused. Every call runs the
 gRPC servicer's own method, so validation, limits, metrics, logs and status codes are the same. A
 failed call answers {"code": "INVALID_ARGUMENT", "message": "..."} with the HTTP status of its gRPC
@@ -213,7 +215,11 @@ class HttpGateway:
             return HTTP_STATUS.get(failed.code, 500), {"code": failed.code.name, "message": failed.message}
         finally:
             self._slots.release()
-        return 200, json_format.MessageToDict(response, preserving_proto_field_name=True)
+        # every field without presence is written, also at its default: an empty result is "hits": [], an OK
+        # batch entry "code": 0, an out-of-stock product "in_stock": false (omitted, `answer.hits.length` threw in
+        # a browser and `code === 0` was false); fields with presence (Product.price) stay absent when unset
+        return 200, json_format.MessageToDict(response, preserving_proto_field_name=True,
+                                              always_print_fields_with_no_presence=True)
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -129,7 +129,7 @@ def test_batch_embed_product_and_index_routes(served: tuple[Any, int], engine_in
                          {"image": base64.b64encode(engine_index.images[ids[1]]).decode(), "top_k": 2}]}
     status, batch = http(server, "/v1/batch-search", json.dumps(body).encode())
     assert status == 200 and len(batch["results"]) == 3
-    assert "code" not in batch["results"][0] and len(batch["results"][0]["response"]["hits"]) == 2  # 0 is omitted
+    assert batch["results"][0]["code"] == 0 and len(batch["results"][0]["response"]["hits"]) == 2
     assert batch["results"][1]["code"] == 5 and "no-such-product" in batch["results"][1]["message"]
     status, embedded = http(server, "/v1/embed", engine_index.images[ids[2]], "image/jpeg")
     assert status == 200 and len(embedded["vector"]["values"]) == engine_index.dim
@@ -140,6 +140,25 @@ def test_batch_embed_product_and_index_routes(served: tuple[Any, int], engine_in
     assert status == 200 and int(info["count"]) == len(engine_index.products) and info["dim"] == engine_index.dim
     status, health = http(server, "/healthz")
     assert (status, health) == (200, {"status": "SERVING"})
+
+
+def test_fields_at_their_default_are_in_the_json(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    """A browser reads `answer.hits.length` and `result.code === 0`: an empty list, a zero code, a false flag are
+    written (proto3 JSON omitted them: no "hits" key when a filter passed nothing); an unset price stays absent."""
+    server, _ = served
+    product = engine_index.products[0]
+    body = {"product_id": product.product_id, "filter": {"categories": ["no such category"]}}
+    status, answer = http(server, "/v1/search", json.dumps(body).encode())
+    assert status == 200 and answer["hits"] == [] and answer["partial"] is False and answer["missing_shards"] == []
+    status, batch = http(server, "/v1/batch-search", json.dumps({"requests": [body]}).encode())
+    assert status == 200 and batch["results"][0]["code"] == 0 and batch["results"][0]["message"] == ""
+    assert batch["results"][0]["response"]["hits"] == []
+    out_of_stock = next(p for p in engine_index.products if not p.in_stock)
+    status, answer = http(server, f"/v1/products/{out_of_stock.product_id}")
+    assert status == 200 and answer["product"]["in_stock"] is False and answer["product"]["brand"] == ""
+    assert answer["product"]["price"] == out_of_stock.price
+    status, answer = http(server, "/v1/search?top_k=1", engine_index.images[product.product_id], "image/jpeg")
+    assert status == 200 and answer["hits"][0]["product"]["image_url"] == "" and answer["partial"] is False
 
 
 @pytest.mark.parametrize("path, body, kind, method, status, code, message", [
