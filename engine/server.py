@@ -14,6 +14,7 @@ candidates (engine.remote); "shard" is engine.shard_server (create_server hands 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -200,10 +201,14 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     server.start()
     logger.info("listening on %s:%d (NOT_SERVING while loading %s)", config.host, port, config.index_root)
+    serving = threading.Event()  # the HTTP gateway's /healthz; VitrineServer.serving once loaded
+    gateway: HttpGateway | None = None
     try:
         credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key) \
             if config.role == "root" and config.tls_ca is not None else None
-    except TlsError as exc:
+        if config.http_port is not None:  # as gRPC: up while loading (/healthz 503, calls 503 UNAVAILABLE)
+            gateway = start_gateway(config, servicer, serving)
+    except (TlsError, ServerStartError) as exc:
         server.stop(None)
         raise ServerStartError(str(exc)) from exc
     fanout = ShardFanout(config.shard_servers, metrics, config.shard_timeout_ms / 1e3, config.max_message_bytes,
@@ -216,6 +221,8 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
         server.stop(None)
         if fanout is not None:
             fanout.close()
+        if gateway is not None:
+            gateway.close()
         raise
     runner_box.append(runner)
     servicer.model_fingerprint = runner.embedder.fingerprint
@@ -226,18 +233,9 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
     closeables: list = [fanout] if fanout else []
     vitrine = VitrineServer(server, slot, runner, metrics, health_servicer, watcher, metrics_port,
                             service_names=(SERVICE_NAME,), closeables=closeables)
-    if config.http_port is not None:
-        try:
-            tls = http_ssl_context(config.tls_cert, config.tls_key, config.tls_ca) \
-                if config.tls_cert is not None and config.tls_key is not None else None
-            gateway = HttpGateway(servicer, vitrine.serving.is_set, config.host, config.http_port,
-                                  max_body_bytes=config.max_message_bytes, max_concurrent=config.max_concurrent_rpcs,
-                                  cors_origin=config.http_cors_origin, tls=tls)
-        except (OSError, TlsError) as exc:
-            vitrine.stop(None).wait()
-            raise ServerStartError(f"cannot bind the HTTP gateway to {config.host}:{config.http_port}: {exc}") \
-                from exc
-        vitrine.http_port = gateway.start()
+    vitrine.serving = serving
+    if gateway is not None:
+        vitrine.http_port = gateway.port
         vitrine.closeables.insert(0, gateway)
     set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING, (SERVICE_NAME,))
     vitrine.serving.set()
@@ -245,6 +243,21 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
                 searcher.version.factory, searcher.version.count, searcher.version.dim,
                 f" as a root over shard servers {', '.join(config.shard_servers)}" if fanout else "")
     return vitrine, port
+
+
+def start_gateway(config: ServerConfig, servicer: VisualSearchServicer, serving: threading.Event) -> HttpGateway:
+    """The started HTTP/JSON gateway over `servicer` (/healthz: `serving`); ServerStartError when it cannot bind."""
+    assert config.http_port is not None
+    try:
+        tls = http_ssl_context(config.tls_cert, config.tls_key, config.tls_ca) \
+            if config.tls_cert is not None and config.tls_key is not None else None
+        gateway = HttpGateway(servicer, serving.is_set, config.host, config.http_port,
+                              max_body_bytes=config.max_message_bytes, max_concurrent=config.max_concurrent_rpcs,
+                              cors_origin=config.http_cors_origin, tls=tls)
+    except (OSError, TlsError) as exc:
+        raise ServerStartError(f"cannot bind the HTTP gateway to {config.host}:{config.http_port}: {exc}") from exc
+    gateway.start()
+    return gateway
 
 
 def _set_index_metrics(metrics: Metrics, searcher: Searcher) -> None:

@@ -278,6 +278,56 @@ def test_health_says_not_serving_once_stopping(tmp_path: Path) -> None:
         http(server, "/healthz")  # closed with the server
 
 
+def test_the_gateway_answers_503_while_the_server_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As gRPC does (health NOT_SERVING, UNAVAILABLE): /healthz says NOT_SERVING and calls answer 503 while the
+    index and model load; the gateway was bound only once loaded, so HTTP clients got "connection refused"."""
+    import threading
+
+    import engine.server as server_module
+
+    own = build_engine_index(tmp_path)
+    release, real_load = threading.Event(), server_module.load_searcher
+
+    def slow_load(config: ServerConfig, *args: Any) -> Any:  # the real load, held back until the checks are done
+        assert release.wait(60)
+        return real_load(config, *args)
+
+    monkeypatch.setattr(server_module, "load_searcher", slow_load)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        http_port = sock.getsockname()[1]
+    started: list = []
+    thread = threading.Thread(target=lambda: started.append(create_server(ServerConfig(
+        index_root=own.index_root, port=0, max_workers=2, http_port=http_port, watch=False))))
+    thread.start()
+    loading = type("Loading", (), {"http_port": http_port})()
+    try:
+        for _ in range(200):  # the gateway binds right after gRPC, before the load
+            try:
+                assert http(loading, "/healthz") == (503, {"status": "NOT_SERVING"})
+                break
+            except urllib.error.URLError:
+                threading.Event().wait(0.05)
+        else:
+            pytest.fail("the HTTP gateway was not up while the server loaded")
+        product = own.products[0]
+        status, answer = http(loading, f"/v1/products/{product.product_id}")
+        assert (status, answer["code"]) == (503, "UNAVAILABLE") and "loading" in answer["message"]
+        status, answer = http(loading, "/v1/embed", own.images[product.product_id], "image/jpeg")
+        assert (status, answer["code"]) == (503, "UNAVAILABLE") and "loading" in answer["message"]
+        release.set()
+        thread.join(60)
+        server, _ = started[0]
+        assert server.http_port == http_port and http(server, "/healthz") == (200, {"status": "SERVING"})
+        status, answer = http(server, f"/v1/products/{product.product_id}")
+        assert status == 200 and answer["product"]["product_id"] == product.product_id
+    finally:
+        release.set()
+        thread.join(60)
+        for server, _ in started:
+            server.stop(None).wait()
+
+
 def test_an_idle_connection_is_closed_and_frees_its_thread() -> None:
     """A keep-alive client that goes quiet (or never sends a request) is disconnected after the idle timeout."""
     import threading
