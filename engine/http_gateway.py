@@ -101,15 +101,14 @@ def _bool(value: str, name: str) -> bool:
     return BOOL_WORDS[value.strip().lower()]
 
 
-def _number(value: str, name: str, kind: Callable[[str], Any]) -> Any:
+def _number(value: str, name: str, kind: Callable[[str], Any], where: str = "query parameter") -> Any:
     try:
         number = kind(value)
     except ValueError:
         raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"query parameter {name}={value!r} is not a{'n integer' if kind is int else ' number'}") \
-            from None
+                         f"{where} {name}={value!r} is not a{'n integer' if kind is int else ' number'}") from None
     if kind is int and not -(2**31) <= number < 2**31:  # the proto's int32 fields refuse it with a ValueError
-        raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"query parameter {name}={value!r} is out of range")
+        raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{where} {name}={value!r} is out of range")
     return number
 
 
@@ -283,7 +282,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
         path = url.path.rstrip("/") or "/"
         try:
-            body = self._body() if verb == "POST" else b""
+            routed = (verb, path) in ROUTES  # a POST elsewhere answers 404/405, not what its body lacks
+            body = self._body() if verb == "POST" and routed else b""
+            if verb == "POST" and not routed:
+                self.close_connection = True  # its body is not read: the connection cannot be reused
             if path == "/healthz" and verb == "GET":
                 serving = self.owner.is_serving()
                 return self._reply(200 if serving else 503, {"status": "SERVING" if serving else "NOT_SERVING"})
@@ -312,12 +314,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._reply(HTTP_STATUS.get(failed.code, 500), {"code": failed.code.name, "message": failed.message})
 
     def _call(self, method: str, request: Message, query: dict[str, list[str]]) -> None:
-        timeout = self.headers.get("X-Timeout-Ms")
-        if timeout is None and query.get("timeout_ms"):
-            timeout = query["timeout_ms"][-1]
-        timeout_s = None if timeout is None else _number(timeout, "timeout_ms", float) / 1e3
+        timeout, name, where = self.headers.get("X-Timeout-Ms"), "X-Timeout-Ms", "header"  # the message names
+        if timeout is None and query.get("timeout_ms"):  # the one the caller set
+            timeout, name, where = query["timeout_ms"][-1], "timeout_ms", "query parameter"
+        timeout_s = None if timeout is None else _number(timeout, name, float, where) / 1e3
         if timeout_s is not None and not timeout_s > 0:
-            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_ms must be positive, got {timeout}")
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{where} {name} must be positive (milliseconds), "
+                                                               f"got {timeout}")
         status, payload = self.owner.call(method, request, timeout_s)
         self._reply(status, payload)
 
@@ -351,10 +354,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _parse_json(self, body: bytes, kind: type[Message]) -> Message:
         try:
             document = json.loads(body.decode("utf-8") if body else "{}")
-            if isinstance(document, dict):
-                for holder in [document, *(r for r in document.get("requests") or () if isinstance(r, dict))]:
-                    if isinstance(holder.get("image"), str):
-                        holder["image"] = base64_image(holder["image"])
+            if not isinstance(document, dict):  # protobuf's parser answered "Failed to parse 1 field" for [1, 2]
+                raise ValueError(f"the body must be a JSON object ({{...}}), got {type(document).__name__}")
+            for holder in [document, *(r for r in document.get("requests") or () if isinstance(r, dict))]:
+                if isinstance(holder.get("image"), str):
+                    holder["image"] = base64_image(holder["image"])
             return json_format.ParseDict(document, kind())
         except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
             raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,

@@ -184,6 +184,31 @@ def test_errors_carry_the_grpc_code_and_its_http_status(served: tuple[Any, int],
     assert message in answer["message"]
 
 
+def test_messages_name_what_the_caller_sent(served: tuple[Any, int], engine_index: EngineIndex) -> None:
+    """A bad X-Timeout-Ms header is named as the header (it was "query parameter timeout_ms"), a POST to a GET
+    route answers 405 whether or not it has a body (without one: "a POST needs a Content-Length header"), a JSON
+    body that is not an object says so (it was "Failed to parse 1 field")."""
+    server, _ = served
+    product_id = engine_index.products[0].product_id
+    body = json.dumps({"product_id": product_id}).encode()
+    status, answer = http(server, "/v1/search", body, headers={"X-Timeout-Ms": "soon"})
+    assert status == 400 and answer["message"] == "header X-Timeout-Ms='soon' is not a number"
+    status, answer = http(server, "/v1/search?timeout_ms=soon", body)
+    assert status == 400 and answer["message"] == "query parameter timeout_ms='soon' is not a number"
+    for path in (f"/v1/products/{product_id}", "/v1/index", "/healthz"):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:  # curl -X POST: no
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())     # Content-Length
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 405") and f"POST is not allowed on {path}".encode() in answer, answer
+        assert http(server, path, b"{}", method="POST")[0] == 405
+    assert http(server, "/v1/nothing", method="POST")[0] == 404
+    status, answer = http(server, "/v1/search", b"[1, 2]")
+    assert status == 400 and "must be a JSON object" in answer["message"], answer
+    assert http(server, "/v1/search", body)[0] == 200  # the server keeps serving
+
+
 def test_a_data_url_image_in_json_and_text_that_is_not_base64(served: tuple[Any, int],
                                                                engine_index: EngineIndex) -> None:
     """A browser's FileReader.readAsDataURL gives "data:image/jpeg;base64,...": its prefix became garbage bytes in
@@ -259,7 +284,7 @@ def test_a_huge_or_non_finite_timeout(served: tuple[Any, int], engine_index: Eng
     image = engine_index.images[engine_index.products[1].product_id]
     status, answer = http(server, "/v1/search?top_k=3", image, "image/jpeg", headers={"X-Timeout-Ms": timeout_ms})
     if timeout_ms == "nan":
-        assert status == 400 and "timeout_ms must be positive" in answer["message"]
+        assert status == 400 and "header X-Timeout-Ms must be positive" in answer["message"]
     else:
         assert status == 200 and len(answer["hits"]) == 3, answer
 
