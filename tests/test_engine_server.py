@@ -61,6 +61,21 @@ def test_index_info(client: VisualSearchClient, engine_index: EngineIndex) -> No
     assert info.query_image_size == (DECODE_MARGIN * width, DECODE_MARGIN * height)  # what a client may shrink to
 
 
+def test_filter_values_match_exactly_and_an_unknown_one_matches_nothing(client: VisualSearchClient,
+                                                                        engine_index: EngineIndex) -> None:
+    """What search.proto's Filter says: case-sensitive exact matches, an unknown value is no error but no hit,
+    brand "" accepts the products whose brand is unknown (the fixture catalog has no brand column)."""
+    product = engine_index.products[0]
+    assert product.brand == "" and product.category
+    hits = client.search_product(product.product_id, top_k=5,
+                                 filter=SearchFilter(categories=(product.category,))).hits
+    assert hits and all(h.product.category == product.category for h in hits)
+    for wrong in (product.category.lower(), product.category.upper(), f" {product.category}", "no such category"):
+        assert client.search_product(product.product_id, filter=SearchFilter(categories=(wrong,))).hits == ()
+    assert client.search_product(product.product_id, filter=SearchFilter(brands=("Nike",))).hits == ()
+    assert len(client.search_product(product.product_id, top_k=5, filter=SearchFilter(brands=("",))).hits) == 5
+
+
 def test_search_by_image_finds_itself(client: VisualSearchClient, engine_index: EngineIndex) -> None:
     product = engine_index.products[5]
     result = client.search_image(engine_index.images[product.product_id], top_k=5)
