@@ -363,6 +363,27 @@ def test_missing_index_refuses_to_start(tmp_path) -> None:
         create_server(ServerConfig(index_root=tmp_path, port=0))
 
 
+def test_a_batch_whose_answer_is_over_the_message_limit(engine_index: EngineIndex, tmp_path) -> None:
+    """search.proto's BatchSearch: an answer larger than the server's message limit is RESOURCE_EXHAUSTED (each hit
+    carries its product's record), a smaller batch of the same searches passes, and the server keeps serving."""
+    from engine.types import SearchQuery, SearchRequest
+
+    index_root = tmp_path / "index"
+    shutil.copytree(engine_index.index_root, index_root)  # its own copy: a process opens a version's LMDB once
+    server, port = create_server(ServerConfig(index_root=index_root, port=0, max_workers=2, watch=False,
+                                              max_message_bytes=256 << 10))
+    try:
+        with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=30.0, retries=0) as client:
+            request = SearchRequest(query=SearchQuery(product_id=engine_index.products[0].product_id),
+                                    top_k=len(engine_index.products))
+            err = _rpc_error(lambda: client.batch_search([request] * 20))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.details()
+            items = client.batch_search([request] * 2)
+            assert [item.code for item in items] == ["OK", "OK"] and len(items[0].result.hits) > 100
+    finally:
+        server.stop(None).wait()
+
+
 def test_not_serving_until_loaded(engine_index: EngineIndex, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
     import threading

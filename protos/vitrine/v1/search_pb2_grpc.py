@@ -138,8 +138,12 @@ class VisualSearchServicer:
         OK                 one BatchSearchResponse.results entry per request, in order; each carries
         the per-query status code (the codes of Search) and message.
         INVALID_ARGUMENT   no requests, or more than the server's batch limit (1024 by default).
-        RESOURCE_EXHAUSTED the call is larger than the message size limit, or the server already
-        runs its maximum of concurrent requests.
+        RESOURCE_EXHAUSTED the call, or its answer, is larger than the message size limit (each hit carries
+        its product's record, a few hundred bytes: 100 searches of top_k 1000 are over
+        16 MiB; split such a batch), or the server already runs its maximum of
+        concurrent requests. The client's own receive limit applies as well: 4 MiB by
+        default in most gRPC libraries (grpc.max_receive_message_length; raise it for
+        large batches, or the client fails with RESOURCE_EXHAUSTED).
         UNAVAILABLE        the server is not ready (loading or shutting down); retry with backoff.
         DEADLINE_EXCEEDED  the client's deadline passed before the answers were ready.
         INTERNAL           a bug or a corrupt index; the message says what failed.
