@@ -39,6 +39,10 @@ class ShardsUnavailable(EngineError):
     """A root got no answer from any shard server, or missed one under the require-all-shards policy."""
 
 
+class AnswerTooLarge(EngineError):
+    """The answer would exceed the server's message size limit (a BatchSearch of many large top_k)."""
+
+
 class VersionMismatch(EngineError):
     """A shard server was asked for another index version than the one it serves."""
 
@@ -51,6 +55,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ShardsUnavailable, grpc.StatusCode.UNAVAILABLE),
     (VersionMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (AnswerTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

@@ -85,6 +85,8 @@ class CallFailed(Exception):
 class HttpContext:
     """The two things the servicer asks of a grpc.ServicerContext: the time left and abort."""
 
+    max_answer_bytes = None  # an HTTP answer has no message size limit (the gRPC server's send limit does not apply)
+
     def __init__(self, timeout_s: float | None) -> None:
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
 

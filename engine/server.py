@@ -195,7 +195,8 @@ def create_server(config: ServerConfig) -> tuple[VitrineServer, int]:
 
     servicer = VisualSearchServicer(slot, embed, "", metrics,
                                     max_batch_queries=config.max_batch_queries,
-                                    max_image_bytes=config.max_message_bytes, max_image_pixels=config.max_image_pixels)
+                                    max_image_bytes=config.max_message_bytes, max_image_pixels=config.max_image_pixels,
+                                    max_answer_bytes=config.max_message_bytes)
     search_pb2_grpc.add_VisualSearchServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from engine import convert
-from engine.errors import InvalidQuery, status_for
+from engine.errors import AnswerTooLarge, InvalidQuery, status_for
 from engine.metrics import Metrics
 from engine.search import DecodeSizeFn, Searcher, check_deadline, decode_query, normalize
 from engine.swap import SearcherSlot
@@ -63,7 +63,7 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
 
     def __init__(self, slot: SearcherSlot[Searcher], embed: EmbedFn, model_fingerprint: str, metrics: Metrics, *,
                  max_batch_queries: int = 1024, max_image_bytes: int = 16 << 20,
-                 max_image_pixels: int = 40_000_000) -> None:
+                 max_image_pixels: int = 40_000_000, max_answer_bytes: int | None = None) -> None:
         self.slot = slot
         self.embed = embed
         self.model_fingerprint = model_fingerprint
@@ -71,6 +71,7 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
         self.max_batch_queries = max_batch_queries
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_answer_bytes = max_answer_bytes  # the gRPC server's send limit (None: none, as over HTTP)
         self.decode_size: DecodeSizeFn | None = None  # the model's Embedder.decode_size, set once it is loaded
 
     def Search(self, request: search_pb2.SearchRequest, context: grpc.ServicerContext) -> search_pb2.SearchResponse:
@@ -107,7 +108,15 @@ class VisualSearchServicer(search_pb2_grpc.VisualSearchServicer):
                     items.append(BatchItem(result=outcome))
                     if outcome.partial:
                         self.metrics.partial.labels("BatchSearch").inc()
-            return convert.batch_response_to_proto(items, version, int((time.perf_counter() - start) * 1e6))
+            response = convert.batch_response_to_proto(items, version, int((time.perf_counter() - start) * 1e6))
+            # gRPC would refuse to send it ("Sent message larger than max") after this call was logged and
+            # counted OK; say so here, with what to do (the HTTP gateway has no such limit: its context says None)
+            limit = getattr(context, "max_answer_bytes", self.max_answer_bytes)
+            if limit is not None and response.ByteSize() > limit:
+                raise AnswerTooLarge(f"the answer to these {len(requests)} searches would be {response.ByteSize():,} "
+                                     f"bytes, over the server's {limit:,}-byte message limit: split the batch or "
+                                     "ask for a smaller top_k")
+            return response
 
         return self._handle("BatchSearch", context, answer)
 
