@@ -253,8 +253,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         _existing(str(values["init_from"]), "--init-from checkpoint")
     if args.tasks or args.label_column:
         values["tasks"] = tuple(t.strip() for t in (args.tasks or args.label_column).split(",") if t.strip())
-    elif "tasks" not in base:
-        values["tasks"] = ("category",)
+    elif "tasks" not in base:  # a pretrain run learns the weak labels and no task (its banner said "category")
+        values["tasks"] = () if values.get("stage") == "pretrain" else ("category",)
     if args.task_weights:
         try:
             values["task_weights"] = tuple(float(w) for w in args.task_weights.split(",") if w.strip())
