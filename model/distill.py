@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from model.catalog import Product
 from model.data.shards import iter_shard_records, product_label
 from model.embedder import Embedder
 from model.images import ImageDecodeError, decode_image
@@ -49,6 +50,28 @@ def embed_shards(embedder: Embedder, shards_dir: str | Path, batch_size: int = 3
     return ids, vectors
 
 
+def _check_tasks(products: Iterable[Product], tasks: Sequence[str], train_splits: Sequence[str],
+                 shards_dir: str | Path) -> None:
+    """ValueError when a task is not a label column of the shards, or has fewer than two classes to learn among
+    the training records (a probe cannot be fitted then: sklearn's error came after the whole embedding)."""
+    from model.data.shards import label_columns
+
+    products = list(products)
+    if not tasks:
+        raise ValueError("no --tasks: name the label columns the teacher's probes learn")
+    known = label_columns(products)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"--tasks {', '.join(unknown)}: not a label column of {shards_dir} (its label columns: "
+                         f"{', '.join(sorted(known))})")
+    training = [p for p in products if p.split is None or p.split in train_splits]
+    for task in tasks:
+        classes = {product_label(p, task) for p in training} - {""}
+        if len(classes) < 2:
+            raise ValueError(f"task {task!r} has {len(classes)} class(es) among the {len(training)} training records "
+                             f"of {shards_dir} (splits {list(train_splits)} or none): a probe needs at least two")
+
+
 def build_teacher_logits(shards_dir: str | Path, out_path: str | Path, tasks: Sequence[str], teacher: str | Path,
                          train_splits: Sequence[str] = ("train",), regularization: float = 10.0,
                          cache: Path | None = None) -> dict[str, Any]:
@@ -57,9 +80,10 @@ def build_teacher_logits(shards_dir: str | Path, out_path: str | Path, tasks: Se
     from sklearn.linear_model import LogisticRegression
 
     start = time.perf_counter()
+    products = {r.product.product_id: r.product for r in iter_shard_records(shards_dir)}
+    _check_tasks(products.values(), tasks, train_splits, shards_dir)  # before minutes of embedding, not after
     embedder = Embedder.load(teacher)
     ids, vectors = embed_shards(embedder, shards_dir, cache=cache)
-    products = {r.product.product_id: r.product for r in iter_shard_records(shards_dir)}
     is_train = np.array([products[i].split is None or products[i].split in train_splits for i in ids])
     arrays: dict[str, np.ndarray] = {"ids": np.array(ids)}
     report: dict[str, Any] = {"teacher": str(teacher), "teacher_fingerprint": embedder.fingerprint,
@@ -71,11 +95,11 @@ def build_teacher_logits(shards_dir: str | Path, out_path: str | Path, tasks: Se
         probe.fit(vectors[fit_rows], labels[fit_rows].astype(str))
         logits = probe.decision_function(vectors).astype(np.float32)
         held_out = ~is_train & (labels != "")
-        accuracy = float((probe.predict(vectors[held_out]) == labels[held_out].astype(str)).mean()) \
-            if held_out.any() else float("nan")
+        accuracy = round(float((probe.predict(vectors[held_out]) == labels[held_out].astype(str)).mean()), 4) \
+            if held_out.any() else None  # no held-out record (a catalog without splits): null, not NaN in the JSON
         arrays[f"logits/{task}"] = logits
         arrays[f"classes/{task}"] = np.array(probe.classes_)
-        report["tasks"][task] = {"classes": len(probe.classes_), "held_out_accuracy": round(accuracy, 4)}
+        report["tasks"][task] = {"classes": len(probe.classes_), "held_out_accuracy": accuracy}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out_path.with_suffix(".tmp.npz"), **arrays)  # type: ignore[arg-type]

@@ -347,3 +347,29 @@ def test_file_errors_the_commands_do_not_foresee_name_the_path_and_the_problem(t
     assert "a part of this path is a file" in describe_os_error(through_a_file.value)
     own = FileExistsError("shards exist with other inputs; pass --overwrite")  # vitrine's own message is kept
     assert describe_os_error(own) == str(own)
+
+
+def test_teacher_tasks_are_checked_before_the_embedding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`vitrine teacher` on a catalog without the default --tasks columns embedded every record with the CNN and
+    then failed with sklearn's "Found array with 0 sample(s)"; a single-class task likewise."""
+    shards = _tiny_shards(tmp_path)
+    capsys.readouterr()
+    work = tmp_path / "teacher"
+    assert main(["teacher", "--shards", str(shards), "--out", str(tmp_path / "t.npz"), "--work-dir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "--tasks articleType, baseColour: not a label column" in err and "colour, kind" in err
+    assert not (work / "features.npz").exists()  # nothing was embedded
+    assert main(["teacher", "--shards", str(shards), "--out", str(tmp_path / "t.npz"), "--work-dir", str(work),
+                 "--tasks", "colour"]) == 2
+    assert "task 'colour' has 1 class(es)" in capsys.readouterr().err
+
+
+def test_teacher_on_a_catalog_without_splits_writes_valid_json(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Without held-out records the probe accuracy was NaN, which is not JSON (other languages' parsers refuse
+    it); it is null."""
+    shards = _tiny_shards(tmp_path, split=False)
+    assert main(["teacher", "--shards", str(shards), "--out", str(tmp_path / "t.npz"), "--work-dir",
+                 str(tmp_path / "teacher"), "--tasks", "kind"]) == 0
+    report = json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert report["tasks"]["kind"] == {"classes": 2, "held_out_accuracy": None} and report["train_records"] == 12
