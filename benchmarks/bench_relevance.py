@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 from benchmarks.common import hardware, write_result  # noqa: E402
 
 DEFAULT_CATALOG = REPO.parent / "shared" / "datasets" / "fashion-product-images-small"
+ANY_SPLIT = "*"  # --query-split value: every product with a type value may be a query
 FROZEN_CNN = "frozen-cnn"  # --model value naming the ImageNet EfficientNet-Lite0 baseline
 
 
@@ -77,7 +78,7 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
             continue
         value = product_label(product, type_column)
         strict = "|".join([value] + [product_label(product, c) for c in strict_columns])
-        if product.split == query_split and value:
+        if (query_split == ANY_SPLIT or product.split == query_split) and value:
             queries.append(len(ids))
         ids.append(product.product_id)
         paths.append(path)
@@ -87,7 +88,8 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
         splits = sorted({str(p.split) for p in table.products if p.split is not None})
         raise ValueError(f"no query images: no product of {csv_path} has split {query_split!r} and a "
                          f"{type_column!r} value (splits there: {', '.join(splits) or 'none'}; set split_column "
-                         "or split_file in the catalog config, or --query-split)")
+                         "or split_file in the catalog config, or --query-split; --query-split '*' --max-queries "
+                         "1000 draws the queries from every product, fair for a model that never trained on them)")
     chosen = np.array(queries)
     if max_queries is not None and len(chosen) > max_queries:
         chosen = np.sort(np.random.default_rng(0).choice(chosen, max_queries, replace=False))
@@ -239,9 +241,10 @@ def _interval(low_high: list[float]) -> str:
 
 def markdown_table(results: dict[str, dict[str, Any]], chance_level: dict[str, float], n_queries: int,
                    n_gallery: int, comparisons: dict[str, dict[str, Any]] | None = None,
-                   baseline: str | None = None) -> str:
+                   baseline: str | None = None, query_split: str = "test") -> str:
     """The models side by side (Markdown), 95% bootstrap intervals of top-1, paired comparisons to `baseline`."""
-    lines = [f"Queries: {n_queries} test-split images; gallery: {n_gallery} catalog images (query excluded); "
+    queries = "images of any split" if query_split == ANY_SPLIT else f"{query_split}-split images"
+    lines = [f"Queries: {n_queries} {queries}; gallery: {n_gallery} catalog images (query excluded); "
              f"exact inner-product search. Chance top-1: type {chance_level['type']:.3f}, strict "
              f"{chance_level['strict']:.3f}. Brackets: 95% intervals, bootstrap over the queries "
              f"({BOOTSTRAP_SAMPLES} resamples).", "",
@@ -353,7 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--type-column", default="articleType", help="relevance 'type': same value of this column")
     p.add_argument("--strict-columns", default="baseColour",
                    help="comma-separated columns that must also match for 'strict' relevance")
-    p.add_argument("--query-split", default="test", help="split whose images are the queries")
+    p.add_argument("--query-split", default="test",
+                   help="split whose images are the queries; '*': every product (a catalog without splits; with "
+                        "--max-queries a seeded sample; fair for a model that did not train on this catalog)")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded sample of the queries")
     p.add_argument("--name", default="relevance", help="result file name (JSON, Markdown, PNGs)")
     p.add_argument("--baseline", default=None,
@@ -406,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if baseline is not None and baseline not in results:
         raise SystemExit(f"--baseline {baseline!r} is not one of the models: {', '.join(results)}")
     comparisons = compare(results, baseline) if baseline is not None else {}
-    table = markdown_table(results, level, len(gallery.queries), len(gallery.ids), comparisons, baseline)
+    table = markdown_table(results, level, len(gallery.queries), len(gallery.ids), comparisons, baseline,
+                           args.query_split)
     out = args.out or RESULTS_DIR
     config = {"models": models, "csv": str(args.csv), "type_column": args.type_column,
               "strict_columns": strict_columns, "query_split": args.query_split, "max_queries": args.max_queries,

@@ -141,3 +141,20 @@ def test_harness_max_queries_must_be_positive(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exit_info:  # 0 was an IndexError traceback after embedding
         main(["--model", "m=x", "--max-queries", "0"])
     assert exit_info.value.code == 2 and "--max-queries must be >= 1" in capsys.readouterr().err
+
+
+def test_harness_on_a_catalog_without_splits_draws_queries_from_every_product(tiny_model: Path,
+                                                                              tmp_path: Path) -> None:
+    """A shop's catalog has no split column: `--query-split '*'` makes every product a possible query (a seeded
+    sample with --max-queries); it stopped at "no query images"."""
+    lines = (MINI / "styles.csv").read_text().splitlines()
+    keep = [i for i, column in enumerate(lines[0].split(",")) if column != "split"]
+    (tmp_path / "shop.csv").write_text("\n".join(",".join(row.split(",")[i] for i in keep) for row in lines) + "\n")
+    args = ["--csv", str(tmp_path / "shop.csv"), "--images", str(MINI / "images"), "--model", f"tiny={tiny_model}",
+            "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--name", "shop"]
+    with pytest.raises(SystemExit, match="--query-split '\\*'"):  # the hint names the way out
+        main(args)
+    assert main([*args, "--query-split", "*", "--max-queries", "150"]) == 0
+    payload = json.loads((tmp_path / "out" / "shop.json").read_text())
+    assert payload["config"]["queries"] == 150 and payload["config"]["gallery"] > 1000  # every product with an image
+    assert "Queries: 150 images of any split" in (tmp_path / "out" / "shop.md").read_text()
