@@ -106,3 +106,14 @@ def test_vitrine_evaluate_writes_the_card_and_keeps_the_fingerprint(trained: tup
                                                                      if k != "evaluation"}
     assert main(["evaluate", "--model", str(checkpoint), "--shards", str(shards), "--max-records", "1"]) == 2
     assert main(["evaluate", "--model", str(checkpoint), "--shards", str(shards / "nope")]) == 2
+
+
+def test_vitrine_evaluate_leaves_the_shipped_default_card_alone(trained: tuple[Path, Path],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from model.checkpoint import default_model_path
+
+    _, shards = trained
+    card = (default_model_path() / "model_card.json").read_bytes()
+    assert main(["evaluate", "--shards", str(shards), "--max-records", "20"]) == 0
+    assert "not written" in capsys.readouterr().out
+    assert (default_model_path() / "model_card.json").read_bytes() == card

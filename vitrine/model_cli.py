@@ -101,7 +101,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                                    "fingerprint do not change); `vitrine train` runs the same at the end of a run. "
                                    "For the full relevance harness (gallery = the whole catalog, plots, paired "
                                    "comparisons) see benchmarks/bench_relevance.py.")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the committed default model)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder (default: the committed default model, whose card is then not written)")
     p.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
     p.add_argument("--train-splits", default=None,
                    help="comma-separated splits the model was trained on (default: those in its model card)")
@@ -124,7 +125,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      precision=args.precision)
     print(json.dumps(evaluation, indent=2))
     print(summary_line(evaluation))
-    if not args.no_write:
+    if args.model is None:  # the shipped default's card keeps the evaluation it was published with
+        print("not written: the committed default model's card is left as shipped (name it with --model to write)")
+    elif not args.no_write:
         write_evaluation(folder, evaluation)
         print(f"written into {folder / 'model_card.json'}")
     return 0
