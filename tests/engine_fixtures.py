@@ -13,8 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG_DIRS = (REPO_ROOT / "data" / "mini-catalog", Path("/work/shared/datasets/fashion-product-images-small"))
@@ -28,6 +30,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def create_server_held_at_load(monkeypatch: Any, config: Any) -> tuple[threading.Event, threading.Thread, list]:
+    """`create_server(config)` started in a thread whose index-and-model load waits until `release` is set:
+    (release, thread, started), `started` holding (server, port) once it returned. Set release and join the thread
+    before stopping the server."""
+    import engine.server as server_module
+
+    release, real_load = threading.Event(), server_module.load_searcher
+
+    def slow_load(loaded: Any, *args: Any) -> Any:  # the real load, held back until the test's checks are done
+        assert release.wait(60)
+        return real_load(loaded, *args)
+
+    monkeypatch.setattr(server_module, "load_searcher", slow_load)
+    started: list = []
+    thread = threading.Thread(target=lambda: started.append(server_module.create_server(config)))
+    thread.start()
+    return release, thread, started
 
 
 def serve_process(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine_fixtures import EngineIndex, build_engine_index
+from engine_fixtures import EngineIndex, build_engine_index, create_server_held_at_load, free_port
 
 from engine.client import VisualSearchClient
 from engine.server import ServerConfig, create_server
@@ -308,23 +308,10 @@ def test_the_gateway_answers_503_while_the_server_loads(tmp_path: Path, monkeypa
     index and model load; the gateway was bound only once loaded, so HTTP clients got "connection refused"."""
     import threading
 
-    import engine.server as server_module
-
     own = build_engine_index(tmp_path)
-    release, real_load = threading.Event(), server_module.load_searcher
-
-    def slow_load(config: ServerConfig, *args: Any) -> Any:  # the real load, held back until the checks are done
-        assert release.wait(60)
-        return real_load(config, *args)
-
-    monkeypatch.setattr(server_module, "load_searcher", slow_load)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        http_port = sock.getsockname()[1]
-    started: list = []
-    thread = threading.Thread(target=lambda: started.append(create_server(ServerConfig(
-        index_root=own.index_root, port=0, max_workers=2, http_port=http_port, watch=False))))
-    thread.start()
+    http_port = free_port()
+    release, thread, started = create_server_held_at_load(monkeypatch, ServerConfig(
+        index_root=own.index_root, port=0, max_workers=2, http_port=http_port, watch=False))
     loading = type("Loading", (), {"http_port": http_port})()
     try:
         for _ in range(200):  # the gateway binds right after gRPC, before the load

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from engine_fixtures import EngineIndex, build_engine_index, make_checkpoint
+from engine_fixtures import EngineIndex, build_engine_index, create_server_held_at_load, free_port, make_checkpoint
 
 from engine.client import VisualSearchClient, format_results_table
 from engine.server import ServerConfig, ServerStartError, create_server
@@ -388,27 +388,10 @@ def test_a_batch_whose_answer_is_over_the_message_limit(engine_index: EngineInde
 
 
 def test_not_serving_until_loaded(engine_index: EngineIndex, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-    import threading
-
-    import engine.server as server_module
-
     index_root = tmp_path / "index"
     shutil.copytree(engine_index.index_root, index_root)
-    release, real_load = threading.Event(), server_module.load_searcher
-
-    def slow_load(config: ServerConfig, *args):
-        assert release.wait(30)
-        return real_load(config, *args)
-
-    monkeypatch.setattr(server_module, "load_searcher", slow_load)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    started: list = []
-    thread = threading.Thread(target=lambda: started.append(create_server(ServerConfig(index_root=index_root,
-                                                                                       port=port))))
-    thread.start()
+    port = free_port()
+    release, thread, started = create_server_held_at_load(monkeypatch, ServerConfig(index_root=index_root, port=port))
     try:
         with VisualSearchClient(f"127.0.0.1:{port}", timeout_s=2.0, retries=0) as client:
             status = _poll_health(client)
