@@ -301,5 +301,16 @@ def build_index(config: IndexBuildConfig, stages: Sequence[str] = STAGES) -> Pat
 
 
 def clean_work(config: IndexBuildConfig) -> None:
-    """Delete the work folder (all stage outputs)."""
-    shutil.rmtree(BuildJob(config).work, ignore_errors=True)
+    """Delete every stage output in the work folder, under its lock: a StageError when a build is running there
+    (`--fresh` deleted the running build's outputs and lock file, and the two builds then ran at once)."""
+    work = BuildJob(config).work
+    if not work.is_dir():
+        return
+    with _locked(work / ".lock"):
+        for entry in work.iterdir():
+            if entry.name == ".lock":  # kept: a build starting now must still find it locked
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)

@@ -194,3 +194,26 @@ def test_build_flags_out_of_range_are_clear_errors(tmp_path: Path, capsys: pytes
     assert main(["index", "build", "--shards", str(shards), "--index-root", str(tmp_path / "index"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "index" / "CURRENT").exists()
+
+
+def test_fresh_is_refused_while_a_build_runs_in_the_work_folder(inputs: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--fresh` deleted the work folder, lock file included, of a build still running there: that build lost its
+    outputs and the two then ran at once. Now it waits for no one: it is refused, and the running build's outputs
+    stay; once that build is gone, --fresh redoes every stage."""
+    import fcntl
+
+    shards, checkpoint = inputs
+    base = ["index", "build", "--shards", str(shards), "--model", str(checkpoint), "--index-root", str(tmp_path),
+            "--chunk-rows", "64", "--workers", "0", "--validation-queries", "30"]
+    assert main(base) == 0
+    live = read_current(tmp_path)
+    outputs = sorted(p.relative_to(tmp_path) for p in (tmp_path / ".work").rglob("*"))
+    with open(tmp_path / ".work" / ".lock", "a") as running:  # what a running build holds
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*base, "--fresh"]) == 2
+        assert "another build is running" in capsys.readouterr().err
+        assert sorted(p.relative_to(tmp_path) for p in (tmp_path / ".work").rglob("*")) == outputs
+    assert read_current(tmp_path) == live
+    assert main([*base, "--fresh"]) == 0
+    assert read_current(tmp_path) != live  # every stage redone: a new version

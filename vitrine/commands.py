@@ -157,7 +157,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
         _run_gated(import_ray)
     if args.fresh:
-        clean_work(config)
+        _run_gated(lambda: clean_work(config))  # refused while a build runs in the work folder
     version = _run_gated(lambda: build_index(config, stages))
     if "publish" in stages and config.publish:
         print(f"published index version: {version}")
