@@ -181,6 +181,18 @@ def check_files(path: Path, manifest: dict, verify_checksums: bool) -> None:
             raise VersionError(f"{file_path} is corrupt: its SHA-256 differs from the manifest's")
 
 
+def check_version(path: str | Path) -> dict:
+    """The manifest of a version folder after the cheap checks `open_version` starts with (format, required keys,
+    every listed file present at its recorded size, shard counts adding up to the count): reads no file but the
+    manifest, so `index list` can flag a damaged version without loading it. VersionError says what is wrong."""
+    path = Path(path)
+    manifest = load_manifest(path)
+    check_files(path, manifest, verify_checksums=False)
+    if sum(int(entry["count"]) for entry in manifest["shards"]) != int(manifest["count"]):
+        raise VersionError(f"index version {path}: the manifest's shard counts do not add up to {manifest['count']}")
+    return manifest
+
+
 def load_shard(path: Path, entry: dict, dim: int, *, mmap: bool = False) -> faiss.Index:
     """Read one Faiss shard and check its dimension and vector count against the manifest.
 

@@ -91,3 +91,31 @@ def test_rollback_when_the_live_folder_is_gone_names_the_version_to_roll_back_to
         rollback(tmp_path)
     assert read_current(tmp_path) == names[-1]  # untouched: a plain rollback does not guess
     assert rollback(tmp_path, to=names[-2]) == names[-2]
+
+
+def test_index_list_flags_damaged_versions_and_a_current_that_names_none(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`index list` showed a version with a truncated file or a hand-edited count like a good one (rollback then
+    refused it), showed no live version without a word when CURRENT named no folder, and printed nothing at all
+    for a folder holding no version."""
+    import json
+
+    names = _three_versions(tmp_path)
+    vectors = tmp_path / names[1] / "vectors.f16.npy"
+    vectors.write_bytes(vectors.read_bytes()[:1000])  # truncated
+    manifest_path = tmp_path / names[0] / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "count": 49}))  # edited
+    assert main(["index", "list", "--index-root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].startswith(f"* {names[2]}") and "DAMAGED" not in lines[2]
+    assert "DAMAGED" in lines[1] and "vectors.f16.npy has 1000 bytes" in lines[1]
+    assert "DAMAGED" in lines[0] and "shard counts do not add up to 49" in lines[0]
+    (tmp_path / "CURRENT").write_text("20990101T000000Z\n")
+    assert main(["index", "list", "--index-root", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert not [line for line in out.splitlines() if line.startswith("*")]
+    assert "CURRENT names 20990101T000000Z, which is not a complete version" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["index", "list", "--index-root", str(empty)]) == 0
+    assert f"no index versions under {empty}" in capsys.readouterr().err

@@ -190,23 +190,38 @@ def cmd_index_update(args: argparse.Namespace) -> int:
 
 
 def cmd_index_list(args: argparse.Namespace) -> int:
+    import sys
+
     from indexer.errors import VersionError
-    from indexer.version import list_versions, read_current
+    from indexer.version import check_version, list_versions, read_current
 
     root = _existing_folder(args.index_root, "index root")
+    names = list_versions(root)
+    current: str | None = None
     try:
         current = read_current(root)
-    except VersionError:
-        current = None  # nothing published yet: list what is there
-    for name in list_versions(root):
+    except VersionError as err:  # nothing published yet, or a CURRENT that names no folder: say so, list the rest
+        if (root / "CURRENT").exists():
+            print(f"warning: {err}: no version is live", file=sys.stderr)
+    if current is not None and current not in names:  # the servers cannot load it: no line was marked, silently
+        print(f"warning: CURRENT names {current}, which is not a complete version under {root}: no version is live "
+              "(`vitrine index rollback --to NAME` publishes one of those listed)", file=sys.stderr)
+    if not names:
+        print(f"no index versions under {root} (`vitrine index build` writes them)", file=sys.stderr)
+    for name in names:
         mark = "*" if name == current else " "
         try:
             manifest = json.loads((root / name / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:  # one broken folder must not hide the others
             print(f"{mark} {name}  (unreadable {root / name / 'manifest.json'}: {err})")
             continue
+        try:  # a truncated or missing file, an edited count: listed like a good version, then refused by rollback
+            check_version(root / name)
+            damage = ""
+        except (VersionError, TypeError, ValueError, KeyError) as err:
+            damage = f"  DAMAGED: {err}"
         print(f"{mark} {name}  {manifest.get('factory', '?'):<20} count={manifest.get('count', '?')} "
-              f"recall@10={manifest.get('validation', {}).get('recall_at_10', '?')}")
+              f"recall@10={manifest.get('validation', {}).get('recall_at_10', '?')}{damage}")
     return 0
 
 
