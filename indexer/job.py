@@ -90,6 +90,8 @@ class IndexBuildConfig:
             raise ValueError(f"nprobe must be at least 1 (leave it unset for the plan's default), got {self.nprobe}")
         if not 0.0 <= self.min_recall_at_10 <= 1.0:  # above 1 no build could pass (0: no recall floor)
             raise ValueError(f"min_recall_at_10 (--min-recall) must lie in [0, 1], got {self.min_recall_at_10}")
+        if self.keep_versions is not None and self.keep_versions < 1:  # it failed after publishing, exit 2
+            raise ValueError(f"keep_versions (--keep) must be at least 1, got {self.keep_versions}")
 
 
 def _key(*parts: Any) -> str:

@@ -96,6 +96,8 @@ def publish_version(root: str | Path, name: str, keep: int | None = None) -> lis
     """Make `name` live (atomic CURRENT), then prune to `keep` versions; returns the pruned names."""
     if not (Path(root) / name).is_dir():
         raise VersionError(f"cannot publish {name}: {Path(root) / name} does not exist")
+    if keep is not None and keep < 1:  # checked before CURRENT moves: a refused publish must leave it alone
+        raise ValueError(f"keep must be >= 1, got {keep}")
     publish_current(root, name)
     logger.info("published %s as CURRENT under %s", name, root)
     return prune_versions(root, keep) if keep is not None else []

@@ -68,9 +68,12 @@ class IndexUpdateConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if not 0.0 <= self.max_removed_fraction <= 1.0:
-            raise ValueError(f"max_removed_fraction must lie in [0, 1], got {self.max_removed_fraction}")
+            raise ValueError("max_removed_fraction (--max-removed) must lie in [0, 1], "
+                             f"got {self.max_removed_fraction}")
         if not 0.0 <= self.min_recall_at_10 <= 1.0:  # above 1 no build could pass (0: no recall floor)
             raise ValueError(f"min_recall_at_10 (--min-recall) must lie in [0, 1], got {self.min_recall_at_10}")
+        if self.keep_versions is not None and self.keep_versions < 1:  # it failed after publishing, exit 2
+            raise ValueError(f"keep_versions (--keep) must be at least 1, got {self.keep_versions}")
 
 
 def _read_catalog(config: IndexUpdateConfig) -> tuple[list[Product], dict[str, Any], list[str], set[int]]:

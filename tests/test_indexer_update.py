@@ -121,6 +121,30 @@ def test_update_refuses_to_take_most_products_out_of_the_index(tmp_path: Path,
         assert version.count == 10
 
 
+def test_bad_keep_or_max_removed_is_refused_before_anything_is_published(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--keep 0` was checked only when pruning, after CURRENT had moved: the command said "error" (exit 2) and yet
+    published the update. `--max-removed 2` named the config field, not the flag. Both now stop before any work."""
+    shards, checkpoint = make_inputs(tmp_path, 30)
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=10))
+    live = read_current(root)
+    write_catalog_rows(tmp_path / "all.csv", catalog_rows(30))
+    update = ["index", "update", "--index-root", str(root), "--validation-queries", "10", "--csv",
+              str(tmp_path / "all.csv"), "--images", str(MINI / "images")]
+    for flags, message in ((["--keep", "0"], "keep_versions (--keep) must be at least 1, got 0"),
+                           (["--max-removed", "2"], "max_removed_fraction (--max-removed) must lie in [0, 1]")):
+        assert main([*update, *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert read_current(root) == live and list_versions(root) == [live]
+    build = ["index", "build", "--shards", str(shards), "--model", str(checkpoint), "--index-root", str(root),
+             "--workers", "0", "--validation-queries", "10", "--fresh"]
+    assert main([*build, "--keep", "0"]) == 2
+    assert "keep_versions (--keep) must be at least 1" in capsys.readouterr().err
+    assert read_current(root) == live and list_versions(root) == [live]
+
+
 def test_update_sees_photos_reencoded_at_ingest_as_unchanged(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Ingest with --max-side stores re-encoded bytes; it records the source file's SHA-1 beside them, so the next
