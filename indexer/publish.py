@@ -20,7 +20,15 @@ import numpy as np
 
 from indexer.errors import VersionError
 from indexer.store import Filters
-from indexer.version import IndexVersion, VersionWriter, list_versions, open_version, publish_current, read_current
+from indexer.version import (
+    IndexVersion,
+    VersionWriter,
+    list_versions,
+    open_version,
+    publish_current,
+    read_current,
+    remove_abandoned_writes,
+)
 from model.catalog import Product
 
 logger = logging.getLogger("vitrine.indexer")
@@ -70,10 +78,12 @@ def load_digests(version_path: Path, count: int) -> np.ndarray | None:
 
 
 def prune_versions(root: str | Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` versions (never CURRENT nor the one before it); returns deleted names."""
+    """Delete all but the newest `keep` versions (never CURRENT nor the one before it), and what killed builds left
+    behind (`remove_abandoned_writes`); returns the deleted version names."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
+    remove_abandoned_writes(root)
     names = list_versions(root)
     current = read_current(root)
     protected = set(names[-keep:]) | {current}

@@ -18,7 +18,9 @@ files fsynced), so a half-written version is never visible. The engine reads ver
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -59,6 +61,9 @@ VECTORS = "vectors.f16.npy"
 CURRENT = "CURRENT"
 _REQUIRED = ("format", "version", "model_fingerprint", "dim", "metric", "factory", "count", "shards", "files")
 _NAME_RE = re.compile(r"^\d{8}T\d{6}Z(?:-(\d+))?$")
+WRITER_LOCK = ".tmp-writer.lock"  # in <root>/.tmp-<name>/: locked while its VersionWriter lives (not checksummed)
+
+logger = logging.getLogger("vitrine.indexer")
 
 
 class IndexVersion:
@@ -297,6 +302,10 @@ class VersionWriter:
             except FileExistsError:
                 if name is not None:
                     raise VersionError(f"{self.tmp} exists: another build is writing version {name}") from None
+        # Held until commit or abort: a folder whose lock nobody holds was left by a killed writer
+        # (remove_abandoned_writes deletes it; it held a whole version's bytes, every killed night again).
+        self._lock = os.open(self.tmp / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.shards: list[dict] = []
         self.committed = False
 
@@ -352,11 +361,19 @@ class VersionWriter:
         os.rename(self.tmp, final)
         fsync_dir(self.root)
         self.committed = True
+        (final / WRITER_LOCK).unlink(missing_ok=True)
+        self._unlock()
         return final
 
     def abort(self) -> None:
         """Remove the temporary folder."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)  # releases the flock
+            self._lock = -1
 
     def __enter__(self) -> VersionWriter:
         return self
@@ -364,6 +381,43 @@ class VersionWriter:
     def __exit__(self, *exc: object) -> None:
         if not self.committed:
             self.abort()
+
+
+def remove_abandoned_writes(root: str | Path) -> list[str]:
+    """Delete what killed processes left under root: the temporary folders of version writers that no live writer
+    holds (a build or update killed while writing a version; each held a whole version's bytes) and the .trash-*
+    folders of an interrupted prune. Returns the removed names; a temporary folder without a writer lock (written
+    before the lock existed) is kept and named in a warning."""
+    removed = []
+    for path in sorted(Path(root).glob(".t[mr]*-*")):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(".trash-"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+            continue
+        if not path.name.startswith(".tmp-"):
+            continue
+        try:
+            handle = os.open(path / WRITER_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            if path.exists():
+                logger.warning("%s holds no writer lock: left by an older vitrine? remove it by hand when no build "
+                               "is writing", path)
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a writer is at work in it
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        finally:
+            os.close(handle)
+    if removed:
+        logger.warning("removed %d folder(s) left under %s by a killed build, update or prune: %s", len(removed), root,
+                       ", ".join(removed))
+    return removed
 
 
 def write_version(

@@ -119,3 +119,29 @@ def test_index_list_flags_damaged_versions_and_a_current_that_names_none(tmp_pat
     empty.mkdir()
     assert main(["index", "list", "--index-root", str(empty)]) == 0
     assert f"no index versions under {empty}" in capsys.readouterr().err
+
+
+def test_publish_removes_what_a_killed_writer_left_but_not_a_live_writers_folder(tmp_path: Path) -> None:
+    """A build or update killed (SIGKILL, the OOM killer) while writing its version left <root>/.tmp-<name> with a
+    whole version's bytes in it, and nothing ever removed it: every such night took that much more disk. Now the
+    next publish removes the folders no live writer holds, and an interrupted prune's .trash-* folders."""
+    import subprocess
+    import sys
+
+    from indexer.version import VersionWriter
+    from tests.indexer_fixtures import REPO
+
+    _three_versions(tmp_path)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys\nfrom indexer.version import VersionWriter\n"
+         "w = VersionWriter(sys.argv[1], 'killed')\n(w.tmp / 'vectors.f16.npy').write_bytes(bytes(1 << 20))\n"
+         "os.kill(os.getpid(), signal.SIGKILL)", str(tmp_path)], cwd=REPO, env={"PYTHONPATH": str(REPO)}, timeout=60)
+    assert killed.returncode == -9 and (tmp_path / ".tmp-killed" / "vectors.f16.npy").is_file()
+    (tmp_path / ".trash-v0").mkdir()  # a prune killed between its rename and its rmtree
+    with VersionWriter(tmp_path, "writing") as live:  # another build writing its version right now
+        build_index_from_vectors(_vectors(50, 7), make_products(50), tmp_path, "a" * 64, tmp_path, name="v3",
+                                 keep_versions=5)
+        assert live.tmp.is_dir(), "a live writer's folder stays"
+    assert not (tmp_path / ".tmp-killed").exists() and not (tmp_path / ".trash-v0").exists()
+    assert read_current(tmp_path) == "v3" and list_versions(tmp_path) == ["v0", "v1", "v2", "v3"]
+    assert not (tmp_path / "v3" / ".tmp-writer.lock").exists()
