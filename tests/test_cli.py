@@ -33,6 +33,22 @@ def test_every_subcommand_explains_itself(words: list[str], capsys: pytest.Captu
     assert len(out.splitlines()) > 4
 
 
+def test_index_update_help_gives_the_live_versions_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """`index update --help` shared index build's texts: --num-shards "(default 1)" where an update keeps the live
+    version's shard count, --factory "(default: planned)" where any other than the live one is an error, --gpu
+    "train/add on GPU" where an update trains nothing and adds on the CPU."""
+    with pytest.raises(SystemExit):
+        create_parser().parse_args(["index", "update", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default as many as the live version)" in text and "(default 1)" not in text
+    assert "the live version's Faiss factory string" in text and "(default: planned)" not in text
+    assert "train/add on GPU" not in text and "seed of the validation queries" in text
+    with pytest.raises(SystemExit):
+        create_parser().parse_args(["index", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mod S (default 1)" in text and "train/add on GPU" in text
+
+
 def test_typical_flow_tasks_are_columns_of_the_default_ingest() -> None:
     """The top-level help's `train --tasks category,colour` failed on the shards `vitrine ingest` makes with its
     default column mapping: there is no column 'colour' (it is baseColour)."""

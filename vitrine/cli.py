@@ -138,9 +138,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
                    help="refuse the update (CURRENT unchanged, exit 1) when more than this fraction of the live "
                         "products would leave the index: deleted rows, missing or bad images, as from a truncated "
                         "export or an images folder that is not mounted (default 0.5; 1 allows any)")
-    _add_build_flags(u)
+    _add_build_flags(u, update=True)
     u.set_defaults(handler=commands.cmd_index_update)
-    ls = isub.add_parser("list", help="list the versions under an index root (the live one marked *)")
+    ls = isub.add_parser("list", help="list the versions under an index root (the live one marked *)",
+                         description="One line per version, oldest first: * for the live one (CURRENT), its name "
+                                     "(what `index rollback --to` takes), Faiss factory, product count and validated "
+                                     "recall@10; DAMAGED and the reason when a file is missing or truncated (such a "
+                                     "version cannot serve and rollback refuses it). Reads only the manifests.")
     ls.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     ls.set_defaults(handler=commands.cmd_index_list)
     rb = isub.add_parser("rollback", help="make an earlier version live again (default: the previous one)",
@@ -151,11 +155,16 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     rb.set_defaults(handler=commands.cmd_index_rollback)
 
 
-def _add_build_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `index build` and `index update`."""
-    p.add_argument("--factory", default=None, help="Faiss factory string, e.g. IVF1024,PQ32x8 (default: planned)")
-    p.add_argument("--nprobe", type=int, default=None, help="default IVF lists probed per query (default: planned)")
-    p.add_argument("--num-shards", type=int, default=None, help="Faiss shards; product -> sha1(id) mod S (default 1)")
+def _add_build_flags(p: argparse.ArgumentParser, update: bool = False) -> None:
+    """Flags shared by `index build` and `index update` (an update's defaults come from the live version)."""
+    p.add_argument("--factory", default=None,
+                   help="the live version's Faiss factory string (an update reuses its trained index; another one is "
+                        "an error: change it with `vitrine index build`)" if update else
+                        "Faiss factory string, e.g. IVF1024,PQ32x8 (default: planned)")
+    nprobe, shards = ("the live version's", "as many as the live version") if update else ("planned", "1")
+    p.add_argument("--nprobe", type=int, default=None, help=f"default IVF lists probed per query (default: {nprobe})")
+    p.add_argument("--num-shards", type=int, default=None, help=f"Faiss shards; product -> sha1(id) mod S (default "
+                                                                f"{shards})")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="arithmetic of the embedding model: auto (default) computes in bf16 where the CPU (AVX512-BF16 "
                         "or AMX) or GPU does it natively, about 2x faster here with the same relevance, else fp32")
@@ -168,11 +177,14 @@ def _add_build_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation-queries", type=int, default=None, help="held-out queries for validation (256)")
     p.add_argument("--keep", type=int, default=None, help="versions kept after publishing (default 5; CURRENT and "
                                                           "the one before it are never deleted)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the training sample, k-means and queries")
+    p.add_argument("--seed", type=int, default=None, help="seed of the validation queries" if update else
+                   "seed of the training sample, k-means and queries")
     p.add_argument("--no-publish", action="store_true", help="validate and write the version, leave CURRENT alone")
     p.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
-                   help="train/add on GPU through Faiss GPU (default: when Faiss sees a GPU)")
-    p.add_argument("--no-gpu", dest="use_gpu", action="store_false", help="never use Faiss GPU")
+                   help="no effect: an update adds on the CPU (kept for flag parity with index build)" if update else
+                   "train/add on GPU through Faiss GPU (default: when Faiss sees a GPU)")
+    p.add_argument("--no-gpu", dest="use_gpu", action="store_false",
+                   help="no effect on an update" if update else "never use Faiss GPU")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
