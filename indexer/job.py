@@ -280,13 +280,23 @@ class BuildJob:
         return record
 
 
+def root_lock(index_root: str | Path) -> Any:
+    """The lock of the index root's default work folder, held by a build there and by an update of the root: two
+    such jobs at once published in the order they finished, whichever catalog each read (an update overlapping
+    a long full rebuild was overwritten by it, or overwrote it)."""
+    work = Path(index_root) / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    return _locked(work / ".lock")
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StageError(f"another build is running in {path.parent} (it holds {path})") from None
+            raise StageError(f"another build or update is running in {path.parent} (it holds {path}); "
+                             "run this one when it has finished") from None
         try:
             yield
         finally:

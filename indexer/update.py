@@ -210,7 +210,16 @@ def _live_plan(live: IndexVersion, n: int, nprobe: int | None) -> IndexPlan:
 
 
 def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
-    """Apply the new catalog to the live version; returns (new version path, report of what changed)."""
+    """Apply the new catalog to the live version; returns (new version path, report of what changed).
+
+    One job per index root: StageError while a build (in the root's default work folder) or another update runs."""
+    from indexer.job import root_lock
+
+    with root_lock(config.index_root):
+        return _update(config)
+
+
+def _update(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
     from model.embedder import Embedder
 
     products, catalog_report, sources, failed = _read_catalog(config)

@@ -212,7 +212,7 @@ def test_fresh_is_refused_while_a_build_runs_in_the_work_folder(inputs: tuple[Pa
     with open(tmp_path / ".work" / ".lock", "a") as running:  # what a running build holds
         fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main([*base, "--fresh"]) == 2
-        assert "another build is running" in capsys.readouterr().err
+        assert "another build or update is running" in capsys.readouterr().err
         assert sorted(p.relative_to(tmp_path) for p in (tmp_path / ".work").rglob("*")) == outputs
     assert read_current(tmp_path) == live
     assert main([*base, "--fresh"]) == 0

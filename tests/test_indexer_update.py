@@ -145,6 +145,30 @@ def test_bad_keep_or_max_removed_is_refused_before_anything_is_published(tmp_pat
     assert read_current(root) == live and list_versions(root) == [live]
 
 
+def test_an_update_waits_for_no_build_or_update_running_on_the_root(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Two updates at once, or an update during a long full rebuild, all published, in the order they finished:
+    whichever catalog each had read (yesterday's rebuild overwrote tonight's update). An update now takes the
+    lock a build holds in the root's work folder, and is refused (exit 2, CURRENT untouched) while it is held."""
+    import fcntl
+
+    shards, checkpoint = make_inputs(tmp_path, 30)
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=10))
+    live = read_current(root)
+    write_catalog_rows(tmp_path / "all.csv", catalog_rows(30))
+    update = ["index", "update", "--index-root", str(root), "--validation-queries", "10", "--csv",
+              str(tmp_path / "all.csv"), "--images", str(MINI / "images")]
+    with open(root / ".work" / ".lock", "a") as running:  # what a running build (or update) holds
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(update) == 2
+        assert "another build or update is running" in capsys.readouterr().err
+        assert read_current(root) == live and list_versions(root) == [live]
+    assert main(update) == 0
+    assert read_current(root) != live
+
+
 def test_update_sees_photos_reencoded_at_ingest_as_unchanged(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Ingest with --max-side stores re-encoded bytes; it records the source file's SHA-1 beside them, so the next
