@@ -41,7 +41,7 @@ import numpy as np
 
 from indexer import embed as embed_stage
 from indexer.embed import EmbedSettings, read_json, write_json
-from indexer.errors import StageError
+from indexer.errors import StageError, ValidationFailed, VersionError
 from indexer.faults import maybe_fail
 from indexer.fill import assign_shards, fill_shard, sample_rows, train_index
 from indexer.plan import IndexPlan, check_memory, format_bytes, plan_from_factory, plan_index
@@ -84,6 +84,9 @@ class IndexBuildConfig:
     tune_search: bool = True  # the gate may raise nprobe / re-rank to reach the floor (False: fail instead)
     keep_versions: int | None = 5  # versions kept after publishing (CURRENT and its predecessor always)
     publish: bool = True  # point CURRENT at the new version when validation passes
+    max_removed_fraction: float = 0.5  # refuse to publish (the version is removed, CURRENT untouched) a build
+    # without more than this fraction of the live version's products: a truncated export on a full-rebuild night;
+    # 1.0 allows any
 
     def __post_init__(self) -> None:
         if self.nprobe is not None and self.nprobe < 1:  # it was published as the version's search default
@@ -92,6 +95,9 @@ class IndexBuildConfig:
             raise ValueError(f"min_recall_at_10 (--min-recall) must lie in [0, 1], got {self.min_recall_at_10}")
         if self.keep_versions is not None and self.keep_versions < 1:  # it failed after publishing, exit 2
             raise ValueError(f"keep_versions (--keep) must be at least 1, got {self.keep_versions}")
+        if not 0.0 <= self.max_removed_fraction <= 1.0:
+            raise ValueError("max_removed_fraction (--max-removed) must lie in [0, 1], "
+                             f"got {self.max_removed_fraction}")
 
 
 def _key(*parts: Any) -> str:
@@ -274,10 +280,41 @@ class BuildJob:
 
     def stage_publish(self) -> dict[str, Any]:
         name = self.need("validate")["version"]
+        if self.config.publish:
+            product_ids = [p.product_id for p in embed_stage.load_products(self.embed_dir)]
+            try:
+                check_removed_from_live(self.root, product_ids, self.config.max_removed_fraction, name)
+            except ValidationFailed:  # like a failed gate, nothing is left: no unpublished version for rollback
+                trash = self.root / f".trash-{name}"
+                (self.root / name).rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
         pruned = publish_version(self.root, name, self.config.keep_versions) if self.config.publish else []
         record = {"key": self.key("publish"), "version": name, "published": self.config.publish, "pruned": pruned}
         write_json(self.work / "publish.json", record)
         return record
+
+
+def check_removed_from_live(root: str | Path, product_ids: Sequence[str], max_fraction: float, name: str) -> None:
+    """ValidationFailed when more than `max_fraction` of the live version's products are not among `product_ids`
+    (the guard `index update` has: a full rebuild from a truncated export published a version without most of the
+    shop). Nothing live, or a live version that does not open (this build is its repair): no check."""
+    from indexer.version import current_version_path, open_version
+
+    try:
+        with open_version(current_version_path(root), shards=()) as live:  # catalog only: no Faiss shard loaded
+            retained = sum(live.internal_id(pid) is not None for pid in set(product_ids))
+            count, base = live.count, live.name
+    except VersionError as err:
+        logger.info("publish: no live version to compare with (%s)", err)
+        return
+    removed = count - retained
+    if count and removed > max_fraction * count:
+        raise ValidationFailed(
+            f"the new version {name} lacks {removed} of the {count} products of the live version {base} "
+            f"({removed / count:.0%}, over the limit of {max_fraction:.0%}): not published; is the export complete "
+            "and the images folder there? Pass --max-removed 1 to publish it anyway",
+            {"removed": removed, "live": count})
 
 
 def root_lock(index_root: str | Path) -> Any:

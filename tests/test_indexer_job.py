@@ -217,3 +217,29 @@ def test_fresh_is_refused_while_a_build_runs_in_the_work_folder(inputs: tuple[Pa
     assert read_current(tmp_path) == live
     assert main([*base, "--fresh"]) == 0
     assert read_current(tmp_path) != live  # every stage redone: a new version
+
+
+def test_a_full_build_from_a_truncated_export_is_not_published(inputs: tuple[Path, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`index update` refuses to take most of the shop out of the index, but the weekly full rebuild (nightly.sh) of
+    the same truncated export published a version with a twelfth of the products. The build now has the guard too:
+    exit 1, CURRENT untouched, no unpublished version left for a rollback to land on; --max-removed 1 publishes."""
+    from model.catalog import CatalogConfig
+    from model.data import build_shards
+    from tests.indexer_fixtures import MINI, catalog_rows, write_catalog_rows
+
+    shards, checkpoint = inputs
+    common = ["--model", str(checkpoint), "--index-root", str(tmp_path / "index"), "--workers", "0",
+              "--validation-queries", "5"]
+    assert main(["index", "build", "--shards", str(shards), *common]) == 0
+    live = read_current(tmp_path / "index")
+    write_catalog_rows(tmp_path / "truncated.csv", catalog_rows(10))
+    build_shards(tmp_path / "truncated.csv", MINI / "images", tmp_path / "truncated", CatalogConfig(), progress=False)
+    truncated = ["index", "build", "--shards", str(tmp_path / "truncated"), *common]
+    assert main(truncated) == 1
+    assert f"lacks 110 of the {N_IMAGES} products of the live version {live}" in capsys.readouterr().err
+    assert read_current(tmp_path / "index") == live and list_versions(tmp_path / "index") == [live]
+    assert not [p for p in (tmp_path / "index").iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    assert main([*truncated, "--max-removed", "1"]) == 0
+    with open_current(tmp_path / "index") as version:
+        assert version.count == 10 and version.name != live

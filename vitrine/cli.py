@@ -115,6 +115,11 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--memory-budget", default=None, help="memory the build may use, e.g. 8GB; the plan fits it "
                                                          "or the build stops before training, naming the estimate")
     b.add_argument("--target-recall", type=float, default=None, help="recall@10 the plan aims for (default 0.95)")
+    b.add_argument("--max-removed", type=float, default=None,
+                   help="refuse to publish (CURRENT unchanged, exit 1; the rest of the build is kept, so a rerun "
+                        "with a higher value only publishes) when more than this "
+                        "fraction of the live version's products are missing from the new one, as after a truncated "
+                        "export (default 0.5; 1 allows any, e.g. for another catalog)")
     b.set_defaults(handler=commands.cmd_index_build)
     u = isub.add_parser("update", help="apply a new catalog CSV (adds, changes, deletes) to the live version",
                         description="Compare a new catalog CSV with the live version: unchanged products keep "

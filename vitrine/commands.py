@@ -143,7 +143,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, **_overrides(args, {
         **_BUILD_FLAGS, "workers": "num_workers", "chunk_rows": "chunk_rows", "device": "device", "forward": "forward",
         "target_recall": "target_recall", "work_dir": "work_dir", "backend": "backend", "ray_address": "ray_address",
-        "ray_actors": "ray_actors", "ray_cpus_per_actor": "ray_cpus_per_actor"}))
+        "ray_actors": "ray_actors", "ray_cpus_per_actor": "ray_cpus_per_actor", "max_removed": "max_removed_fraction"}))
     if args.memory_budget is not None:
         config = dataclasses.replace(config, memory_budget=parse_bytes(args.memory_budget))
     if args.no_publish:
