@@ -210,7 +210,8 @@ def _live_plan(live: IndexVersion, n: int, nprobe: int | None) -> IndexPlan:
 
 
 def update_index(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
-    """Apply the new catalog to the live version; returns (new version path, report of what changed).
+    """Apply the new catalog to the live version; returns (new version path, report of what changed, with the
+    CSV's read report under "catalog").
 
     One job per index root: StageError while a build (in the root's default work folder) or another update runs."""
     from indexer.job import root_lock
@@ -248,6 +249,10 @@ def _update(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
         num_shards = config.num_shards or len(live.shards)
         base, model_path = live.name, live.manifest["model_path"] if config.model is None else config.model
     logger.info("update of %s: %s", base, counts)
+    dropped = {key: value for key, value in catalog_report.items()
+               if value and (key.startswith(("rows_bad", "bad_", "stock_unrecognised")) or key == "duplicate_ids")}
+    if dropped:  # was only in the new manifest: the operator never heard of rows without an id, bad prices, ...
+        logger.warning("update: catalog rows with problems in %s: %s", config.csv_path, dropped)
     report = {"base_version": base, **counts, "count": len(kept)}
     path = build_index_from_vectors(
         vectors, kept, config.index_root, embedder.fingerprint, model_path, plan=plan, trained=trained,
@@ -256,4 +261,4 @@ def _update(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
         keep_versions=config.keep_versions,
         digests=digests, build_config={k: str(v) for k, v in config.__dict__.items()},
         catalog_report=catalog_report, extra_manifest={"update": report})
-    return path, report
+    return path, {**report, "catalog": catalog_report}  # the CSV's rows dropped or repaired, as ingest prints them

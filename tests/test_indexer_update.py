@@ -169,6 +169,32 @@ def test_an_update_waits_for_no_build_or_update_running_on_the_root(tmp_path: Pa
     assert read_current(root) != live
 
 
+def test_update_reports_the_catalog_rows_it_could_not_use(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Rows without an id or repeating one were dropped by the CSV reader and counted only in the new manifest:
+    the update's printed report and log said nothing of them (ingest prints them). Now both do."""
+    import json
+    import logging
+
+    shards, checkpoint = make_inputs(tmp_path, 30)
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=10))
+    rows = catalog_rows(30)
+    rows[1][0] = ""  # no id
+    rows.append(list(rows[5]))  # the same id twice
+    write_catalog_rows(tmp_path / "new.csv", rows)
+    with caplog.at_level(logging.WARNING, logger="vitrine.indexer"):
+        assert main(["index", "update", "--index-root", str(root), "--validation-queries", "10", "--csv",
+                     str(tmp_path / "new.csv"), "--images", str(MINI / "images")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[: out.rindex("}") + 1])
+    assert report["catalog"]["rows_bad/missing_id"] == 1 and report["catalog"]["duplicate_ids"] == 1
+    assert report["deleted"] == 1 and report["count"] == 29
+    assert any("catalog rows with problems" in r.getMessage() and "missing_id" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_update_sees_photos_reencoded_at_ingest_as_unchanged(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Ingest with --max-side stores re-encoded bytes; it records the source file's SHA-1 beside them, so the next
