@@ -91,6 +91,28 @@ def test_index_update_without_a_live_version_is_a_clear_error(tmp_path: Path,
     assert "CURRENT not found" in capsys.readouterr().err
 
 
+def test_index_update_on_a_damaged_live_version_points_to_rollback(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An update whose live version has a truncated file said "run `vitrine index build` first", as if nothing had
+    ever been published; the way out is a rollback to an intact version (or a full build)."""
+    import numpy as np
+
+    from indexer.build import build_index_from_vectors
+    from model.catalog import Product
+
+    products = [Product(product_id=str(i), title="", category="", brand="", price=None, currency="", in_stock=True,
+                        image_url="", attributes={}, split=None) for i in range(20)]
+    vectors = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for name in ("v0", "v1"):
+        build_index_from_vectors(vectors, products, tmp_path, "a" * 64, tmp_path, name=name)
+    (tmp_path / "v1" / "filters.npz").write_bytes(b"truncated")
+    assert main(["index", "update", "--csv", str(MINI / "styles.csv"), "--images", str(MINI / "images"),
+                 "--index-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "filters.npz has 9 bytes" in err and "vitrine index rollback --to NAME" in err and "first" not in err
+
+
 def test_a_query_image_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`vitrine query --image photos/` raised IsADirectoryError with a traceback (before any connection)."""
     assert main(["query", "--target", "127.0.0.1:9", "--image", str(tmp_path)]) == 2

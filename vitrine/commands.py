@@ -183,6 +183,10 @@ def cmd_index_update(args: argparse.Namespace) -> int:
     try:
         path, report = _run_gated(lambda: update_index(config))
     except VersionError as err:  # nothing published yet (or CURRENT broken) was a traceback
+        if (Path(args.index_root) / "CURRENT").is_file():  # "build first" misled: the live version is damaged
+            raise UserError(f"{err} (an update starts from the live version, which does not open: make an intact "
+                            "one live with `vitrine index rollback --to NAME` (it checks every file; `vitrine index "
+                            "list` names the versions), or run a full `vitrine index build`)") from err
         raise UserError(f"{err} (an update needs a live version: run `vitrine index build` first)") from err
     print(json.dumps(report, indent=2))
     print(f"{'published' if config.publish else 'wrote'} index version: {path}")
