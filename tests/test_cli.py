@@ -111,6 +111,7 @@ def test_index_update_on_a_damaged_live_version_points_to_rollback(tmp_path: Pat
                  "--index-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "filters.npz has 9 bytes" in err and "vitrine index rollback --to NAME" in err and "first" not in err
+    assert err.startswith("vitrine index update: error: "), "which index command failed, in a nightly log"
 
 
 def test_a_query_image_that_is_a_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
