@@ -230,6 +230,10 @@ def _update(config: IndexUpdateConfig) -> tuple[Path, dict[str, Any]]:
         if config.factory is not None and config.factory != live.factory:
             raise ValueError(f"the update reuses the live index {live.factory}; run `vitrine index build` to "
                              f"change it to {config.factory}")
+        if config.model is None and not Path(live.manifest["model_path"]).is_dir():  # "no model card at ..." only
+            raise ValueError(f"the live version {live.name} was built with the model {live.manifest['model_path']}, "
+                             "which is not there any more: pass --model with that checkpoint's folder (the same "
+                             "weights), or run a full `vitrine index build` with another model")
         embedder = Embedder.load(config.model or live.manifest["model_path"], precision=config.precision)
         if embedder.fingerprint != live.model_fingerprint:
             raise ValueError(f"model {config.model or live.manifest['model_path']} has fingerprint "

@@ -195,6 +195,28 @@ def test_update_reports_the_catalog_rows_it_could_not_use(tmp_path: Path, capsys
                for r in caplog.records)
 
 
+def test_update_whose_model_has_moved_says_to_pass_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The live version records its model's folder; moved (a new release directory, another checkout), the update
+    stopped with "no model card at <old path>/model_card.json", not saying where the path came from nor that
+    --model names the checkpoint's new place. It now says both, and --model with the moved folder works."""
+    shards, checkpoint = make_inputs(tmp_path, 30)
+    root = tmp_path / "index"
+    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
+                                 validation_queries=10))
+    live = read_current(root)
+    moved = tmp_path / "models" / "release-2"
+    moved.parent.mkdir()
+    checkpoint.rename(moved)
+    write_catalog_rows(tmp_path / "all.csv", catalog_rows(30))
+    update = ["index", "update", "--index-root", str(root), "--validation-queries", "10", "--csv",
+              str(tmp_path / "all.csv"), "--images", str(MINI / "images")]
+    assert main(update) == 2
+    err = capsys.readouterr().err
+    assert f"built with the model {checkpoint.resolve()}, which is not there any more: pass --model" in err
+    assert read_current(root) == live
+    assert main([*update, "--model", str(moved)]) == 0 and read_current(root) != live
+
+
 def test_update_sees_photos_reencoded_at_ingest_as_unchanged(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Ingest with --max-side stores re-encoded bytes; it records the source file's SHA-1 beside them, so the next
