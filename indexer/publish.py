@@ -77,16 +77,16 @@ def load_digests(version_path: Path, count: int) -> np.ndarray | None:
     return digests if digests.shape == (count,) else None
 
 
-def prune_versions(root: str | Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` versions (never CURRENT nor the one before it), and what killed builds left
-    behind (`remove_abandoned_writes`); returns the deleted version names."""
+def prune_versions(root: str | Path, keep: int, protect: Sequence[str] = ()) -> list[str]:
+    """Delete all but the newest `keep` versions (never CURRENT, the one before it, nor those in `protect`), and what
+    killed builds left behind (`remove_abandoned_writes`); returns the deleted version names."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(root)
     remove_abandoned_writes(root)
     names = list_versions(root)
     current = read_current(root)
-    protected = set(names[-keep:]) | {current}
+    protected = set(names[-keep:]) | {current} | set(protect)
     if current in names and names.index(current) > 0:
         protected.add(names[names.index(current) - 1])
     deleted = []
@@ -108,6 +108,12 @@ def publish_version(root: str | Path, name: str, keep: int | None = None) -> lis
         raise VersionError(f"cannot publish {name}: {Path(root) / name} does not exist")
     if keep is not None and keep < 1:  # checked before CURRENT moves: a refused publish must leave it alone
         raise ValueError(f"keep must be >= 1, got {keep}")
+    try:
+        replaced = [read_current(root)]
+    except VersionError:
+        replaced = []
     publish_current(root, name)
-    logger.info("published %s as CURRENT under %s", name, root)
-    return prune_versions(root, keep) if keep is not None else []
+    logger.info("published %s as CURRENT under %s%s", name, root, f" (was {replaced[0]})" if replaced else "")
+    # The version live until now is kept, not only CURRENT's predecessor by name: after a rollback to an older
+    # version the next publish pruned that good one and kept the newer one the rollback had moved away from.
+    return prune_versions(root, keep, protect=replaced) if keep is not None else []

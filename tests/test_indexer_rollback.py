@@ -64,7 +64,8 @@ def test_publish_keeps_the_last_n_but_never_current_or_its_predecessor(tmp_path:
     rollback(tmp_path, to="v1")  # live is now v1; its predecessor is gone, v2 stays as the newest
     build_index_from_vectors(_vectors(50, 9), make_products(50), tmp_path, "a" * 64, tmp_path, name="v3",
                              keep_versions=1)
-    assert read_current(tmp_path) == "v3" and list_versions(tmp_path) == ["v2", "v3"], "v2 precedes CURRENT: kept"
+    assert read_current(tmp_path) == "v3" and list_versions(tmp_path) == ["v1", "v2", "v3"], \
+        "v2 precedes CURRENT, v1 was live until v3: both kept"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trash")]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         prune_versions(tmp_path, 0)
@@ -145,3 +146,18 @@ def test_publish_removes_what_a_killed_writer_left_but_not_a_live_writers_folder
     assert not (tmp_path / ".tmp-killed").exists() and not (tmp_path / ".trash-v0").exists()
     assert read_current(tmp_path) == "v3" and list_versions(tmp_path) == ["v0", "v1", "v2", "v3"]
     assert not (tmp_path / "v3" / ".tmp-writer.lock").exists()
+
+
+def test_publish_after_a_rollback_keeps_the_version_rolled_back_to(tmp_path: Path) -> None:
+    """v2 was bad, the operator rolled back to v1; the next night published v3 with --keep 2 and pruned v1, the
+    good version live until then, keeping the bad v2 (v3's predecessor by name) instead. The version that was live
+    when another is published is now kept as well."""
+    _three_versions(tmp_path)
+    rollback(tmp_path, to="v1")
+    build_index_from_vectors(_vectors(50, 9), make_products(50), tmp_path, "a" * 64, tmp_path, name="v3",
+                             keep_versions=2)
+    assert read_current(tmp_path) == "v3" and "v1" in list_versions(tmp_path)
+    assert list_versions(tmp_path) == ["v1", "v2", "v3"]
+    build_index_from_vectors(_vectors(50, 10), make_products(50), tmp_path, "a" * 64, tmp_path, name="v4",
+                             keep_versions=2)
+    assert list_versions(tmp_path) == ["v3", "v4"], "the usual pruning once the rollback is behind"

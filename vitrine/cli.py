@@ -180,8 +180,8 @@ def _add_build_flags(p: argparse.ArgumentParser, update: bool = False) -> None:
                         "(by default the gate tries re-rank x2, x4 and nprobe x2, x4, x8, cheapest first, and "
                         "records the first pair that passes as the version's search defaults)")
     p.add_argument("--validation-queries", type=int, default=None, help="held-out queries for validation (256)")
-    p.add_argument("--keep", type=int, default=None, help="versions kept after publishing (default 5; CURRENT and "
-                                                          "the one before it are never deleted)")
+    p.add_argument("--keep", type=int, default=None, help="versions kept after publishing (default 5; CURRENT, the "
+                                                          "one before it and the one it replaced are never deleted)")
     p.add_argument("--seed", type=int, default=None, help="seed of the validation queries" if update else
                    "seed of the training sample, k-means and queries")
     p.add_argument("--no-publish", action="store_true", help="validate and write the version, leave CURRENT alone")
