@@ -47,6 +47,11 @@ def test_index_update_help_gives_the_live_versions_defaults(capsys: pytest.Captu
         create_parser().parse_args(["index", "build", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "mod S (default 1)" in text and "train/add on GPU" in text
+    for words in (["index", "build"], ["index", "update"]):  # what a cron job's exit status means
+        with pytest.raises(SystemExit):
+            create_parser().parse_args([*words, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "Exit status: 0 published; 1 refused" in text and "CURRENT unchanged; 2 bad input" in text
 
 
 def test_typical_flow_tasks_are_columns_of_the_default_ingest() -> None:

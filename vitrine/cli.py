@@ -82,8 +82,11 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
                                     "budget and target recall; memory estimate), train (on a sample; Faiss GPU when "
                                     "present), add (S shards by sha1 of the product id), validate (recall@10 with "
                                     "re-ranking vs exact search, counts, NaN, ids) and publish (atomic CURRENT, keep "
-                                    "the last N versions). Stage outputs live in --work-dir; a killed run resumes "
-                                    "where it stopped and a finished stage is skipped.")
+                                    "the last N versions). Stage outputs live in --work-dir; run the same command "
+                                    "again after a kill and it resumes where it stopped (a finished stage is skipped). "
+                                    "Exit status: 0 published; 1 refused (recall gate, --memory-budget, "
+                                    "--max-removed), CURRENT unchanged; 2 bad input, or another build or update is "
+                                    "running on the index root.")
     b.add_argument("--shards", required=True, help="folder written by `vitrine ingest`")
     b.add_argument("--model", default=None,
                    help="checkpoint folder written by `vitrine train` (default: the committed default model)")
@@ -125,7 +128,9 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
                         description="Compare a new catalog CSV with the live version: unchanged products keep "
                                     "their embeddings, new products and changed images are embedded, deleted ones "
                                     "are dropped; the live version's trained quantizer is reused. The new version "
-                                    "is validated and published like a full build.")
+                                    "is validated and published like a full build. Exit status: 0 published; 1 "
+                                    "refused (recall gate, --max-removed), CURRENT unchanged; 2 bad input, no intact "
+                                    "live version, or another build or update is running on the index root.")
     u.add_argument("--csv", required=True, help="the whole new catalog CSV (one row per product)")
     u.add_argument("--images", default=None,
                    help="folder holding the catalog's images (with an image_column in the catalog config: where "
