@@ -11,17 +11,26 @@ import logging
 from pathlib import Path
 
 from indexer.errors import VersionError
-from indexer.version import list_versions, open_version, publish_current, read_current
+from indexer.version import list_versions, live_history, open_version, publish_current, read_current
 
 log = logging.getLogger("vitrine.indexer")
 
 
 def previous_version(root: str | Path) -> str:
-    """The complete version published just before the live one (by version order)."""
+    """The complete version that was live before the live one (see `_previous`)."""
     return _previous(list_versions(root), read_current(root), root)
 
 
 def _previous(names: list[str], current: str, root: str | Path) -> str:
+    """The version a plain rollback goes to: the newest one on <root>/HISTORY's stack below the live one that is
+    still complete, so that after a rollback away from a bad version and a new publish, the next rollback returns
+    to the good one rather than to the bad one that sorts before the new name. Without a history that ends
+    at the live version (a root from before HISTORY, or CURRENT edited by hand): the version before it by name."""
+    stack = live_history(root)
+    if current in names and stack and stack[-1] == current:
+        for name in reversed(stack[:-1]):
+            if name in names and name != current:
+                return name
     if current not in names:
         older = [name for name in names if name < current]
         hint = f"`vitrine index rollback --to {older[-1]}` (the newest complete version before it)" if older \
@@ -35,7 +44,7 @@ def _previous(names: list[str], current: str, root: str | Path) -> str:
 
 
 def rollback(root: str | Path, to: str | None = None) -> str:
-    """Make `to` (default: the version before the live one) live again; returns its name.
+    """Make `to` (default: the version that was live before the live one) live again; returns its name.
 
     With `to`, a CURRENT that is missing or unreadable is replaced too (the target does not depend on it).
     """
@@ -53,6 +62,6 @@ def rollback(root: str | Path, to: str | None = None) -> str:
         raise VersionError(f"no complete version named {target!r} under {root}; see `vitrine index list`")
     with open_version(Path(root) / target, verify_checksums=True):
         pass  # it opens and every checksum matches: safe to serve
-    publish_current(root, target)
+    publish_current(root, target, event="rollback")
     log.info("rolled back %s: CURRENT %s -> %s", root, before, target)
     return target

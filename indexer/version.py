@@ -9,6 +9,8 @@
   filters.npz              category/brand codes + vocabularies, price, in_stock; row = internal id
   vectors.f16.npy          (N, dim) float16 embeddings; row = internal id
 <root>/CURRENT             the live version's folder name, replaced atomically
+<root>/HISTORY             one line per change of CURRENT: "<UTC time> publish|rollback <name>" (what a plain
+                           `vitrine index rollback` undoes; see `live_history`)
 ```
 
 A version is written into ``<root>/.tmp-<name>`` and renamed into place only when complete (all
@@ -50,6 +52,7 @@ from model.catalog import Product
 __all__ = [
     "FORMAT", "METRIC", "IndexVersion", "VersionError", "VersionWriter", "Filters", "open_version",
     "open_current", "write_version", "read_current", "current_version_path", "publish_current", "list_versions",
+    "live_history",
 ]
 
 FORMAT = "vitrine-index/1"
@@ -59,6 +62,8 @@ CATALOG = "catalog.lmdb"
 FILTERS = "filters.npz"
 VECTORS = "vectors.f16.npy"
 CURRENT = "CURRENT"
+HISTORY = "HISTORY"
+_HISTORY_MAX_BYTES = 64 * 1024  # past this the file is cut to its newest half when the next line is written
 _REQUIRED = ("format", "version", "model_fingerprint", "dim", "metric", "factory", "count", "shards", "files")
 _NAME_RE = re.compile(r"^\d{8}T\d{6}Z(?:-(\d+))?$")
 WRITER_LOCK = ".tmp-writer.lock"  # in <root>/.tmp-<name>/: locked while its VersionWriter lives (not checksummed)
@@ -475,8 +480,14 @@ def open_current(root: str | Path, *, verify_checksums: bool = False) -> IndexVe
     return open_version(current_version_path(root), verify_checksums=verify_checksums)
 
 
-def publish_current(root: str | Path, name: str) -> None:
-    """Make `name` the live version: write a temp file, fsync, os.replace onto CURRENT, fsync root."""
+def publish_current(root: str | Path, name: str, event: str = "publish") -> None:
+    """Make `name` the live version: write a temp file, fsync, os.replace onto CURRENT, fsync root.
+
+    The change is then appended to <root>/HISTORY as `event` ("publish" or "rollback"): a failure to write the
+    history is logged and does not undo the publish (CURRENT alone decides what is served).
+    """
+    if event not in ("publish", "rollback"):
+        raise ValueError(f"event must be 'publish' or 'rollback', got {event!r}")
     root = Path(root)
     _check_name(name, "publish_current")
     if not (root / name / MANIFEST).is_file():
@@ -486,6 +497,52 @@ def publish_current(root: str | Path, name: str) -> None:
     fsync_file(tmp)
     os.replace(tmp, root / CURRENT)
     fsync_dir(root)
+    try:
+        _append_history(root, event, name)
+    except OSError as exc:
+        logger.warning("published %s, but could not record it in %s: %s", name, root / HISTORY, exc)
+
+
+def _append_history(root: Path, event: str, name: str) -> None:
+    path = root / HISTORY
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {event} {name}\n"
+    if path.is_file() and path.stat().st_size > _HISTORY_MAX_BYTES:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        tmp = root / f".{HISTORY}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.write_text("".join(lines[len(lines) // 2:]) + line, encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    else:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def live_history(root: str | Path) -> list[str]:
+    """The versions that were live, as a stack whose top is the live one: what plain rollbacks walk back through.
+
+    A publish pushes its version; a rollback to a version on the stack pops back to it (so the version rolled
+    away from is not gone back to by the next plain rollback), a rollback to one not on it pushes it. Empty when
+    <root>/HISTORY is missing or unreadable (a root published before it existed); malformed lines are skipped.
+    """
+    try:
+        text = (Path(root) / HISTORY).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    stack: list[str] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or fields[1] not in ("publish", "rollback"):
+            continue
+        _, event, name = fields
+        if event == "rollback" and name in stack:
+            del stack[stack.index(name) + 1:]
+        else:
+            if name in stack:
+                stack.remove(name)
+            stack.append(name)
+    return stack
 
 
 def list_versions(root: str | Path) -> list[str]:

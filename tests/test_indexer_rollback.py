@@ -161,3 +161,31 @@ def test_publish_after_a_rollback_keeps_the_version_rolled_back_to(tmp_path: Pat
     build_index_from_vectors(_vectors(50, 10), make_products(50), tmp_path, "a" * 64, tmp_path, name="v4",
                              keep_versions=2)
     assert list_versions(tmp_path) == ["v3", "v4"], "the usual pruning once the rollback is behind"
+
+
+def test_plain_rollback_after_a_bad_version_and_a_new_publish_returns_to_the_good_one(tmp_path: Path) -> None:
+    names = _three_versions(tmp_path)  # v0, v1 (good), v2 (bad)
+    assert rollback(tmp_path) == "v1"  # away from the bad one
+    build_index_from_vectors(_vectors(50, 3), make_products(50), tmp_path, "a" * 64, tmp_path, name="v3")
+    assert read_current(tmp_path) == "v3"
+    assert rollback(tmp_path) == "v1"  # v3 is bad too: back to v1, the last good one, not to v2 (next by name)
+    assert rollback(tmp_path) == "v0"  # and further back
+    assert names == ["v0", "v1", "v2"]
+    history = (tmp_path / "HISTORY").read_text().splitlines()
+    assert [line.split()[1:] for line in history] == [
+        ["publish", "v0"], ["publish", "v1"], ["publish", "v2"], ["rollback", "v1"], ["publish", "v3"],
+        ["rollback", "v1"], ["rollback", "v0"]]
+
+
+def test_plain_rollback_without_a_usable_history_goes_by_name(tmp_path: Path) -> None:
+    _three_versions(tmp_path)
+    (tmp_path / "HISTORY").unlink()  # a root published before HISTORY existed
+    assert rollback(tmp_path) == "v1"
+    (tmp_path / "CURRENT").write_text("v2\n")  # CURRENT edited by hand: the history's top is not the live one
+    assert rollback(tmp_path) == "v1"
+    shutil.rmtree(tmp_path / "v1")  # a version on the history's stack that is gone is passed over
+    (tmp_path / "CURRENT").write_text("v2\n")
+    (tmp_path / "HISTORY").write_text("garbage line\n2026-01-01T00:00:00Z publish v0\n"
+                                      "2026-01-01T00:00:01Z publish v1\n2026-01-01T00:00:02Z publish v2\n")
+    assert rollback(tmp_path) == "v0"
+

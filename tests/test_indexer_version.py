@@ -162,7 +162,7 @@ def test_publish_replaces_current(tmp_path: Path) -> None:
     assert list_versions(tmp_path) == [first.name, second.name]
     publish_current(tmp_path, second.name)
     assert read_current(tmp_path) == second.name
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["CURRENT", first.name, second.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["CURRENT", "HISTORY", first.name, second.name])
     crashed = tmp_path / ".tmp-20000101T000000Z"  # a build killed mid-write
     crashed.mkdir()
     (crashed / "manifest.json").write_text("{}")

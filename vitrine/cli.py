@@ -159,9 +159,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(handler=commands.cmd_index_list)
     rb = isub.add_parser("rollback", help="make an earlier version live again (default: the previous one)",
                          description="Verify an earlier complete version (it opens, every checksum matches) and "
-                                     "replace CURRENT with it atomically. A failed rollback leaves CURRENT as it was.")
+                                     "replace CURRENT with it atomically. A failed rollback leaves CURRENT as it was. "
+                                     "Without --to it goes to the version that was live before the live one (read "
+                                     "from <index-root>/HISTORY): after a rollback away from a bad version and a new "
+                                     "publish, it returns to the good one, not to the bad one; run again, it goes "
+                                     "further back.")
     rb.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
-    rb.add_argument("--to", default=None, help="version name to make live (default: the one before CURRENT)")
+    rb.add_argument("--to", default=None, help="version name to make live (default: the one live before the live one)")
     rb.set_defaults(handler=commands.cmd_index_rollback)
 
 
