@@ -189,3 +189,12 @@ def test_plain_rollback_without_a_usable_history_goes_by_name(tmp_path: Path) ->
                                       "2026-01-01T00:00:01Z publish v1\n2026-01-01T00:00:02Z publish v2\n")
     assert rollback(tmp_path) == "v0"
 
+
+def test_index_list_columns_line_up_when_names_differ_in_length(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A "-1" collision suffix (two builds in one second) shifted that line's columns."""
+    for seed, name in enumerate(("20260101T000000Z", "20260101T000000Z-1", "20260102T000000Z")):
+        build_index_from_vectors(_vectors(50, seed), make_products(50), tmp_path, "a" * 64, tmp_path, name=name)
+    assert main(["index", "list", "--index-root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and len({line.index("count=") for line in lines}) == 1

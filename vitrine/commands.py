@@ -212,19 +212,20 @@ def cmd_index_list(args: argparse.Namespace) -> int:
               "(`vitrine index rollback --to NAME` publishes one of those listed)", file=sys.stderr)
     if not names:
         print(f"no index versions under {root} (`vitrine index build` writes them)", file=sys.stderr)
+    width = max((len(name) for name in names), default=0)  # "-1" collision suffixes must not shift the columns
     for name in names:
         mark = "*" if name == current else " "
         try:
             manifest = json.loads((root / name / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:  # one broken folder must not hide the others
-            print(f"{mark} {name}  (unreadable {root / name / 'manifest.json'}: {err})")
+            print(f"{mark} {name:<{width}}  (unreadable {root / name / 'manifest.json'}: {err})")
             continue
         try:  # a truncated or missing file, an edited count: listed like a good version, then refused by rollback
             check_version(root / name)
             damage = ""
         except (VersionError, TypeError, ValueError, KeyError) as err:
             damage = f"  DAMAGED: {err}"
-        print(f"{mark} {name}  {manifest.get('factory', '?'):<20} count={manifest.get('count', '?')} "
+        print(f"{mark} {name:<{width}}  {manifest.get('factory', '?'):<20} count={manifest.get('count', '?')} "
               f"recall@10={manifest.get('validation', {}).get('recall_at_10', '?')}{damage}")
     return 0
 
