@@ -73,6 +73,27 @@ def test_missing_input_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: 
     assert "catalog CSV not found" in capsys.readouterr().err
 
 
+def test_ingest_without_one_usable_image_fails_and_keeps_the_previous_ingest(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A wrong --images folder made an ingest of 0 records that exited 0 (train and index build failed later, and a
+    nightly rebuild went on); with --overwrite it also replaced the good shards of the night before."""
+    csv = tmp_path / "styles.csv"
+    csv.write_text("".join((MINI / "styles.csv").open(encoding="utf-8").readlines()[:6]), encoding="utf-8")
+    out = tmp_path / "shards"
+    assert main(["ingest", "--csv", str(csv), "--images", str(MINI / "images"), "--out", str(out)]) == 0
+    good = (out / "manifest.json").read_text()
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["ingest", "--csv", str(csv), "--images", str(empty), "--out", str(out), "--overwrite"]) == 2
+    captured = capsys.readouterr()
+    assert "none of the catalog's 5 products has a usable image (5 missing" in captured.err
+    assert f"inside {empty} (--images)" in captured.err
+    assert json.loads(captured.out)["missing_images"] == 5  # the report still names each problem image
+    assert (out / "manifest.json").read_text() == good
+    assert not list(tmp_path.glob(".shards.tmp-*")), "the empty attempt is not left behind"
+
+
 @pytest.mark.parametrize("words", [["ingest", "--csv", "{dir}", "--images", "{dir}", "--out", "{dir}/out"],
                                    ["ingest", "--csv", "{csv}", "--images", "{dir}", "--out", "{dir}/out",
                                     "--catalog-config", "{dir}"],

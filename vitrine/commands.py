@@ -81,7 +81,7 @@ def _default_or_existing_model(path: str | None) -> Path:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from model.catalog import CatalogConfig, load_catalog_config
-    from model.data.ingest import build_shards
+    from model.data.ingest import NoUsableImages, build_shards
     from model.data.sources import FetchSettings
 
     csv_path = _existing_file(args.csv, "catalog CSV")
@@ -103,8 +103,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                           retries=args.download_retries, refresh=args.refresh_images,
                           max_age_s=args.image_max_age_h * 3600.0)
     kwargs = {} if args.max_records_per_shard is None else {"max_records_per_shard": args.max_records_per_shard}
-    report = build_shards(csv_path, images, Path(args.out), config, workers=args.workers, max_side=args.max_side,
-                          image_cache=args.image_cache, fetch=fetch, overwrite=args.overwrite, **kwargs)
+    try:
+        report = build_shards(csv_path, images, Path(args.out), config, workers=args.workers,
+                              max_side=args.max_side, image_cache=args.image_cache, fetch=fetch,
+                              overwrite=args.overwrite, **kwargs)
+    except NoUsableImages as err:  # the report (each problem image) is printed as for a good ingest, then exit 2
+        print(json.dumps(err.report.to_json(), indent=2))
+        raise UserError(str(err)) from err
     print(json.dumps(report.to_json(), indent=2))
     return 0
 

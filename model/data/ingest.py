@@ -171,6 +171,21 @@ def _ingest_inputs(csv_path: str | Path, images_dir: Path, config: CatalogConfig
             "catalog_config": config.to_json(), "max_side": max_side}
 
 
+class NoUsableImages(ValueError):
+    """Not one product of the catalog had a readable image: nothing was written. `report` says why, per image."""
+
+    def __init__(self, report: IngestReport, out_dir: Path, images_dir: Path, config: CatalogConfig) -> None:
+        self.report = report
+        first = report.image_problems[0] if report.image_problems else None
+        example = f"; e.g. product {first['product_id']}: {first['image']}: {first['problem']}" if first else ""
+        where = f"the image column {config.image_column!r}" if config.image_column else \
+            f"{config.image_pattern!r} inside {images_dir} (--images)"
+        super().__init__(
+            f"none of the catalog's {report.products} products has a usable image ({report.missing_images} missing, "
+            f"{report.bad_images} unreadable, {report.failed_downloads} failed downloads){example}: nothing was "
+            f"written to {out_dir}. Check where the images are looked for: {where}")
+
+
 def default_image_cache(out_dir: str | Path) -> Path:
     """Where ingest keeps downloaded images by default: a hidden folder beside the output folder."""
     out_dir = Path(out_dir)
@@ -224,6 +239,9 @@ def build_shards(csv_path: str | Path, images_dir: str | Path | None, out_dir: s
     entries = _write_all_shards(table.products, sources.paths, tmp, max_records_per_shard, report, options)
     report.shards, report.records = len(entries), sum(e["records"] for e in entries)
     report.seconds = round(time.perf_counter() - start, 3)
+    if report.records == 0:  # shards without one record train and index nothing; a previous ingest stays as it was
+        shutil.rmtree(tmp)
+        raise NoUsableImages(report, out_dir, images_dir, config)
     manifest = {"format": SHARDS_FORMAT, "catalog_config": config.to_json(), "max_side": max_side, "shards": entries,
                 "records": report.records, "report": report.to_json(), "inputs": inputs}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
