@@ -84,7 +84,10 @@ def load_embedder(config: ServerConfig, version: IndexVersion) -> Embedder:
     try:
         embedder = Embedder.load(model_path, device=config.device, precision=config.precision)
     except Exception as exc:
-        raise ServerStartError(f"cannot load the model checkpoint {model_path}: {exc}") from exc
+        hint = "" if config.model else (
+            f" (the path is index version {version.name}'s manifest model_path, written when it was built; if the "
+            "checkpoint has moved, pass its new place with --model / VITRINE_MODEL)")
+        raise ServerStartError(f"cannot load the model checkpoint {model_path}: {exc}{hint}") from exc
     check_model(embedder.fingerprint, version, str(model_path))
     logger.info("query embedding: model %s on %s in %s", model_path, config.device, embedder.precision)
     return embedder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -356,6 +357,24 @@ def test_model_mismatch_refuses_to_start(engine_index: EngineIndex, tmp_path) ->
     other = make_checkpoint(tmp_path / "other", seed=1)
     with pytest.raises(ServerStartError, match="fingerprint"):
         create_server(ServerConfig(index_root=index_root, model=other, port=0))
+
+
+def test_a_moved_model_folder_is_refused_with_the_way_to_name_its_new_place(engine_index: EngineIndex,
+                                                                             tmp_path) -> None:
+    """The manifest's model_path is where the checkpoint was at build time; serve said only 'cannot load' when it
+    had moved since. It now says where the path came from and that --model names the new place, which works."""
+    moved = tmp_path / "moved-model"
+    shutil.copytree(engine_index.model_dir, moved)
+    index_root = tmp_path / "index"
+    shutil.copytree(engine_index.index_root, index_root)
+    manifest_path = next(index_root.glob("*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model_path"] = str(tmp_path / "gone")  # as if the checkpoint had been moved after the build
+    manifest_path.write_text(json.dumps(manifest))  # model_path is not one of the checksummed files
+    with pytest.raises(ServerStartError, match=r"manifest model_path.*--model / VITRINE_MODEL"):
+        create_server(ServerConfig(index_root=index_root, port=0, watch=False))
+    server, _ = create_server(ServerConfig(index_root=index_root, model=moved, port=0, watch=False))
+    server.stop(None)
 
 
 def test_missing_index_refuses_to_start(tmp_path) -> None:
