@@ -62,6 +62,8 @@ def test_four_nights(tmp_path: Path) -> None:
     run = night(tmp_path, tmp_path / "export3.csv")
     assert run.returncode != 0 and "no usable rows" in run.stderr
     assert read_current(root) == night2, "a failed night leaves what is served alone"
+    last = run.stdout.strip().splitlines()[-1]  # the log ends saying so, not with the command's error alone
+    assert f"FAILED (exit {run.returncode}) at index update: CURRENT is still {night2}" in last
 
     for _ in range(2):  # two forced full rebuilds: three ingests made, the two newest kept
         run = night(tmp_path, tmp_path / "export2.csv", FULL_REBUILD="1")

@@ -8,7 +8,8 @@
 #     their embeddings, deleted products go; the live quantizer is reused; validated and published)
 #
 # Either way a new version is published only when it passes the recall gate: on any failure the job
-# exits non-zero and CURRENT (what `vitrine serve` answers from, hot-swapping when it moves) is left as
+# exits non-zero, its last line says "FAILED (exit N) at <step>: CURRENT is still <version>", and
+# CURRENT (what `vitrine serve` answers from, hot-swapping when it moves) is left as
 # it was. Run it from cron or a systemd timer, e.g. at 03:15 every night:
 #
 #   15 3 * * *  CATALOG_CSV=/data/export/products.csv CATALOG_CONFIG=/etc/vitrine/columns.json \
@@ -44,6 +45,16 @@ INDEX="$VITRINE_HOME/index"
 CACHE="$VITRINE_HOME/image-cache"
 
 log() { echo "$(date -u +%FT%TZ) nightly: $*"; }
+step="start"
+# a failed step (set -e) ends the log with a line that says so and what CURRENT still serves, not with the
+# last vitrine command's error alone; the exit status stays the failed command's (1: refused, 2: bad input)
+on_exit() {
+    status=$?
+    [ "$status" = 0 ] && return
+    live=$(cat "$INDEX/CURRENT" 2>/dev/null || echo "nothing")
+    log "FAILED (exit $status) at $step: CURRENT is still $live"
+}
+trap on_exit EXIT
 
 [ -f "$CATALOG_CSV" ] || { log "catalog export $CATALOG_CSV does not exist"; exit 2; }
 mkdir -p "$VITRINE_HOME"
@@ -60,14 +71,17 @@ if [ "$full" = 1 ]; then
     stamp=$(date -u +%Y%m%dT%H%M%SZ)
     shards="$VITRINE_HOME/shards/$stamp"
     log "full rebuild from $CATALOG_CSV into $shards"
+    step="ingest"
     "$VITRINE" ingest "${catalog[@]}" --out "$shards" --image-cache "$CACHE"
     model=()
     [ -n "${MODEL:-}" ] && model=(--model "$MODEL")
+    step="index build"
     "$VITRINE" index build --shards "$shards" --index-root "$INDEX" --keep "$KEEP" "${model[@]}"
     # keep the two newest ingests (tonight's and the one before, for a rollback's rebuild)
     find "$VITRINE_HOME/shards" -mindepth 1 -maxdepth 1 -type d | sort | head -n -2 | xargs -r rm -rf
 else
     log "incremental update of $(cat "$INDEX/CURRENT") from $CATALOG_CSV"
+    step="index update"
     "$VITRINE" index update "${catalog[@]}" --index-root "$INDEX" --image-cache "$CACHE" --keep "$KEEP"
 fi
 log "done: CURRENT is $(cat "$INDEX/CURRENT")"
