@@ -228,7 +228,8 @@ class BuildJob:
         for s in range(c.num_shards):
             marker = read_json(folder / f"shard-{s:03d}.json")
             if marker is not None and marker.get("key") == key and (folder / f"shard-{s:03d}.faiss").is_file():
-                logger.info("add: shard %d already filled (%d vectors), skipped", s, marker["count"])
+                logger.info("add: shard %d of %d already filled (%d vectors), skipped", s + 1, c.num_shards,
+                            marker["count"])
                 counts.append(int(marker["count"]))
                 continue
             shard = fill_shard(trained, vectors, np.flatnonzero(numbers == s), chunk=c.add_chunk_rows,

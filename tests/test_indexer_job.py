@@ -92,7 +92,7 @@ def test_failure_during_add_resumes_to_the_same_index(inputs: tuple[Path, Path],
         path = build_index(config)
     messages = [r.getMessage() for r in caplog.records]
     assert "stage embed: output valid, skipped" in messages and "stage train: output valid, skipped" in messages
-    assert any(m.startswith("add: shard 0 already filled") for m in messages)
+    assert any(m.startswith("add: shard 1 of 3 already filled") for m in messages)
     assert_same_index(path, reference)
 
 
