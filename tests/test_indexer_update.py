@@ -121,18 +121,24 @@ def test_update_refuses_to_take_most_products_out_of_the_index(tmp_path: Path,
         assert version.count == 10
 
 
-def test_bad_keep_or_max_removed_is_refused_before_anything_is_published(tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """`--keep 0` was checked only when pruning, after CURRENT had moved: the command said "error" (exit 2) and yet
-    published the update. `--max-removed 2` named the config field, not the flag. Both now stop before any work."""
+def _live_index_and_update_argv(tmp_path: Path) -> tuple[Path, Path, Path, str, list[str]]:
+    """Shards and checkpoint of 30 products, their index published under tmp_path/index, the live version's name and
+    the argv of an `index update` from a CSV of the same 30 products."""
     shards, checkpoint = make_inputs(tmp_path, 30)
     root = tmp_path / "index"
     build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
                                  validation_queries=10))
-    live = read_current(root)
     write_catalog_rows(tmp_path / "all.csv", catalog_rows(30))
     update = ["index", "update", "--index-root", str(root), "--validation-queries", "10", "--csv",
               str(tmp_path / "all.csv"), "--images", str(MINI / "images")]
+    return shards, checkpoint, root, read_current(root), update
+
+
+def test_bad_keep_or_max_removed_is_refused_before_anything_is_published(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--keep 0` was checked only when pruning, after CURRENT had moved: the command said "error" (exit 2) and yet
+    published the update. `--max-removed 2` named the config field, not the flag. Both now stop before any work."""
+    shards, checkpoint, root, live, update = _live_index_and_update_argv(tmp_path)
     for flags, message in ((["--keep", "0"], "keep_versions (--keep) must be at least 1, got 0"),
                            (["--max-removed", "2"], "max_removed_fraction (--max-removed) must lie in [0, 1]")):
         assert main([*update, *flags]) == 2
@@ -152,14 +158,7 @@ def test_an_update_waits_for_no_build_or_update_running_on_the_root(tmp_path: Pa
     lock a build holds in the root's work folder, and is refused (exit 2, CURRENT untouched) while it is held."""
     import fcntl
 
-    shards, checkpoint = make_inputs(tmp_path, 30)
-    root = tmp_path / "index"
-    build_index(IndexBuildConfig(shards_dir=shards, model=checkpoint, index_root=root, num_workers=0,
-                                 validation_queries=10))
-    live = read_current(root)
-    write_catalog_rows(tmp_path / "all.csv", catalog_rows(30))
-    update = ["index", "update", "--index-root", str(root), "--validation-queries", "10", "--csv",
-              str(tmp_path / "all.csv"), "--images", str(MINI / "images")]
+    _, _, root, live, update = _live_index_and_update_argv(tmp_path)
     with open(root / ".work" / ".lock", "a") as running:  # what a running build (or update) holds
         fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(update) == 2
