@@ -61,11 +61,11 @@ def load_gallery(csv_path: Path, images_dir: Path, catalog_config: Any, type_col
     """
     from model.catalog import read_catalog
     from model.data.ingest import local_sources
-    from model.data.shards import label_columns, product_label
+    from model.data.shards import label_columns, product_label, unknown_label_columns
 
     table = read_catalog(csv_path, catalog_config)
     known = label_columns(table.products)
-    unknown = [c for c in [type_column, *strict_columns] if c not in known]
+    unknown = unknown_label_columns([type_column, *strict_columns], known)
     if unknown:  # an unknown column read as "" for every product: no query, or strict silently equal to type
         raise ValueError(f"column {', '.join(map(repr, unknown))} is not a label column of {csv_path} (known: "
                          f"{', '.join(sorted(known))}; a CSV column must be in the catalog config's "

@@ -54,13 +54,13 @@ def _check_tasks(products: Iterable[Product], tasks: Sequence[str], train_splits
                  shards_dir: str | Path) -> None:
     """ValueError when a task is not a label column of the shards, or has fewer than two classes to learn among
     the training records (a probe cannot be fitted then: sklearn's error came after the whole embedding)."""
-    from model.data.shards import label_columns
+    from model.data.shards import label_columns, unknown_label_columns
 
     products = list(products)
     if not tasks:
         raise ValueError("no --tasks: name the label columns the teacher's probes learn")
     known = label_columns(products)
-    unknown = [t for t in tasks if t not in known]
+    unknown = unknown_label_columns(tasks, known)
     if unknown:
         raise ValueError(f"--tasks {', '.join(unknown)}: not a label column of {shards_dir} (its label columns: "
                          f"{', '.join(sorted(known))})")

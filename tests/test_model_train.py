@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -184,6 +185,27 @@ def test_two_stages_weak_label_pretrain_then_multitask_finetune(checkpoint: Path
     assert Embedder.load(fine).embed_bytes([(MINI / "images" / "28625.jpg").read_bytes()]).shape == (1, 32)
     with pytest.raises(ValueError, match="weak labels"):
         train(_tiny_config(shards, tmp_path / "bad", stage="pretrain"))
+
+
+def test_a_joint_task_learns_each_pair_of_values_as_one_class(checkpoint: Path, tmp_path: Path) -> None:
+    """`--tasks articleType+baseColour`: one head whose classes are the (type, colour) pairs seen in training; a
+    record without a colour has no label for it (masked), and the model card's evaluation scores it like any head."""
+    from model.data.shards import label_columns, product_label, unknown_label_columns
+
+    shards = checkpoint.parent / "shards"
+    products = [r.product for r in iter_shard_records(shards)]
+    joint = "articleType+baseColour"
+    assert unknown_label_columns([joint, "articleType+nope"], label_columns(products)) == ["articleType+nope"]
+    model = train(_tiny_config(shards, tmp_path / "joint", tasks=("articleType", joint)))
+    card = json.loads((model / "model_card.json").read_text())
+    classes = card["label_maps"][joint]
+    assert classes and all(c.count("+") == 1 for c in classes)
+    pairs = {f"{p.attributes.get('articleType')}+{p.attributes.get('baseColour')}" for p in products}
+    assert set(classes) <= pairs and len(classes) > len(card["label_maps"]["articleType"])
+    first = products[0]
+    assert product_label(first, joint) == f"{first.attributes['articleType']}+{first.attributes['baseColour']}"
+    assert product_label(dataclasses.replace(first, attributes={"articleType": "Tshirts"}), joint) == ""
+    assert 0.0 <= card["evaluation"]["tasks"][joint]["head_accuracy"] <= 1.0
 
 
 def _train_cli(shards: Path, out: Path, *extra: str) -> list[str]:

@@ -46,7 +46,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage", choices=("pretrain", "finetune"), default=None, help="default: finetune")
     p.add_argument("--tasks", default=None,
                    help="comma-separated label columns, one head each (default: category, the catalog's "
-                        "mapped category column)")
+                        "mapped category column); a joint column a+b learns each pair of values as one class, "
+                        "e.g. articleType+baseColour")
     p.add_argument("--label-column", default=None, help="a single label column (same as --tasks COLUMN)")
     p.add_argument("--task-weights", default=None,
                    help="comma-separated loss weights, one per task in --tasks order (default: 1 each), e.g. "

@@ -112,15 +112,25 @@ def iter_shard_records(shards_dir: str | Path) -> Iterator[ShardRecord]:
 
 def product_label(product: Product, column: str) -> str:
     """The product's value for a label column: an attribute, or the mapped category / brand for "category" /
-    "brand" ("" if none)."""
+    "brand" ("" if none). A joint column "a+b" (when no attribute has that name) is the values of a and b joined
+    with "+", e.g. "Tshirts+Black" for "articleType+baseColour", and "" when either is missing."""
     if column in product.attributes:
         return product.attributes[column]
+    if "+" in column:
+        parts = [product_label(product, part) for part in column.split("+")]
+        return "+".join(parts) if all(parts) else ""
     return {"category": product.category, "brand": product.brand}.get(column, "")
 
 
 def label_columns(products: Iterable[Product]) -> set[str]:
-    """Every column `product_label` can read for these products: their attribute columns, "category" and "brand"."""
+    """Every column `product_label` can read for these products: their attribute columns, "category" and "brand"
+    (and any joint "a+b" of them: see `unknown_label_columns`)."""
     return {"category", "brand"}.union(*(product.attributes for product in products))
+
+
+def unknown_label_columns(columns: Iterable[str], known: set[str]) -> list[str]:
+    """The names among `columns` that `product_label` cannot read: neither a known column nor a joint "a+b" of them."""
+    return [c for c in columns if c not in known and not ("+" in c and all(p in known for p in c.split("+")))]
 
 
 def _rank_and_world() -> tuple[int, int]:
