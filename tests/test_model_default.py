@@ -20,8 +20,8 @@ def test_default_model_is_small_and_documented() -> None:
     assert (folder / "model.pt").stat().st_size <= 25 * 1024 * 1024
     card = json.loads((folder / "model_card.json").read_text())
     assert card["stage"] == "finetune" and card["init_from"] and card["init_tensors"] > 50  # two stages
-    assert {"articleType", "baseColour", "gender", "usage", "season", "masterCategory", "subCategory"} \
-        == set(card["label_maps"])
+    assert {"articleType", "baseColour", "gender", "usage", "season", "masterCategory", "subCategory",
+            "articleType+baseColour"} == set(card["label_maps"])
     assert card["config"]["train_splits"] == ["train"] and card["timings"]["train_seconds"] > 0
     assert card["model_config"]["timm_name"].startswith("vit_")  # a hybrid ViT: ImageNet conv stem + our blocks
     assert card["model_config"]["stem_blocks"] == 5 and card["model_config"]["depth"] == 6
