@@ -80,7 +80,8 @@ def test_failing_validation_leaves_current_untouched(tmp_path: Path) -> None:
     assert failure.value.report["recall_at_10"] < 0.999
     assert read_current(tmp_path) == good.name
     assert list_versions(tmp_path) == [good.name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["CURRENT", good.name]), "no temp folder left"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["CURRENT", "HISTORY", good.name]), "no temp folder left"
 
 
 def test_gate_tunes_search_defaults_when_the_plan_misses_the_floor(tmp_path: Path) -> None:
