@@ -163,11 +163,15 @@ def test_publish_after_a_rollback_keeps_the_version_rolled_back_to(tmp_path: Pat
     assert list_versions(tmp_path) == ["v3", "v4"], "the usual pruning once the rollback is behind"
 
 
-def test_plain_rollback_after_a_bad_version_and_a_new_publish_returns_to_the_good_one(tmp_path: Path) -> None:
+def test_plain_rollback_after_a_bad_version_and_a_new_publish_returns_to_the_good_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     names = _three_versions(tmp_path)  # v0, v1 (good), v2 (bad)
     assert rollback(tmp_path) == "v1"  # away from the bad one
     build_index_from_vectors(_vectors(50, 3), make_products(50), tmp_path, "a" * 64, tmp_path, name="v3")
     assert read_current(tmp_path) == "v3"
+    assert main(["index", "list", "--index-root", str(tmp_path)]) == 0  # `index list` marks where it would go
+    marks = {line[2:].split()[0]: line[0] for line in capsys.readouterr().out.splitlines()}
+    assert marks == {"v0": " ", "v1": "<", "v2": " ", "v3": "*"}
     assert rollback(tmp_path) == "v1"  # v3 is bad too: back to v1, the last good one, not to v2 (next by name)
     assert rollback(tmp_path) == "v0"  # and further back
     assert names == ["v0", "v1", "v2"]

@@ -153,10 +153,13 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     _add_build_flags(u, update=True)
     u.set_defaults(handler=commands.cmd_index_update)
     ls = isub.add_parser("list", help="list the versions under an index root (the live one marked *)",
-                         description="One line per version, oldest first: * for the live one (CURRENT), its name "
+                         description="One line per version, oldest first: * for the live one (CURRENT), < for "
+                                     "the one a plain `index rollback` would make live (the one live before it), "
+                                     "its name "
                                      "(what `index rollback --to` takes), Faiss factory, product count and validated "
                                      "recall@10; DAMAGED and the reason when a file is missing or truncated (such a "
-                                     "version cannot serve and rollback refuses it). Reads only the manifests.")
+                                     "version cannot serve and rollback refuses it). Reads the manifests, file "
+                                     "sizes and HISTORY, no index.")
     ls.add_argument("--index-root", required=True, help="folder holding index versions and CURRENT")
     ls.set_defaults(handler=commands.cmd_index_list)
     rb = isub.add_parser("rollback", help="make an earlier version live again (default: the previous one)",

@@ -202,6 +202,7 @@ def cmd_index_list(args: argparse.Namespace) -> int:
     import sys
 
     from indexer.errors import VersionError
+    from indexer.rollback import previous_version
     from indexer.version import check_version, list_versions, read_current
 
     root = _existing_folder(args.index_root, "index root")
@@ -217,9 +218,13 @@ def cmd_index_list(args: argparse.Namespace) -> int:
               "(`vitrine index rollback --to NAME` publishes one of those listed)", file=sys.stderr)
     if not names:
         print(f"no index versions under {root} (`vitrine index build` writes them)", file=sys.stderr)
+    try:  # what a plain `index rollback` would make live, marked "<" (None when there is nothing to go back to)
+        back: str | None = previous_version(root) if current in names else None
+    except VersionError:
+        back = None
     width = max((len(name) for name in names), default=0)  # "-1" collision suffixes must not shift the columns
     for name in names:
-        mark = "*" if name == current else " "
+        mark = "*" if name == current else "<" if name == back else " "
         try:
             manifest = json.loads((root / name / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:  # one broken folder must not hide the others
