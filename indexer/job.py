@@ -45,7 +45,7 @@ from indexer.errors import StageError, ValidationFailed, VersionError
 from indexer.faults import maybe_fail
 from indexer.fill import assign_shards, fill_shard, sample_rows, train_index
 from indexer.plan import IndexPlan, check_memory, format_bytes, plan_from_factory, plan_index
-from indexer.publish import publish_version, write_built_version
+from indexer.publish import publish_version, remove_version, removed_from_live, write_built_version
 from indexer.validate import validate_version
 
 logger = logging.getLogger("vitrine.indexer")
@@ -286,9 +286,7 @@ class BuildJob:
             try:
                 check_removed_from_live(self.root, product_ids, self.config.max_removed_fraction, name)
             except ValidationFailed:  # like a failed gate, nothing is left: no unpublished version for rollback
-                trash = self.root / f".trash-{name}"
-                (self.root / name).rename(trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                remove_version(self.root, name)
                 raise
         pruned = publish_version(self.root, name, self.config.keep_versions) if self.config.publish else []
         record = {"key": self.key("publish"), "version": name, "published": self.config.publish, "pruned": pruned}
@@ -304,13 +302,12 @@ def check_removed_from_live(root: str | Path, product_ids: Sequence[str], max_fr
 
     try:
         with open_version(current_version_path(root), shards=()) as live:  # catalog only: no Faiss shard loaded
-            retained = sum(live.internal_id(pid) is not None for pid in set(product_ids))
+            removed = removed_from_live(live, product_ids, max_fraction)
             count, base = live.count, live.name
     except VersionError as err:
         logger.info("publish: no live version to compare with (%s)", err)
         return
-    removed = count - retained
-    if count and removed > max_fraction * count:
+    if removed is not None:
         raise ValidationFailed(
             f"the new version {name} lacks {removed} of the {count} products of the live version {base} "
             f"({removed / count:.0%}, over the limit of {max_fraction:.0%}): not published; is the export complete "

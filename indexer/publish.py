@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,23 @@ def load_digests(version_path: Path, count: int) -> np.ndarray | None:
     return digests if digests.shape == (count,) else None
 
 
+def remove_version(root: str | Path, name: str) -> None:
+    """Delete a version folder: renamed to .trash-<name> first, so it is invisible at once (a prune killed while
+    deleting leaves the trash, which `remove_abandoned_writes` clears), then removed."""
+    trash = Path(root) / f".trash-{name}"
+    (Path(root) / name).rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def removed_from_live(live: IndexVersion, product_ids: Iterable[str], max_fraction: float) -> int | None:
+    """How many of the live version's products are not among `product_ids`, when that is more than `max_fraction`
+    of them (None when within it): the guard of a full build's publish and of `index update` against publishing
+    a version without most of the shop (a truncated export, an images folder that is not mounted)."""
+    retained = sum(live.internal_id(product_id) is not None for product_id in set(product_ids))
+    removed = live.count - retained
+    return removed if live.count and removed > max_fraction * live.count else None
+
+
 def prune_versions(root: str | Path, keep: int, protect: Sequence[str] = ()) -> list[str]:
     """Delete all but the newest `keep` versions (never CURRENT, the one before it, nor those in `protect`), and what
     killed builds left behind (`remove_abandoned_writes`); returns the deleted version names."""
@@ -93,9 +110,7 @@ def prune_versions(root: str | Path, keep: int, protect: Sequence[str] = ()) -> 
     for name in names:
         if name in protected:
             continue
-        trash = root / f".trash-{name}"
-        (root / name).rename(trash)  # invisible at once; then removed
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_version(root, name)
         deleted.append(name)
     if deleted:
         logger.info("pruned %d old version(s) under %s: %s", len(deleted), root, ", ".join(deleted))

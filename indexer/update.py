@@ -28,7 +28,7 @@ import numpy as np
 from indexer.build import build_index_from_vectors
 from indexer.errors import ValidationFailed
 from indexer.plan import IndexPlan, plan_from_factory
-from indexer.publish import load_digests
+from indexer.publish import load_digests, removed_from_live
 from indexer.version import IndexVersion, open_current
 from model.catalog import Product
 
@@ -190,9 +190,8 @@ def _check_removed(live: IndexVersion, kept: list[Product], counts: dict[str, in
     """ValidationFailed when more than `max_fraction` of the live products would leave the index: a truncated
     export (its missing rows are deletions) or an images folder that is not there (every image missing) looks
     like a catalog change and was published, taking most of the shop out of search."""
-    retained = sum(live.internal_id(product.product_id) is not None for product in kept)
-    removed = live.count - retained
-    if live.count and removed > max_fraction * live.count:
+    removed = removed_from_live(live, (product.product_id for product in kept), max_fraction)
+    if removed is not None:
         raise ValidationFailed(
             f"the update would take {removed} of the {live.count} products of {live.name} out of the index "
             f"({removed / live.count:.0%}, over the limit of {max_fraction:.0%}: {counts['deleted']} not in the new "
