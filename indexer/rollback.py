@@ -29,7 +29,7 @@ def _previous(names: list[str], current: str, root: str | Path) -> str:
     stack = live_history(root)
     if current in names and stack and stack[-1] == current:
         for name in reversed(stack[:-1]):
-            if name in names and name != current:
+            if name in names:  # the stack holds each name once: never the live one below its top
                 return name
     if current not in names:
         older = [name for name in names if name < current]
