@@ -43,7 +43,7 @@ from indexer import embed as embed_stage
 from indexer.embed import EmbedSettings, read_json, write_json
 from indexer.errors import StageError, ValidationFailed, VersionError
 from indexer.faults import maybe_fail
-from indexer.fill import assign_shards, fill_shard, sample_rows, train_index
+from indexer.fill import CoarseAssigner, assign_shards, fill_shard, sample_rows, train_index
 from indexer.plan import IndexPlan, check_memory, format_bytes, plan_from_factory, plan_index
 from indexer.publish import publish_version, remove_version, removed_from_live, write_built_version
 from indexer.validate import validate_version
@@ -225,6 +225,7 @@ class BuildJob:
         folder, key = self.work / "add", self.key("add")
         folder.mkdir(exist_ok=True)
         counts, written = [], 0
+        assigner = None  # a fine quantizer's centroids, prepared once for every shard's CPU add
         for s in range(c.num_shards):
             marker = read_json(folder / f"shard-{s:03d}.json")
             if marker is not None and marker.get("key") == key and (folder / f"shard-{s:03d}.faiss").is_file():
@@ -232,8 +233,10 @@ class BuildJob:
                             marker["count"])
                 counts.append(int(marker["count"]))
                 continue
+            if assigner is None and CoarseAssigner.applies(trained):
+                assigner = CoarseAssigner(trained)
             shard = fill_shard(trained, vectors, np.flatnonzero(numbers == s), chunk=c.add_chunk_rows,
-                               use_gpu=c.use_gpu)
+                               use_gpu=c.use_gpu, assigner=assigner)
             faiss.write_index(shard, str(folder / f".shard-{s:03d}.faiss.tmp"))
             os.replace(folder / f".shard-{s:03d}.faiss.tmp", folder / f"shard-{s:03d}.faiss")
             write_json(folder / f"shard-{s:03d}.json", {"key": key, "count": int(shard.ntotal)})

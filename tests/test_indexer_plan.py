@@ -27,10 +27,10 @@ from indexer.plan import (
         (EXACT_MAX_N, 128, "IVF512,PQ32x8", 512, 32, 20_000, 32),
         (EXACT_MAX_N, 768, "IVF512,PQ64x8", 512, 64, 20_000, 32),
         (50_000, 384, "IVF1024,PQ64x8", 1024, 64, 50_000, 32),
-        (100_000, 128, "IVF1024,PQ32x8", 1024, 32, 65_536, 32),
-        (1_000_000, 768, "IVF4096,PQ64x8", 4096, 64, 262_144, 64),
-        (10_000_000, 256, "IVF16384,PQ64x8", 16384, 64, 1_048_576, 128),
-        (1_000_000_000, 768, "IVF131072,PQ64x8", 131072, 64, 8_388_608, 512),
+        (100_000, 128, "IVF2048,PQ32x8", 2048, 32, 100_000, 64),
+        (1_000_000, 768, "IVF16384,PQ64x8", 16384, 64, 1_000_000, 128),
+        (10_000_000, 256, "IVF65536,PQ64x8", 65536, 64, 4_194_304, 256),
+        (1_000_000_000, 768, "IVF262144,PQ64x8", 262144, 64, 16_777_216, 512),  # capped at MAX_NLIST
         (30_000, 100, "IVF512,PQ25x8", 512, 25, 30_000, 32),
         (30_000, 6, "IVF512,PQ1x8", 512, 1, 30_000, 32),
     ],
@@ -84,12 +84,12 @@ GiB = 2**30
 @pytest.mark.parametrize(
     ("n", "dim", "budget", "target", "factory"),
     [
-        (1_000_000, 256, None, 0.95, "IVF4096,PQ64x8"),
-        (1_000_000, 256, 8 * GiB, 0.95, "IVF4096,PQ64x8"),  # fits: the 0.95 plan unchanged
-        (1_000_000, 256, 1_190_000_000, 0.95, "OPQ32,IVF4096,PQ32x8"),  # 64-byte codes just over: compress
-        (1_000_000, 256, None, 0.9, "OPQ32,IVF4096,PQ32x8"),  # lower target: 8 dims per byte, rotated
-        (1_000_000, 256, None, 0.8, "OPQ16,IVF4096,PQ16x8"),
-        (100_000, 256, 1 * GiB, 0.95, "IVF1024,PQ64x8"),
+        (1_000_000, 256, None, 0.95, "IVF16384,PQ64x8"),
+        (1_000_000, 256, 8 * GiB, 0.95, "IVF16384,PQ64x8"),  # fits: the 0.95 plan unchanged
+        (5_000_000, 256, 5_500_000_000, 0.95, "OPQ32,IVF32768,PQ32x8"),  # 64-byte codes just over: compress
+        (1_000_000, 256, None, 0.9, "OPQ32,IVF16384,PQ32x8"),  # lower target: 8 dims per byte, rotated
+        (1_000_000, 256, None, 0.8, "OPQ16,IVF16384,PQ16x8"),
+        (100_000, 256, 1 * GiB, 0.95, "IVF2048,PQ64x8"),
         (15_000, 256, None, 0.95, "IDMap,Flat"),
         (15_000, 256, 60 * 2**20, 0.95, "IVF256,PQ64x8"),  # flat (66 MiB with the catalog) over budget
     ],
@@ -113,8 +113,8 @@ def test_budget_that_cannot_be_met_names_budget_and_estimate() -> None:
 def test_memory_estimate_grows_with_n_and_shrinks_per_shard() -> None:
     plan = plan_index(1_000_000, 256)
     one, four = estimate_memory(plan, 1_000_000, 256), estimate_memory(plan, 1_000_000, 256, num_shards=4)
-    assert one.resident == 1_000_000 * 72 + 4096 * 256 * 4 + 256 * 256 * 4
-    assert four.add < one.add and one.train == 2 * 262_144 * 256 * 4 + 262_144 * 8 + 4096 * 256 * 4 + 256 * 256 * 4
+    assert one.resident == 1_000_000 * 72 + 16384 * 256 * 4 + 256 * 256 * 4
+    assert four.add < one.add and one.train == 2 * 1_000_000 * 256 * 4 + 1_000_000 * 8 + 16384 * 256 * 4 + 256 * 256 * 4
     assert estimate_memory(plan, 2_000_000, 256).peak > one.peak
 
 
