@@ -35,6 +35,10 @@ in)::
     python -m benchmarks.bench_autofaiss --autofaiss-python /work/venv-autofaiss/bin/python \\
         --sizes 10000,100000,1000000
 
+After a change to vitrine's builder, ``--redo-vitrine --sizes N`` rebuilds only vitrine's index of a size whose
+work folder was kept (``--keep-work``) and reuses the autofaiss builds when vitrine's index bytes (their budget)
+are unchanged; otherwise they are rebuilt too.
+
 Writes results/autofaiss.{json,md,png}; logs of each build in --work-dir/n<N>/.
 """
 
@@ -272,6 +276,8 @@ def run_size(n: int, args: argparse.Namespace, budget: int, real: Path | None) -
     inputs = (f"vectors {digest}, budget {budget}, threads {args.threads}, vitrine floor {args.vitrine_min_recall}, "
               f"autofaiss {args.autofaiss_python}")
     stamp = work / "emb" / "inputs.txt"
+    if args.redo_vitrine:  # keep the finished autofaiss builds (their byte targets are checked below)
+        (work / "vitrine.result.json").unlink(missing_ok=True)
     if args.force or not stamp.is_file() or stamp.read_text().strip() != inputs:
         shutil.rmtree(work, ignore_errors=True)
         (work / "emb").mkdir(parents=True)
@@ -300,6 +306,11 @@ def run_size(n: int, args: argparse.Namespace, budget: int, real: Path | None) -
         say(f"[n={n:,}] {name}: autofaiss build, max_index_memory_usage {max_bytes / 2**20:.1f} MiB "
             f"(log {work / name / 'build.log'}) ...")
         done = _resumed(work / f"{name}.result.json")  # its max bytes follow from the resumed vitrine build
+        target = f"{max(1, max_bytes // 2**10)}KB"
+        if done is not None and done["max_index_memory_usage"] != target:
+            say(f"[n={n:,}] {name}: that build had max_index_memory_usage {done['max_index_memory_usage']}, the "
+                f"vitrine build now needs {target}: rebuilding it")
+            done = None
         if done is None:
             shutil.rmtree(work / name, ignore_errors=True)
             done = _finished(work / f"{name}.result.json",
@@ -398,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=str(REPO / "work" / "bench_autofaiss"), help="vectors, indices, logs")
     parser.add_argument("--keep-work", action="store_true", help="keep each size's vectors and indices")
     parser.add_argument("--force", action="store_true", help="redo sizes already in results/autofaiss.json")
+    parser.add_argument("--redo-vitrine", action="store_true",
+                        help="rebuild vitrine's index for --sizes (also those in the JSON) and keep the finished "
+                             "autofaiss builds of the size's work folder (kept by --keep-work or an interrupted run) "
+                             "when vitrine's index bytes, their budget, did not change")
     parser.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--vitrine-min-recall", type=float, default=0.95,
                         help="vitrine's validation floor of re-ranked recall@10 (default 0.95, as `vitrine index "
@@ -422,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
               "real_embeddings": str(real) if real else None}
     measured = 0
     for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
-        if any(r["n"] == n for r in rows) and not args.force:
+        if any(r["n"] == n for r in rows) and not (args.force or args.redo_vitrine):
             say(f"[n={n:,}] already in {out_dir / NAME}.json: skipped (--force redoes it)")
             continue
         row = run_size(n, args, budget, real)

@@ -1,10 +1,10 @@
 """Experiment: vitrine's index *without* re-ranking at 1M vectors -- what does nprobe (and OPQ) buy?
 
 `bench_autofaiss` compares vitrine's plain IVF-PQ search at its default nprobe against autofaiss at the same
-index bytes. At 1M autofaiss's recall was higher (it probes many more lists, with an OPQ rotation, and
-takes ~6x longer per query). This builds vitrine's 1M index of that benchmark again (same synthetic
-vectors, same planner and budget) plus the same plan with an OPQ rotation, and measures plain recall@10
-and ms/query over a range of nprobe, so the two tools can be compared at equal query time too.
+index bytes. At 1M (session 14, 4 sqrt(N) lists) autofaiss's recall was higher (it probes many more lists,
+with an OPQ rotation, and takes ~6x longer per query). This builds vitrine's 1M index of that benchmark again
+(same synthetic vectors, same planner and budget) plus the same plan with an OPQ rotation, and measures plain
+recall@10 and ms/query over a range of nprobe, so the two tools can be compared at equal query time too.
 
     python benchmarks/exp_plain_recall.py --n 1000000
     python benchmarks/exp_plain_recall.py --n 1000000 --factories "IVF16384_HNSW32,PQ64x8" --name plain_recall_ivf16k
