@@ -63,7 +63,7 @@ def add_vectors(trained: faiss.Index, vectors: np.ndarray, num_shards: int = 1,
     """Fill `num_shards` copies of the trained index; shard s gets a contiguous range of internal ids."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    assigner = fill.CoarseAssigner(trained) if fill.CoarseAssigner.applies(trained) else None
+    assigner = fill.CoarseAssigner.for_index(trained)
     return [fill.fill_shard(trained, vectors, ids, chunk=chunk, assigner=assigner)
             for ids in np.array_split(np.arange(len(vectors), dtype=np.int64), num_shards)]
 

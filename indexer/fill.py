@@ -4,8 +4,8 @@
   of the coarse quantizer on the GPU when Faiss has GPUs; the CPU otherwise). From `TWO_LEVEL_MIN_NLIST`
   lists the coarse k-means is two-level (`two_level_centroids`): sqrt(nlist) clusters first, then each
   cluster split into its share of the lists, which costs ~2 sqrt(nlist) distance computations per training
-  vector and iteration instead of nlist (16,384 lists on 1M vectors: 27 s instead of ~10 min on 2 cores, and
-  no lower recall: `benchmarks/exp_two_level_kmeans.py`).
+  vector and iteration instead of nlist (16,384 lists on 1M vectors: 27 s of k-means on 2 cores, where the whole
+  build with one-level k-means took 640 s, and no lower recall: `benchmarks/exp_two_level_kmeans.py`).
 - `CoarseAssigner`: on the CPU, the add's nearest-list search for fine quantizers by numpy's BLAS.
 - `assign_shards`: shard of every row = sha1(product id) mod S, so a product stays in the same shard
   from build to build (stable under catalog growth and reordering; a shard server owns a fixed slice).
@@ -126,9 +126,10 @@ def two_level_centroids(x: np.ndarray, nlist: int, seed: int = 0, *, gpu: bool =
     top_k = max(1, round(math.sqrt(nlist)))
     top = _kmeans(x, top_k, seed, gpu, max_points_per_centroid=2000)
     assign = _assign(x, top)
-    lists = split_lists(np.bincount(assign, minlength=top_k), nlist)
+    counts = np.bincount(assign, minlength=top_k)
+    lists = split_lists(counts, nlist)
     order = np.argsort(assign, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=top_k))])
+    bounds = np.concatenate([[0], np.cumsum(counts)])
     parts = [_kmeans(x[order[bounds[g]:bounds[g + 1]]], int(lists[g]), seed + 1 + g, gpu, min_points_per_centroid=1)
              for g in range(top_k) if lists[g]]
     return np.ascontiguousarray(np.vstack(parts), dtype=np.float32)
@@ -221,9 +222,9 @@ class CoarseAssigner:
     Adding to an IVF index first finds each vector's nearest centroid: nlist * dim multiply-adds per vector,
     which at 16,384 lists is most of a CPU add. Faiss computes it with the OpenBLAS its wheel bundles (0.3.15),
     which does not recognise recent Xeons and falls back to generic kernels ("Prescott"); numpy's OpenBLAS
-    runs the same products 4x faster there (65,536 vectors against 16,384 centroids: 15.8 s in Faiss, 3.8 s
-    here, on 2 cores). The lists are the exact nearest centroids (as Faiss's, up to float rounding), so the
-    index and its searches are unchanged; the GPU path does not use this.
+    runs the same products 3.6x faster there (65,536 vectors against 16,384 centroids: 19.7 s in Faiss, 5.4 s
+    here, on 2 cores; `benchmarks/exp_coarse_assign.py`). The lists are the exact nearest centroids (as Faiss's,
+    up to float rounding), so the index and its searches are unchanged; the GPU path does not use this.
     """
 
     def __init__(self, trained: faiss.Index) -> None:
@@ -245,6 +246,11 @@ class CoarseAssigner:
             scores += self.bias
             out[start : start + self.block] = np.argmax(scores, axis=1)
         return out
+
+    @classmethod
+    def for_index(cls, trained: faiss.Index) -> CoarseAssigner | None:
+        """The assigner of `trained` when a CPU add to it assigns by numpy (see `applies`), else None."""
+        return cls(trained) if cls.applies(trained) else None
 
     @staticmethod
     def applies(trained: faiss.Index) -> bool:
@@ -275,8 +281,8 @@ def fill_shard(trained: faiss.Index, vectors: np.ndarray, rows: np.ndarray, *, c
     shard = faiss.clone_index(trained)
     gpu = _to_gpu(shard) if (faiss_gpu_count() if use_gpu is None else use_gpu) else None
     target = gpu[0] if gpu else shard
-    if gpu is None and assigner is None and CoarseAssigner.applies(trained):
-        assigner = CoarseAssigner(trained)
+    if gpu is None and assigner is None:
+        assigner = CoarseAssigner.for_index(trained)
     for start in range(0, len(rows), chunk):
         part = np.ascontiguousarray(rows[start : start + chunk], dtype=np.int64)
         if gpu is None and assigner is not None:
@@ -289,6 +295,6 @@ def fill_shard(trained: faiss.Index, vectors: np.ndarray, rows: np.ndarray, *, c
 def fill_shards(trained: faiss.Index, vectors: np.ndarray, shard_numbers: np.ndarray, num_shards: int, *,
                 chunk: int = 65_536, use_gpu: bool | None = None) -> list[faiss.Index]:
     """All shards in memory (small catalogs, incremental updates); the job fills and writes one at a time."""
-    assigner = CoarseAssigner(trained) if CoarseAssigner.applies(trained) else None
+    assigner = CoarseAssigner.for_index(trained)
     return [fill_shard(trained, vectors, np.flatnonzero(shard_numbers == s), chunk=chunk, use_gpu=use_gpu,
                        assigner=assigner) for s in range(num_shards)]

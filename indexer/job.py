@@ -233,8 +233,8 @@ class BuildJob:
                             marker["count"])
                 counts.append(int(marker["count"]))
                 continue
-            if assigner is None and CoarseAssigner.applies(trained):
-                assigner = CoarseAssigner(trained)
+            if assigner is None:
+                assigner = CoarseAssigner.for_index(trained)
             shard = fill_shard(trained, vectors, np.flatnonzero(numbers == s), chunk=c.add_chunk_rows,
                                use_gpu=c.use_gpu, assigner=assigner)
             faiss.write_index(shard, str(folder / f".shard-{s:03d}.faiss.tmp"))

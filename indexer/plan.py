@@ -17,8 +17,9 @@ version's float16 vectors):
     lowered (by powers of two) until every list has at least ``MIN_POINTS_PER_LIST`` (39) training
     points. Faiss's guidelines give 4 to 16 sqrt(n) below 1M vectors and 65,536 lists (64 sqrt(n)) to
     1M lists above; the finer the quantizer, the smaller the residuals the PQ codes encode: on 1M
-    clustered vectors 16,384 lists raise plain recall@10 from 0.41 (4,096 lists) to 0.57 for 16 MiB of
-    centroids, and two-level k-means (`indexer.fill`) trains them in seconds, not minutes;
+    clustered vectors 16,384 lists raise plain recall@10 from 0.414 (4,096 lists) to 0.601 for 12 MiB more
+    centroids (`benchmarks/bench_index_build.py`), and two-level k-means (`indexer.fill`) trains them in
+    seconds, not minutes;
   - ``m`` (bytes per code) = the largest divisor of ``dim`` at most ``min(dim // d, MAX_PQ_M)``, where
     ``d`` = 4 dimensions per sub-quantizer for a target recall >= 0.95, 8 for >= 0.9, else 16; with a
     memory budget, the largest such ``m`` (down to dim // 32) whose estimate fits the budget;
