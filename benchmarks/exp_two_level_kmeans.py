@@ -10,9 +10,9 @@ quantizer here is an HNSW graph over the centroids (as autofaiss's), the PQ is t
     python benchmarks/exp_two_level_kmeans.py 100000 "0,2048,64,2lf;0,2048,64,2l"
     python benchmarks/exp_two_level_kmeans.py 1000000 "0,16384,64,2l;64,16384,64,2l"
 
-What its first, unrefactored version (the same steps) printed (2 threads): 100k, 4,096 lists: two-level 0.600 (k-means 2 s)
-vs one-level 0.597 (43 s); 100k, 2,048 lists: mean centroids 0.609 vs normalised 0.599; 100k, 1,024 lists
-two-level 0.544; 1M, 16,384 lists: two-level 0.570 (k-means 27 s, add 35 s), with OPQ64 0.574 (OPQ training
+What its first, unrefactored version (the same steps) printed (2 threads): 100k, 4,096 lists: two-level 0.600
+(k-means 2 s) vs one-level 0.597 (43 s); 100k, 2,048 lists: mean centroids 0.609 vs normalised 0.599; 100k, 1,024
+lists two-level 0.544; 1M, 16,384 lists: two-level 0.570 (k-means 27 s, add 35 s), with OPQ64 0.574 (OPQ training
 142 s). Recall did not change with nprobe in any of them (the PQ codes are the limit).
 """
 
